@@ -1,0 +1,32 @@
+"""moerun: run Mixture-of-Experts language models fast on the hardware you have.
+
+Importing moerun registers ``"moerun"`` as a transformers experts implementation, so that
+``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moerun")`` works; it patches nothing.
+"""
+
+from .kernels.activation import GLU_ACTIVATIONS, GluSpec
+from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
+from .layer import MoELayer
+from .models.hf import layer_from_hf_block, patch, register_experts_implementation
+from .routing import ROUTING_MODES, RoutingConfig, RoutingPlan, make_plan, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "GLU_ACTIVATIONS",
+    "ROUTING_MODES",
+    "ExpertWeights",
+    "GluSpec",
+    "MoELayer",
+    "RoutingConfig",
+    "RoutingPlan",
+    "experts_forward",
+    "layer_from_hf_block",
+    "make_plan",
+    "patch",
+    "register_experts_implementation",
+    "route",
+]
+
+register_experts_implementation()

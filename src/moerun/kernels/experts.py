@@ -1,0 +1,237 @@
+"""Expert computation backends: grouped gate/up GEMM -> GLU -> grouped down GEMM -> weighted combine.
+
+Shape legend: T tokens, H hidden, I expert intermediate, E experts, S sorted slots, G non-empty groups.
+
+Backends, all with the signature ``fn(x, plan, weights) -> [T, H]``:
+
+- ``reference``: per-expert loop in float32; the oracle the others are tested against.
+- ``torch``: one torch matmul per non-empty group over contiguous sorted rows; the prefill path.
+- ``native``: the AVX-512 grouped matrix-vector kernel; the decode path (few rows per expert).
+- ``auto``: ``native`` when it is available and groups are decode-sized, else ``torch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import RoutingPlan
+from . import native
+from .activation import GluSpec, apply_glu
+from .onednn import PackedExperts, packed_linear
+
+# Above this many rows per non-empty group on average, torch's blocked GEMM beats the
+# bandwidth-bound matrix-vector kernel (measured on AVX-512 bf16 hosts with benchmarks/bench_backends.py).
+NATIVE_MAX_ROWS_PER_GROUP = 4.0
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The routed experts' weights, in the layout every backend reads.
+
+    Attributes:
+        gate_up: [E, 2I, H] gate rows then up rows of each expert.
+        down: [E, H, I].
+        gate_up_bias: [E, 2I] or None.
+        down_bias: [E, H] or None.
+        glu: the gated activation.
+        packed: the same weights packed for oneDNN (prefill GEMMs), or None.
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    glu: GluSpec = GluSpec()
+    packed: PackedExperts | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[2]
+
+    def validate(self) -> None:
+        """Raise ValueError if the tensors do not fit together."""
+        num_experts, two_i, hidden = self.gate_up.shape if self.gate_up.dim() == 3 else (None, None, None)
+        if num_experts is None or two_i % 2:
+            raise ValueError(f"gate_up must be [experts, 2*intermediate, hidden], got {tuple(self.gate_up.shape)}")
+        expected_down = (num_experts, hidden, two_i // 2)
+        if tuple(self.down.shape) != expected_down:
+            raise ValueError(f"down must be {expected_down} to match gate_up, got {tuple(self.down.shape)}")
+        if self.down.dtype != self.gate_up.dtype:
+            raise ValueError(f"down dtype {self.down.dtype} differs from gate_up dtype {self.gate_up.dtype}")
+        for name, bias, shape in (
+            ("gate_up_bias", self.gate_up_bias, (num_experts, two_i)),
+            ("down_bias", self.down_bias, (num_experts, hidden)),
+        ):
+            if bias is not None and tuple(bias.shape) != shape:
+                raise ValueError(f"{name} must be {shape}, got {tuple(bias.shape)}")
+
+
+def combine_fp32(out_sorted: torch.Tensor, plan: RoutingPlan, hidden: int) -> torch.Tensor:
+    """Router-weighted sum of sorted slot outputs [S, H] back into token order, in float32: [T, H]."""
+    y = torch.zeros(plan.num_tokens, hidden, dtype=torch.float32, device=out_sorted.device)
+    y.index_add_(0, plan.token_index, out_sorted.float() * plan.weights[:, None])
+    return y
+
+
+def combine(out_sorted: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Router-weighted sum of sorted slot outputs [S, H] back into token order, in out_sorted's dtype.
+
+    Unsorting into [T, k, H] and one batched [1, k] x [k, H] product per token accumulates in fp32
+    inside the GEMM and costs a fraction of an fp32 index_add (a single pass over the outputs).
+    """
+    num_tokens, top_k = plan.num_tokens, plan.top_k
+    if plan.num_slots != num_tokens * top_k:  # expert-parallel sentinels were dropped
+        return combine_fp32(out_sorted, plan, out_sorted.shape[1]).to(out_sorted.dtype)
+    position = torch.empty_like(plan.slot_of)
+    position[plan.slot_of] = torch.arange(plan.num_slots, device=out_sorted.device)  # [S] slot -> sorted
+    per_token = out_sorted.index_select(0, position).view(num_tokens, top_k, -1)  # [T, k, H]
+    weights = plan.weights[position].view(num_tokens, 1, top_k).to(out_sorted.dtype)  # [T, 1, k]
+    return torch.bmm(weights, per_token).view(num_tokens, -1)
+
+
+def _groups(plan: RoutingPlan) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of each non-empty group, as Python ints (one host sync)."""
+    experts = plan.group_experts.tolist()
+    starts = plan.group_starts.tolist()
+    counts = plan.group_counts.tolist()
+    return [(e, s, s + c) for e, s, c in zip(experts, starts, counts, strict=True)]
+
+
+def experts_reference(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """Oracle: a per-expert loop in float32. x: [T, H] -> [T, H] in x's dtype."""
+    xs = x.float()[plan.token_index]  # [S, H]
+    out = torch.empty(plan.num_slots, w.hidden_size, dtype=torch.float32, device=x.device)
+    for e, start, end in _groups(plan):
+        h = xs[start:end] @ w.gate_up[e].float().T  # [n, 2I]
+        if w.gate_up_bias is not None:
+            h = h + w.gate_up_bias[e].float()
+        o = apply_glu(h, w.glu) @ w.down[e].float().T  # [n, H]
+        if w.down_bias is not None:
+            o = o + w.down_bias[e].float()
+        out[start:end] = o
+    return combine_fp32(out, plan, w.hidden_size).to(x.dtype)
+
+
+def _grouped_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: list[tuple[int, int, int]],
+    packed: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> [S, N]."""
+    out = a.new_empty(a.shape[0], weight.shape[1])
+    for e, start, end in groups:
+        b = None if bias is None else bias[e].to(a.dtype)
+        if packed is not None:
+            out[start:end] = packed_linear(a[start:end], packed[e], b)
+        elif b is None:
+            torch.mm(a[start:end], weight[e].T, out=out[start:end])
+        else:
+            torch.addmm(b, a[start:end], weight[e].T, out=out[start:end])
+    return out
+
+
+def experts_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """One GEMM per non-empty group over contiguous sorted rows (oneDNN-packed weights when present)."""
+    groups = _groups(plan)
+    packed = w.packed if w.packed is not None and x.dtype == w.gate_up.dtype else None
+    xs = x.index_select(0, plan.token_index)  # [S, H]
+    h = _grouped_mm(xs, w.gate_up, w.gate_up_bias, groups, packed and packed.gate_up)  # [S, 2I]
+    out = _grouped_mm(apply_glu(h, w.glu), w.down, w.down_bias, groups, packed and packed.down)  # [S, H]
+    return combine(out, plan)
+
+
+def experts_native(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """The AVX-512 grouped GEMV kernel; the down GEMV scatters straight into token order."""
+    xs = x.index_select(0, plan.token_index)  # [S, H]
+    group_args = (plan.group_experts, plan.group_starts, plan.group_counts)
+    h = native.grouped_gemv(xs, w.gate_up, *group_args, bias=w.gate_up_bias)  # [S, 2I] fp32
+    act = apply_glu(h, w.glu).to(x.dtype)  # [S, I]
+    y = torch.zeros(plan.num_tokens, w.hidden_size, dtype=torch.float32, device=x.device)
+    native.grouped_gemv(
+        act, w.down, *group_args, bias=w.down_bias, out=y,
+        scatter_index=plan.token_index, scatter_weight=plan.weights,
+    )  # fmt: skip
+    return y.to(x.dtype)
+
+
+def native_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
+    """Whether the native kernel can run this input (CPU, bf16/fp32, library built for this CPU)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and w.gate_up.is_contiguous()
+        and w.down.is_contiguous()
+        and native.is_available()
+    )
+
+
+def experts_auto(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """Pick the backend by shape: decode-sized groups go to the native kernel, the rest to torch."""
+    return select_backend(x, plan, w)(x, plan, w)
+
+
+BACKENDS: dict[str, Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]] = {
+    "auto": experts_auto,
+    "reference": experts_reference,
+    "torch": experts_torch,
+    "native": experts_native,
+}
+
+
+def select_backend(
+    x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights
+) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
+    """The backend ``auto`` uses for this shape."""
+    rows_per_group = plan.num_slots / max(plan.num_groups, 1)
+    if rows_per_group <= NATIVE_MAX_ROWS_PER_GROUP and native_supports(x, w):
+        return experts_native
+    return experts_torch
+
+
+def get_backend(name: str) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
+    """Look up an expert backend by name; unknown names raise ValueError listing the valid ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown expert backend {name!r}; expected one of {', '.join(BACKENDS)}") from None
+
+
+def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backend: str = "auto") -> torch.Tensor:
+    """Run the routed experts and combine their outputs in token order.
+
+    Args:
+        x: [T, H] bf16 / fp32 / fp16 hidden states.
+        plan: the routing plan for these tokens.
+        w: the expert weights (same dtype as x).
+        backend: a key of ``BACKENDS``.
+
+    Returns:
+        [T, H] in x's dtype.
+    """
+    fn = get_backend(backend)
+    w.validate()
+    if x.dim() != 2 or x.shape[1] != w.hidden_size:
+        raise ValueError(f"expected hidden states [tokens, {w.hidden_size}], got shape {tuple(x.shape)}")
+    if x.dtype != w.gate_up.dtype:
+        raise ValueError(f"hidden states are {x.dtype} but the expert weights are {w.gate_up.dtype}")
+    if plan.num_tokens != x.shape[0]:
+        raise ValueError(f"the routing plan is for {plan.num_tokens} tokens but {x.shape[0]} were given")
+    if backend == "native" and not native_supports(x, w):
+        raise ValueError(
+            "the native backend needs CPU bf16/fp32 inputs, contiguous weights and an AVX-512 BF16 CPU "
+            "with the compiled kernel (reinstall moerun to build it); use backend='auto' or 'torch'"
+        )
+    return fn(x, plan, w)

@@ -1,0 +1,157 @@
+"""MoELayer: route -> dispatch -> experts -> combine, plus optional shared experts.
+
+Shape legend: T tokens, H hidden, E experts, I expert intermediate, Is shared-expert intermediate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.activation import GluSpec, apply_glu
+from .kernels.experts import ExpertWeights, experts_forward, get_backend
+from .kernels.onednn import PackedExperts, pack_experts
+from .routing import RoutingConfig, make_plan, route
+
+
+def check_hidden(x: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
+    """Raise ValueError unless x is a floating tensor [..., hidden_size] of ``dtype``."""
+    if x.dim() < 1 or x.shape[-1] != hidden_size:
+        raise ValueError(f"expected hidden states [..., {hidden_size}], got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"hidden states are {x.dtype} but the layer's weights are {dtype}; cast one of them")
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Args:
+        hidden_size: H.
+        intermediate_size: I, each routed expert's intermediate size.
+        num_experts: E.
+        routing: how the router picks experts.
+        activation: the experts' gated activation (see ``GLU_ACTIVATIONS``).
+        swiglu_alpha, swiglu_limit: parameters of ``swiglu_clamped``.
+        expert_bias: routed experts have biases on both projections (GPT-OSS).
+        router_bias: the router has a bias added to its logits (GPT-OSS).
+        score_bias: the router has a choice-only per-expert score correction (DeepSeek-V3).
+        router_fp32: compute router logits in float32 whatever the input dtype (DeepSeek-V3).
+        shared_intermediate_size: intermediate size of the always-on shared expert, 0 for none.
+        shared_gate: scale the shared expert by ``sigmoid(x @ shared_gate_weight.T)`` (Qwen2-MoE).
+        backend: expert backend name (see ``moerun.kernels.experts.BACKENDS``).
+        dtype: parameter dtype.
+        device: parameter device (``"meta"`` to fill the parameters in afterwards).
+
+    Forward: x [..., H] -> [..., H], same dtype as the parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        routing: RoutingConfig,
+        *,
+        activation: str = "silu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        expert_bias: bool = False,
+        router_bias: bool = False,
+        score_bias: bool = False,
+        router_fp32: bool = False,
+        shared_intermediate_size: int = 0,
+        shared_gate: bool = False,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if min(hidden_size, intermediate_size, num_experts) < 1:
+            raise ValueError("hidden_size, intermediate_size and num_experts must all be >= 1")
+        if shared_gate and shared_intermediate_size < 1:
+            raise ValueError("shared_gate needs a shared expert (shared_intermediate_size >= 1)")
+        routing.validate(num_experts)
+        get_backend(backend)
+        self.routing = routing
+        self.glu = GluSpec(activation, swiglu_alpha, swiglu_limit)
+        self.router_fp32 = router_fp32
+        self.backend = backend
+        self.packed: PackedExperts | None = None
+        factory = {"dtype": dtype, "device": device}
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        self.router_bias = nn.Parameter(torch.zeros(num_experts, **factory)) if router_bias else None
+        self.score_bias = None
+        if score_bias:  # DeepSeek keeps the correction in fp32 whatever the model dtype
+            self.score_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device))
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.gate_up_bias = (
+            nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **factory)) if expert_bias else None
+        )
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, **factory)) if expert_bias else None
+        self.shared_gate_up = self.shared_down = self.shared_gate_weight = None
+        if shared_intermediate_size:
+            self.shared_gate_up = nn.Parameter(torch.empty(2 * shared_intermediate_size, hidden_size, **factory))
+            self.shared_down = nn.Parameter(torch.empty(hidden_size, shared_intermediate_size, **factory))
+            if shared_gate:
+                self.shared_gate_weight = nn.Parameter(torch.empty(1, hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random normal weights (std ``std``), zero biases; for tests and benchmarks."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "bias" in name:
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate_up.shape[2]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    def expert_weights(self) -> ExpertWeights:
+        """The routed experts as the backends see them."""
+        return ExpertWeights(self.gate_up, self.down, self.gate_up_bias, self.down_bias, self.glu, self.packed)
+
+    def prepack(self) -> None:
+        """Keep a oneDNN-packed copy of the expert weights for faster prefill GEMMs.
+
+        Costs memory equal to the expert weights again; decode still reads the plain weights.
+        The copy is a snapshot: call again after changing the weights, or ``unpack()`` to drop it.
+        """
+        self.packed = pack_experts(self.gate_up.detach(), self.down.detach())
+
+    def unpack(self) -> None:
+        """Drop the packed copy made by ``prepack``."""
+        self.packed = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> logits [T, E]."""
+        if self.router_fp32:
+            bias = None if self.router_bias is None else self.router_bias.float()
+            return F.linear(x.float(), self.router_weight.float(), bias)
+        return F.linear(x, self.router_weight, self.router_bias)
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert. x: [T, H] -> [T, H]."""
+        out = F.linear(apply_glu(F.linear(x, self.shared_gate_up), self.glu), self.shared_down)
+        if self.shared_gate_weight is not None:
+            out = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * out
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_hidden(x, self.hidden_size, self.gate_up.dtype)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        weights, ids = route(self.router_logits(x), self.routing, self.score_bias)  # [T, k] each
+        plan = make_plan(ids, weights, self.num_experts)
+        y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]
+        if self.shared_gate_up is not None:
+            y = y + self.shared_expert(x)
+        return y.reshape(shape)

@@ -1,0 +1,1 @@
+"""Performance measurement: the host's roofline and the MoE layer benchmark."""

@@ -1,0 +1,270 @@
+"""`moerun bench`: one MoE layer of a real model's shape, moerun vs transformers, side by side.
+
+Every preset is built as transformers' own MoE block with seeded random weights; moerun's layer is
+made from that block and shares its weights, so all implementations compute the same function.
+Implementations are timed alternately within one run so that machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from ..layer import MoELayer
+from ..models.hf import layer_from_hf_block
+from ..routing import make_plan, route
+from .roofline import Roofline
+
+IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The MoE layer shape of a published model."""
+
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    shared_intermediate_size: int = 0
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        return 3 * self.hidden_size * self.intermediate_size * dtype.itemsize
+
+    def layer_bytes(self, dtype: torch.dtype) -> int:
+        shared = 3 * self.hidden_size * self.shared_intermediate_size * dtype.itemsize
+        return self.num_experts * self.expert_bytes(dtype) + shared
+
+
+PRESETS = {
+    "olmoe-1b-7b": Preset("olmoe", 2048, 1024, 64, 8),
+    "qwen3-30b-a3b": Preset("qwen3_moe", 2048, 768, 128, 8),
+    "mixtral-8x7b": Preset("mixtral", 4096, 14336, 8, 2),
+    "deepseek-v2-lite": Preset("deepseek_v2", 2048, 1408, 64, 6, shared_intermediate_size=2816),
+    "gpt-oss-20b": Preset("gpt_oss", 2880, 2880, 32, 4),
+}
+
+
+def _hf_block(preset: Preset) -> nn.Module:
+    """transformers' MoE block for the preset's family and shape, on the meta device (no memory)."""
+    from transformers import DeepseekV2Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    p = preset
+    if p.family == "olmoe":
+        config = OlmoeConfig(
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+            norm_topk_prob=False,
+        )
+        cls = OlmoeSparseMoeBlock
+    elif p.family == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            hidden_size=p.hidden_size,
+            moe_intermediate_size=p.intermediate_size,
+            num_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+            norm_topk_prob=True,
+        )
+        cls = Qwen3MoeSparseMoeBlock
+    elif p.family == "mixtral":
+        config = MixtralConfig(
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_local_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+        )
+        cls = MixtralSparseMoeBlock
+    elif p.family == "deepseek_v2":
+        config = DeepseekV2Config(
+            hidden_size=p.hidden_size,
+            moe_intermediate_size=p.intermediate_size,
+            n_routed_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+            n_shared_experts=p.shared_intermediate_size // p.intermediate_size,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+        )
+        cls = DeepseekV2Moe
+    else:
+        config = GptOssConfig(
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_local_experts=p.num_experts,
+            num_experts_per_tok=p.top_k,
+        )
+        cls = GptOssMLP  # fmt: skip
+    with torch.device("meta"):
+        return cls(config)
+
+
+def build_block(preset: Preset, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """transformers' block for the preset, with seeded random weights of ``dtype``."""
+    block = _hf_block(preset).to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "bias" in name:
+                p.zero_()
+            else:
+                # Generate in chunks of float32 to keep the peak memory at one expert's worth.
+                for chunk in p.view(-1, p.shape[-1]).split(4096):
+                    chunk.copy_(torch.randn(chunk.shape, generator=generator) * 0.02)
+        for buffer in block.buffers():
+            if buffer.is_floating_point() and buffer.dim() == 1:
+                buffer.zero_()
+    return block
+
+
+def fit_to_memory(preset: Preset, dtype: torch.dtype, available_bytes: int) -> tuple[Preset, str | None]:
+    """Scale the expert count down (keeping top-k) until the layer takes at most half the free memory."""
+    budget = available_bytes // 2
+    if preset.layer_bytes(dtype) <= budget:
+        return preset, None
+    experts = preset.num_experts
+    while experts > preset.top_k and replace(preset, num_experts=experts).layer_bytes(dtype) > budget:
+        experts //= 2
+    experts = max(experts, preset.top_k)
+    note = (
+        f"scaled from {preset.num_experts} to {experts} experts: the full layer needs "
+        f"{preset.layer_bytes(dtype) / 2**30:.1f} GiB, more than half the {available_bytes / 2**30:.1f} GiB free"
+    )
+    return replace(preset, num_experts=experts), note
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (or a 8 GiB guess where it does not exist)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def work_of(layer: MoELayer, x: torch.Tensor) -> tuple[int, int]:
+    """(bytes of weights touched, FLOPs) of one forward of ``layer`` on x [T, H].
+
+    Bytes count each selected expert once (distinct experts of this batch), plus the router and the
+    shared expert; FLOPs count 2 per multiply-add of the router, routed and shared expert GEMMs.
+    """
+    tokens, hidden = x.shape
+    weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
+    plan = make_plan(ids, weights, layer.num_experts)
+    itemsize = layer.gate_up.dtype.itemsize
+    per_expert = 3 * hidden * layer.down.shape[2]
+    shared = 0 if layer.shared_down is None else 3 * hidden * layer.shared_down.shape[1]
+    router = layer.router_weight.numel()
+    touched = (plan.num_groups * per_expert + shared + router) * itemsize
+    flops = 2 * (plan.num_slots * per_expert + tokens * (shared + router))
+    return touched, flops
+
+
+@dataclass
+class Record:
+    """One (preset, dtype, tokens, impl) measurement, as written to JSON."""
+
+    preset: str
+    dtype: str
+    bits: int
+    tokens: int
+    impl: str
+    threads: int
+    median_ms: float
+    tokens_per_s: float
+    gbps: float
+    gflops: float
+    roofline_fraction: float
+    num_experts: int
+    note: str | None
+    machine: dict
+
+
+def _time_alternating(fns: dict[str, Callable[[], object]], min_reps: int, budget_s: float) -> dict[str, float]:
+    """Median seconds of each fn, running them in turn (round robin) after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        reps = len(next(iter(times.values())))
+        if reps >= min_reps and (time.perf_counter() - start > budget_s or reps >= 50):
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_bench(
+    presets: list[str],
+    tokens: list[int],
+    dtype_name: str,
+    threads: int,
+    roofline: Roofline,
+    impls: tuple[str, ...] = IMPLS,
+    min_reps: int = 5,
+    budget_s: float = 3.0,
+    on_step: Callable[[str], None] | None = None,
+) -> Iterator[Record]:
+    """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish."""
+    dtype = DTYPES[dtype_name]
+    torch.set_num_threads(threads)
+    for name in presets:
+        preset, note = fit_to_memory(PRESETS[name], dtype, available_memory_bytes())
+        block = build_block(preset, dtype)
+        layer = layer_from_hf_block(block)
+        for count in tokens:
+            if on_step:
+                on_step(f"{name} {dtype_name} {count} tokens")
+            x = torch.randn(1, count, preset.hidden_size, generator=torch.Generator().manual_seed(count)).to(dtype)
+
+            def run_hf(implementation: str, x: torch.Tensor = x, block: nn.Module = block) -> object:
+                block.experts.config._experts_implementation = implementation
+                return block(x)
+
+            fns = {
+                "moerun": lambda x=x, layer=layer: layer(x),
+                "hf-eager": lambda: run_hf("eager"),
+                "hf-grouped_mm": lambda: run_hf("grouped_mm"),
+            }
+            with torch.inference_mode():
+                touched, flops = work_of(layer, x.reshape(count, -1))
+                medians = _time_alternating({k: fns[k] for k in impls}, min_reps, budget_s)
+            for impl, seconds in medians.items():
+                yield Record(
+                    preset=name,
+                    dtype=dtype_name,
+                    bits=dtype.itemsize * 8,
+                    tokens=count,
+                    impl=impl,
+                    threads=threads,
+                    median_ms=seconds * 1e3,
+                    tokens_per_s=count / seconds,
+                    gbps=touched / seconds / 1e9,
+                    gflops=flops / seconds / 1e9,
+                    roofline_fraction=roofline.fraction(seconds, touched, flops, dtype),
+                    num_experts=preset.num_experts,
+                    note=note,
+                    machine=roofline.to_dict(),
+                )
+
+
+def record_dicts(records: list[Record]) -> list[dict]:
+    return [asdict(r) for r in records]

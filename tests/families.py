@@ -1,0 +1,83 @@
+"""Tiny random configurations of each supported transformers MoE family, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+COMMON = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+    max_position_embeddings=512, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def family_config(family: str):
+    """A tiny config of ``family`` with 8 experts, 2 per token."""
+    if family == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **COMMON, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+        )  # fmt: skip
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True,
+        )  # fmt: skip
+    if family == "olmoe":
+        return OlmoeConfig(**COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    if family == "deepseek_v2":
+        return DeepseekV2Config(
+            **COMMON, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=2, first_k_dense_replace=0, routed_scaling_factor=1.5, topk_method="greedy",
+            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        )  # fmt: skip
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **COMMON, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=2.5,
+            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+            rope_scaling=None,
+        )  # fmt: skip
+    if family == "gpt_oss":
+        return GptOssConfig(
+            **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+    raise KeyError(family)
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random transformers model of ``family`` with weights large enough to route decisively."""
+    torch.manual_seed(seed)
+    config = family_config(family)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.02 if "embed" in name or "norm" in name else 0.15)
+            if "norm" in name:
+                p.add_(1.0)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0.0, 0.1)
+    return model.to(dtype)
+
+
+def moe_blocks(model) -> list:
+    """The model's MoE blocks, in layer order."""
+    from moerun.models.hf import SUPPORTED_BLOCKS
+
+    return [m for m in model.modules() if type(m).__name__ in SUPPORTED_BLOCKS]

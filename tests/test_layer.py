@@ -1,0 +1,127 @@
+"""MoELayer: every expert backend against the float32 oracle at awkward shapes, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moerun import MoELayer, RoutingConfig
+from moerun.kernels import native
+from moerun.kernels.experts import BACKENDS
+
+BACKEND_NAMES = [b for b in BACKENDS if b != "native" or native.is_available()]
+# bf16 backends round the activation between the GEMMs to bf16; the oracle keeps float32.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make_layer(dtype: torch.dtype, **kwargs) -> MoELayer:
+    torch.manual_seed(0)
+    options = dict(hidden_size=96, intermediate_size=40, num_experts=12, routing=RoutingConfig("softmax_topk", 3))
+    options.update(kwargs)
+    layer = MoELayer(**options, dtype=dtype)
+    layer.reset_parameters(std=0.2)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "bias" in name:
+                p.normal_(0.0, 0.2)
+    return layer
+
+
+VARIANTS = {
+    "silu": {},
+    "gelu_topk1": dict(activation="gelu", routing=RoutingConfig("softmax_topk", 1)),
+    "swiglu_clamped_biases": dict(
+        activation="swiglu_clamped", swiglu_limit=0.5, expert_bias=True, router_bias=True,
+        routing=RoutingConfig("topk_softmax", 2),
+    ),
+    "grouped_shared_gate": dict(
+        routing=RoutingConfig("sigmoid_group_topk", 3, True, 4, 2, 2.5), score_bias=True, router_fp32=True,
+        shared_intermediate_size=24, shared_gate=True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 2, 100, 600])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@torch.inference_mode()
+def test_backend_matches_reference(backend: str, variant: str, tokens: int, dtype: torch.dtype) -> None:
+    layer = make_layer(dtype, **VARIANTS[variant])
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    layer.backend = "reference"
+    expected = layer(x).float()
+    layer.backend = backend
+    actual = layer(x)
+    assert actual.dtype == dtype and actual.shape == x.shape
+    err = (actual.float() - expected).abs().max().item()
+    assert err <= TOLERANCE[dtype] * expected.abs().max().item()
+
+
+@torch.inference_mode()
+def test_keeps_leading_dimensions() -> None:
+    layer = make_layer(torch.float32)
+    x = torch.randn(2, 5, 96)
+    assert layer(x).shape == (2, 5, 96)
+    torch.testing.assert_close(layer(x)[1], layer(x[1]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(activation="relu2"), "unknown activation 'relu2'"),
+        (dict(backend="cuda_magic"), "unknown expert backend 'cuda_magic'"),
+        (dict(routing=RoutingConfig("softmax_topk", 13)), "top_k=13"),
+        (dict(routing=RoutingConfig("best", 2)), "unknown routing mode"),
+        (dict(shared_gate=True), "shared_gate needs a shared expert"),
+        (dict(num_experts=0), "must all be >= 1"),
+    ],
+)
+def test_bad_construction_is_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_layer(torch.float32, **kwargs)
+
+
+def test_bad_input_is_rejected() -> None:
+    layer = make_layer(torch.float32)
+    with pytest.raises(ValueError, match=r"expected hidden states \[\.\.\., 96\]"):
+        layer(torch.randn(3, 95))
+    with pytest.raises(ValueError, match="torch.bfloat16 but the layer's weights are torch.float32"):
+        layer(torch.randn(3, 96, dtype=torch.bfloat16))
+    x = torch.randn(3, 96)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["silu", "swiglu_clamped_biases"])
+@torch.inference_mode()
+def test_prepacked_weights_match_reference(variant: str, dtype: torch.dtype) -> None:
+    layer = make_layer(dtype, **VARIANTS[variant])
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(5)).to(dtype)
+    layer.backend = "reference"
+    expected = layer(x).float()
+    layer.backend = "torch"
+    layer.prepack()
+    assert layer.expert_weights().packed is not None
+    err = (layer(x).float() - expected).abs().max().item()
+    assert err <= TOLERANCE[dtype] * expected.abs().max().item()
+    layer.unpack()
+    assert layer.expert_weights().packed is None
+
+
+def test_experts_forward_rejects_mismatches() -> None:
+    from moerun import ExpertWeights, experts_forward, make_plan
+
+    layer = make_layer(torch.float32)
+    plan = make_plan(torch.tensor([[0, 1]]), torch.ones(1, 2), layer.num_experts)
+    w = layer.expert_weights()
+    with pytest.raises(ValueError, match="hidden states are torch.bfloat16"):
+        experts_forward(torch.randn(1, 96, dtype=torch.bfloat16), plan, w)
+    with pytest.raises(ValueError, match="plan is for 1 tokens but 2"):
+        experts_forward(torch.randn(2, 96), plan, w)
+    with pytest.raises(ValueError, match="down must be"):
+        experts_forward(torch.randn(1, 96), plan, ExpertWeights(w.gate_up, w.down[:, :, :-1]))
+    with pytest.raises(ValueError, match="unknown expert backend"):
+        experts_forward(torch.randn(1, 96), plan, w, backend="magic")
