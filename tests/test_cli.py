@@ -29,13 +29,13 @@ def test_bench_writes_json_records(tiny_presets, tmp_path, capsys) -> None:
     code = cli.main([*args, "--budget", "0.01", "--json", str(out)])
     assert code == 0
     records = json.loads(out.read_text())
-    assert len(records) == 2 * 2 * 3
+    assert len(records) == 2 * 2 * 4
     required = {"preset", "dtype", "bits", "tokens", "impl", "median_ms", "gbps", "gflops", "roofline_fraction"}
     for r in records:
         assert required <= r.keys()
         assert r["machine"]["read_gbps"] == 10.0
         assert r["median_ms"] > 0 and 0 < r["roofline_fraction"]
-    assert {r["impl"] for r in records} == {"moerun", "hf-eager", "hf-grouped_mm"}
+    assert {r["impl"] for r in records} == {"moerun", "moerun-prepacked", "hf-eager", "hf-grouped_mm"}
     assert "tiny-olmoe" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*tmp"))
 

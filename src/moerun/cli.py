@@ -64,7 +64,8 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     impl: Annotated[
-        list[str] | None, typer.Option(help="Implementation(s): moerun, hf-eager, hf-grouped_mm. Default: all.")
+        list[str] | None,
+        typer.Option(help="Implementation(s): moerun, moerun-prepacked, hf-eager, hf-grouped_mm. Default: all."),
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the records as JSON here.")] = None,
     budget: Annotated[float, typer.Option(help="Seconds of timing per case (at least 5 runs each).")] = 3.0,

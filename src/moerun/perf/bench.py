@@ -20,7 +20,8 @@ from ..models.hf import layer_from_hf_block
 from ..routing import make_plan, route
 from .roofline import Roofline
 
-IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
+# moerun-prepacked: moerun with a second, oneDNN-packed copy of the expert weights for prefill GEMMs.
+IMPLS = ("moerun", "moerun-prepacked", "hf-eager", "hf-grouped_mm")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -129,9 +130,11 @@ def build_block(preset: Preset, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     return block
 
 
-def fit_to_memory(preset: Preset, dtype: torch.dtype, available_bytes: int) -> tuple[Preset, str | None]:
-    """Scale the expert count down (keeping top-k) until the layer takes at most half the free memory."""
-    budget = available_bytes // 2
+def fit_to_memory(
+    preset: Preset, dtype: torch.dtype, available_bytes: int, copies: int = 1
+) -> tuple[Preset, str | None]:
+    """Scale the expert count down (keeping top-k) until ``copies`` of the layer fit in half the free memory."""
+    budget = available_bytes // 2 // copies
     if preset.layer_bytes(dtype) <= budget:
         return preset, None
     experts = preset.num_experts
@@ -140,7 +143,8 @@ def fit_to_memory(preset: Preset, dtype: torch.dtype, available_bytes: int) -> t
     experts = max(experts, preset.top_k)
     note = (
         f"scaled from {preset.num_experts} to {experts} experts: the full layer needs "
-        f"{preset.layer_bytes(dtype) / 2**30:.1f} GiB, more than half the {available_bytes / 2**30:.1f} GiB free"
+        f"{copies} x {preset.layer_bytes(dtype) / 2**30:.1f} GiB, more than half the "
+        f"{available_bytes / 2**30:.1f} GiB free"
     )
     return replace(preset, num_experts=experts), note
 
@@ -227,9 +231,13 @@ def run_bench(
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(threads)
     for name in presets:
-        preset, note = fit_to_memory(PRESETS[name], dtype, available_memory_bytes())
+        prepacked = "moerun-prepacked" in impls
+        preset, note = fit_to_memory(PRESETS[name], dtype, available_memory_bytes(), copies=1 + prepacked)
         block = build_block(preset, dtype)
         layer = layer_from_hf_block(block)
+        packed_layer = layer_from_hf_block(block)  # shares the plain weights with `layer`
+        if prepacked:
+            packed_layer.prepack()
         for count in tokens:
             if on_step:
                 on_step(f"{name} {dtype_name} {count} tokens")
@@ -241,6 +249,7 @@ def run_bench(
 
             fns = {
                 "moerun": lambda x=x, layer=layer: layer(x),
+                "moerun-prepacked": lambda x=x, layer=packed_layer: layer(x),
                 "hf-eager": lambda: run_hf("eager"),
                 "hf-grouped_mm": lambda: run_hf("grouped_mm"),
             }
