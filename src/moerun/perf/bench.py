@@ -55,61 +55,33 @@ PRESETS = {
 
 def _hf_block(preset: Preset) -> nn.Module:
     """transformers' MoE block for the preset's family and shape, on the meta device (no memory)."""
-    from transformers import DeepseekV2Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    import importlib
+
+    import transformers
 
     p = preset
-    if p.family == "olmoe":
-        config = OlmoeConfig(
-            hidden_size=p.hidden_size,
-            intermediate_size=p.intermediate_size,
-            num_experts=p.num_experts,
-            num_experts_per_tok=p.top_k,
-            norm_topk_prob=False,
-        )
-        cls = OlmoeSparseMoeBlock
-    elif p.family == "qwen3_moe":
-        config = Qwen3MoeConfig(
-            hidden_size=p.hidden_size,
-            moe_intermediate_size=p.intermediate_size,
-            num_experts=p.num_experts,
-            num_experts_per_tok=p.top_k,
-            norm_topk_prob=True,
-        )
-        cls = Qwen3MoeSparseMoeBlock
-    elif p.family == "mixtral":
-        config = MixtralConfig(
-            hidden_size=p.hidden_size,
-            intermediate_size=p.intermediate_size,
-            num_local_experts=p.num_experts,
-            num_experts_per_tok=p.top_k,
-        )
-        cls = MixtralSparseMoeBlock
-    elif p.family == "deepseek_v2":
-        config = DeepseekV2Config(
-            hidden_size=p.hidden_size,
-            moe_intermediate_size=p.intermediate_size,
-            n_routed_experts=p.num_experts,
-            num_experts_per_tok=p.top_k,
-            n_shared_experts=p.shared_intermediate_size // p.intermediate_size,
-            topk_method="greedy",
-            routed_scaling_factor=1.0,
-        )
-        cls = DeepseekV2Moe
-    else:
-        config = GptOssConfig(
-            hidden_size=p.hidden_size,
-            intermediate_size=p.intermediate_size,
-            num_local_experts=p.num_experts,
-            num_experts_per_tok=p.top_k,
-        )
-        cls = GptOssMLP  # fmt: skip
+    routed = {"hidden_size": p.hidden_size, "num_experts_per_tok": p.top_k}
+    # family -> (config class, modeling module, block class, family-specific config fields)
+    specs = {
+        "olmoe": ("OlmoeConfig", "olmoe", "OlmoeSparseMoeBlock",
+                  {"intermediate_size": p.intermediate_size, "num_experts": p.num_experts, "norm_topk_prob": False}),
+        "qwen3_moe": ("Qwen3MoeConfig", "qwen3_moe", "Qwen3MoeSparseMoeBlock",
+                      {"moe_intermediate_size": p.intermediate_size, "num_experts": p.num_experts,
+                       "norm_topk_prob": True}),
+        "mixtral": ("MixtralConfig", "mixtral", "MixtralSparseMoeBlock",
+                    {"intermediate_size": p.intermediate_size, "num_local_experts": p.num_experts}),
+        "deepseek_v2": ("DeepseekV2Config", "deepseek_v2", "DeepseekV2Moe",
+                        {"moe_intermediate_size": p.intermediate_size, "n_routed_experts": p.num_experts,
+                         "n_shared_experts": p.shared_intermediate_size // p.intermediate_size,
+                         "topk_method": "greedy", "routed_scaling_factor": 1.0}),
+        "gpt_oss": ("GptOssConfig", "gpt_oss", "GptOssMLP",
+                    {"intermediate_size": p.intermediate_size, "num_local_experts": p.num_experts}),
+    }  # fmt: skip
+    config_name, module, block_name, fields = specs[p.family]
+    config = getattr(transformers, config_name)(**routed, **fields)
+    block_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), block_name)
     with torch.device("meta"):
-        return cls(config)
+        return block_cls(config)
 
 
 def build_block(preset: Preset, dtype: torch.dtype, seed: int = 0) -> nn.Module:
