@@ -33,7 +33,8 @@ def test_bench_writes_json_records(tiny_presets, tmp_path, capsys) -> None:
     required = {"preset", "dtype", "bits", "tokens", "impl", "median_ms", "gbps", "gflops", "roofline_fraction"}
     for r in records:
         assert required <= r.keys()
-        assert r["machine"]["read_gbps"] == 10.0
+        assert r["machine"]["gemm_gflops"]["bfloat16"] == 100.0  # cached peak, bandwidth measured alongside
+        assert r["machine"]["read_gbps"] > 0
         assert r["median_ms"] > 0 and 0 < r["roofline_fraction"]
     assert {r["impl"] for r in records} == {"moerun", "moerun-prepacked", "hf-eager", "hf-grouped_mm"}
     assert "tiny-olmoe" in capsys.readouterr().out

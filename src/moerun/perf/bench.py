@@ -23,6 +23,8 @@ from .roofline import Roofline
 # moerun-prepacked: moerun with a second, oneDNN-packed copy of the expert weights for prefill GEMMs.
 IMPLS = ("moerun", "moerun-prepacked", "hf-eager", "hf-grouped_mm")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_READ_PROBE = "_read_probe"
+_READ_PROBE_BYTES = 256 << 20  # far beyond the last-level cache
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,8 @@ def run_bench(
     """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish."""
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(threads)
+    read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
+    read = read_buffer.sum
     for name in presets:
         prepacked = "moerun-prepacked" in impls
         preset, note = fit_to_memory(PRESETS[name], dtype, available_memory_bytes(), copies=1 + prepacked)
@@ -227,7 +231,10 @@ def run_bench(
             }
             with torch.inference_mode():
                 touched, flops = work_of(layer, x.reshape(count, -1))
-                medians = _time_alternating({k: fns[k] for k in impls}, min_reps, budget_s)
+                medians = _time_alternating({**{k: fns[k] for k in impls}, _READ_PROBE: read}, min_reps, budget_s)
+            # The host's bandwidth drifts by tens of percent over minutes, so the bandwidth roofline of
+            # this case is the read probe timed in the same round robin as the implementations.
+            case_roofline = replace(roofline, read_gbps=read_buffer.numel() * 4 / medians.pop(_READ_PROBE) / 1e9)
             for impl, seconds in medians.items():
                 yield Record(
                     preset=name,
@@ -240,10 +247,10 @@ def run_bench(
                     tokens_per_s=count / seconds,
                     gbps=touched / seconds / 1e9,
                     gflops=flops / seconds / 1e9,
-                    roofline_fraction=roofline.fraction(seconds, touched, flops, dtype),
+                    roofline_fraction=case_roofline.fraction(seconds, touched, flops, dtype),
                     num_experts=preset.num_experts,
                     note=note,
-                    machine=roofline.to_dict(),
+                    machine=case_roofline.to_dict(),
                 )
 
 

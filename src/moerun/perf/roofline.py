@@ -211,10 +211,7 @@ def measure_roofline(threads: int | None = None, *, quick: bool = False) -> Roof
         with torch.inference_mode():
             if quick:
                 read_gbps = _measure_read_gbps(_QUICK_READ_BYTES, reps=3)
-                gemm = {
-                    _dtype_name(dt): _measure_gemm_gflops(dt, _QUICK_GEMM_SHAPES, 3, 0.05)
-                    for dt in GEMM_DTYPES
-                }
+                gemm = {_dtype_name(dt): _measure_gemm_gflops(dt, _QUICK_GEMM_SHAPES, 3, 0.05) for dt in GEMM_DTYPES}
             else:
                 read_gbps = _measure_read_gbps(_READ_BYTES, reps=7)
                 gemm = {_dtype_name(dt): _measure_gemm_gflops(dt, _GEMM_SHAPES, 5, 0.5) for dt in GEMM_DTYPES}
@@ -256,11 +253,7 @@ def _read_cache_entries(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError):  # ValueError covers both JSONDecodeError and UnicodeDecodeError
         return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != _CACHE_FORMAT
-        or not isinstance(data.get("entries"), dict)
-    ):
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("entries"), dict):
         return {}
     return data["entries"]
 
