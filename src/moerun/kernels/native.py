@@ -47,7 +47,7 @@ def _library() -> ctypes.CDLL | None:
                 continue
             fn = lib.moerun_grouped_gemv
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            # x, x_stride, w, n, k, experts, starts, counts, groups, bias, out, out_stride, index, weight, dtype, threads
+            # x, x_stride, w, n, k, experts, starts, counts, groups, bias, out, out_stride, index, weight, dtype, nt
             fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr] + [ctypes.c_int] * 2
             fn.restype = ctypes.c_int
             return lib
