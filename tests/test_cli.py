@@ -59,6 +59,7 @@ def test_fit_to_memory_scales_experts_down() -> None:
         (["--impl", "llama.cpp"], "unknown implementation"),
         (["--threads", "-2"], "--threads must be >= 1"),
         (["--json", "/nonexistent/dir/x.json"], "does not exist"),
+        (["--bogus"], "No such option"),
     ],
 )
 def test_bench_bad_input(tiny_presets, capsys, args: list[str], message: str) -> None:
@@ -66,3 +67,8 @@ def test_bench_bad_input(tiny_presets, capsys, args: list[str], message: str) ->
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tiny_presets) -> None:
+    with pytest.raises(cli.UserError, match="--tokens must be"):
+        cli.main(["--debug", "bench", "--tokens", "x"])

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -156,15 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="moerun", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return 2
-    except click.exceptions.Abort:
-        console.print("aborted")
-        return 130
+        # standalone mode: typer reports usage errors itself (exit code 2) and exits through SystemExit.
+        app(args=argv, prog_name="moerun", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     except (UserError, ValueError, OSError) as e:
         if debug:
             raise
