@@ -22,8 +22,9 @@ from . import native
 from .activation import GluSpec, apply_glu
 from .onednn import PackedExperts, packed_linear
 
-# Above this many rows per non-empty group on average, torch's blocked GEMM beats the
-# bandwidth-bound matrix-vector kernel (measured on AVX-512 bf16 hosts with benchmarks/bench_backends.py).
+# Above this many rows per non-empty group on average, torch's blocked GEMM beats the bandwidth-bound
+# matrix-vector kernel: benchmarks/bench_native_gemv.py shows the two level at 4 rows per group on a
+# 2-core AVX-512 BF16 host, and the native kernel ahead below that.
 NATIVE_MAX_ROWS_PER_GROUP = 4.0
 
 
