@@ -1,7 +1,8 @@
 """ctypes binding of the native AVX-512 grouped GEMV kernel (``csrc/moe_cpu.cpp``).
 
-The library is built by the package install (``setup.py``). It is used only when it loads and the CPU
-has AVX-512 BF16; ``MOERUN_DISABLE_NATIVE=1`` turns it off. Everything else falls back to torch.
+The library is built by the package install (``setup.py``) and is a plain C ABI over raw data
+pointers, so it needs no torch headers. It is used only when it loads and the CPU has AVX-512 BF16;
+``MOERUN_DISABLE_NATIVE=1`` turns it off. Callers fall back to torch when ``is_available()`` is False.
 
 Shape legend: S sorted rows, K input features, N output features, E experts, G groups, T tokens.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import importlib.machinery
 import os
 from pathlib import Path
@@ -18,49 +18,79 @@ from pathlib import Path
 import torch
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+_REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"})
+# Status codes returned by moerun_grouped_gemv (the enum in moe_cpu.cpp).
+_STATUS_MESSAGES = {
+    1: "unsupported dtype",
+    2: "group_experts has an expert id outside [0, E)",
+    3: "a group's rows [start, start + count) fall outside the rows of x",
+    4: "scatter_index has a destination row outside the rows of out",
+    5: "out has fewer rows than x",
+    6: "out of memory for the staging buffers",
+}
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("MOERUN_DISABLE_NATIVE") == "1":
         return None
-    if not set(_REQUIRED_CPU_FLAGS) <= _cpu_flags():
+    # The library is compiled for AVX-512 BF16 throughout; loading it elsewhere could fault later.
+    if not _REQUIRED_CPU_FLAGS <= _cpu_flags():
         return None
     package_dir = Path(__file__).resolve().parent.parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for path in glob.glob(str(package_dir / f"_moe_cpu{suffix}")):
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
+        path = package_dir / f"_moe_cpu{suffix}"
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
             fn = lib.moerun_grouped_gemv
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            # x, x_stride, w, n, k, experts, starts, counts, groups, bias, out, out_stride, index, weight, dtype, nt
-            fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr] + [ctypes.c_int] * 2
-            fn.restype = ctypes.c_int
-            return lib
+        except (OSError, AttributeError):
+            continue
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [
+            ptr, i64, i64,  # x, x rows, x row stride
+            ptr, i64, i64, i64,  # weight, E, N, K
+            ptr, ptr, ptr, i64,  # group experts, starts, counts, G
+            ptr,  # bias
+            ptr, i64, i64,  # out, out rows, out row stride
+            ptr, ptr,  # scatter index, scatter weight
+            ctypes.c_int, ctypes.c_int,  # dtype code, threads
+        ]  # fmt: skip
+        fn.restype = ctypes.c_int
+        return lib
     return None
 
 
 def is_available() -> bool:
     """Whether the native kernel is built, loadable and supported by this CPU (never raises)."""
-    return _library() is not None
+    try:
+        return _library() is not None
+    except Exception:
+        return False
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _index_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype == torch.int64 and t.dim() == 1 and t.is_cpu and t.is_contiguous():
+        return t  # the common case, checked first: this runs on every decode step
+    if t.dim() != 1 or not t.is_cpu or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer CPU tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    return t.to(torch.int64).contiguous()
 
 
 def grouped_gemv(
@@ -80,65 +110,96 @@ def grouped_gemv(
 
     For each group g with expert e and rows s in [start, start + count):
     ``r[s, n] = x[s] . weight[e, n] (+ bias[e, n])``, accumulated in float32. Without scatter,
-    ``out[s, n] = r``; with scatter, ``out[scatter_index[s], n] += scatter_weight[s] * r``.
+    ``out[s, n] = r``; with scatter, ``out[scatter_index[s], n] += scatter_weight[s] * r``, where
+    several rows may share a destination row.
+
+    Built for decode: each selected expert's matrix is streamed from memory once per call, split by
+    output rows across threads. Groups of many rows are correct but slower than a blocked GEMM.
 
     Args:
-        x: [S, K] bf16 or fp32, rows sorted by group, unit stride along K.
+        x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K (any row stride).
         weight: [E, N, K] contiguous, same dtype as x.
-        group_experts: [G] int64 expert of each group.
-        group_starts: [G] int64 first row of each group.
-        group_counts: [G] int64 rows of each group (>= 1).
-        bias: [E, N] added to every result, or None.
-        out: without scatter an optional [S, N] float32 result tensor; with scatter the required
-            [T, N] float32 accumulator.
-        scatter_index: [S] int64 destination row of each x row, or None.
-        scatter_weight: [S] float32 multiplier of each x row's result (required with scatter_index).
-        num_threads: OpenMP threads (default ``torch.get_num_threads()``).
+        group_experts: [G] int64 expert id of each group.
+        group_starts: [G] int64 first row of x of each group.
+        group_counts: [G] int64 number of rows of each group.
+        bias: [E, N] added to every result, or None. Pass float32 to skip a per-call conversion.
+        out: without scatter, an optional [S, N] float32 result with unit stride along N; rows no group
+            covers keep their values (zeros when ``out`` is None). With scatter, the required [T, N]
+            float32 accumulator (added to, not cleared).
+        scatter_index: [S] int64 destination row in ``out`` of each x row, or None. Only rows that a
+            group covers are read (and range-checked).
+        scatter_weight: [S] float32 multiplier of each x row's result; required with scatter_index.
+        num_threads: threads to use (default ``torch.get_num_threads()``); small problems use fewer.
 
     Returns:
-        ``out`` (float32).
+        ``out``: [S, N] float32, or the [T, N] accumulator with scatter.
 
     Raises:
-        ValueError: the kernel is unavailable, or the arguments do not fit together.
+        ValueError: the kernel is unavailable, or the arguments do not fit together (dtype, device,
+            shape, layout, or an expert / row / destination index out of range).
     """
     lib = _library()
     if lib is None:
-        raise ValueError("the native kernel is not available (not built, or the CPU lacks AVX-512 BF16)")
+        raise ValueError("the native kernel is not available (not built, disabled, or the CPU lacks AVX-512 BF16)")
     if x.dtype not in _DTYPE_CODES or weight.dtype != x.dtype:
-        raise ValueError(f"x and weight must both be bfloat16 or float32, got {x.dtype} and {weight.dtype}")
-    if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
-        raise ValueError(f"x [S, K] and weight [E, N, K] do not match: {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"x and weight must both be bfloat16 or both float32, got {x.dtype} and {weight.dtype}")
+    if x.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"x must be [S, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[2]:
+        raise ValueError(f"K mismatch: x has {x.shape[1]} features, weight rows have {weight.shape[2]}")
+    if not (x.is_cpu and weight.is_cpu):
         raise ValueError("the native kernel runs on CPU tensors only")
-    if x.stride(1) != 1 or not weight.is_contiguous():
-        raise ValueError("x rows and weight must be contiguous")
-    num_experts, n_rows, _ = weight.shape
-    groups = [t.contiguous().long() for t in (group_experts, group_starts, group_counts)]
-    if len({t.shape[0] for t in groups}) != 1:
-        raise ValueError("group_experts, group_starts and group_counts must have the same length")
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError("x must have unit stride along K (x.stride(1) == 1)")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    num_rows = x.shape[0]
+    num_experts, n_out, k = weight.shape
+    experts = _index_tensor(group_experts, "group_experts")
+    starts = _index_tensor(group_starts, "group_starts")
+    counts = _index_tensor(group_counts, "group_counts")
+    if not experts.shape[0] == starts.shape[0] == counts.shape[0]:
+        raise ValueError(
+            f"group_experts, group_starts and group_counts must have the same length, got "
+            f"{experts.shape[0]}, {starts.shape[0]} and {counts.shape[0]}"
+        )
     if bias is not None:
-        if bias.shape != (num_experts, n_rows):
-            raise ValueError(f"bias must be {(num_experts, n_rows)}, got {tuple(bias.shape)}")
-        bias = bias.float().contiguous()
+        if tuple(bias.shape) != (num_experts, n_out) or not bias.is_cpu:
+            raise ValueError(f"bias must be a CPU tensor of shape {(num_experts, n_out)}, got {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.to(torch.float32).contiguous()
+    if (scatter_index is None) != (scatter_weight is None):
+        raise ValueError("scatter_index and scatter_weight must be given together")
     if scatter_index is not None:
-        if out is None or scatter_weight is None:
-            raise ValueError("scatter needs both scatter_weight and an out accumulator")
-        if scatter_index.shape != (x.shape[0],) or scatter_weight.shape != (x.shape[0],):
-            raise ValueError(f"scatter_index and scatter_weight must be [{x.shape[0]}]")
-        scatter_index = scatter_index.contiguous().long()
-        scatter_weight = scatter_weight.contiguous().float()
+        if out is None:
+            raise ValueError("scatter needs an out accumulator of shape [T, N]")
+        scatter_index = _index_tensor(scatter_index, "scatter_index")
+        if scatter_index.shape[0] != num_rows or tuple(scatter_weight.shape) != (num_rows,):
+            raise ValueError(
+                f"scatter_index and scatter_weight must be [{num_rows}], got "
+                f"{tuple(scatter_index.shape)} and {tuple(scatter_weight.shape)}"
+            )
+        if not scatter_weight.is_cpu:
+            raise ValueError("scatter_weight must be a CPU tensor")
+        if scatter_weight.dtype != torch.float32 or not scatter_weight.is_contiguous():
+            scatter_weight = scatter_weight.to(torch.float32).contiguous()
     elif out is None:
-        out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
-    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != n_rows or out.stride(1) != 1:
-        raise ValueError(f"out must be float32 [rows, {n_rows}] with contiguous rows")
-    if scatter_index is None and out.shape[0] != x.shape[0]:
-        raise ValueError(f"out must have {x.shape[0]} rows without scatter, got {out.shape[0]}")
+        out = torch.zeros(num_rows, n_out, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[1] != n_out or not out.is_cpu:
+        raise ValueError(f"out must be a float32 CPU tensor [rows, {n_out}], got {out.dtype} {tuple(out.shape)}")
+    if out.stride(1) != 1 and n_out > 1:
+        raise ValueError("out must have unit stride along N (out.stride(1) == 1)")
+    if scatter_index is None and out.shape[0] != num_rows:
+        raise ValueError(f"without scatter, out must have one row per x row ({num_rows}), got {out.shape[0]}")
     status = lib.moerun_grouped_gemv(
-        _ptr(x), x.stride(0), _ptr(weight), n_rows, weight.shape[2],
-        *(_ptr(t) for t in groups), groups[0].shape[0],
-        _ptr(bias), _ptr(out), out.stride(0), _ptr(scatter_index), _ptr(scatter_weight),
+        _ptr(x), num_rows, x.stride(0),
+        _ptr(weight), num_experts, n_out, k,
+        _ptr(experts), _ptr(starts), _ptr(counts), experts.shape[0],
+        _ptr(bias),
+        _ptr(out), out.shape[0], out.stride(0),
+        _ptr(scatter_index), _ptr(scatter_weight),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
-        raise ValueError(f"native kernel failed with status {status}")
+        raise ValueError(f"native grouped_gemv: {_STATUS_MESSAGES.get(status, f'status {status}')}")
     return out
