@@ -22,10 +22,12 @@ from . import native
 from .activation import GluSpec, apply_glu
 from .onednn import PackedExperts, packed_linear
 
-# Above this many rows per non-empty group on average, torch's blocked GEMM beats the bandwidth-bound
-# matrix-vector kernel: benchmarks/bench_native_gemv.py shows the two level at 4 rows per group on a
-# 2-core AVX-512 BF16 host, and the native kernel ahead below that.
-NATIVE_MAX_ROWS_PER_GROUP = 4.0
+# Above this many rows per non-empty group on average, torch's GEMM beats the native kernel. Measured on
+# the olmoe-1b-7b layer (2-core AVX-512 BF16 host): with plain weights native still wins at 16 rows per
+# group (75.6 vs 80.1 ms at 128 tokens) and loses at 24; with oneDNN-packed weights it draws at 4 rows
+# (32 tokens) and loses at 6.
+NATIVE_MAX_ROWS_PER_GROUP = 16.0
+NATIVE_MAX_ROWS_PER_GROUP_PACKED = 4.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ def select_backend(
 ) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
     """The backend ``auto`` uses for this shape."""
     rows_per_group = plan.num_slots / max(plan.num_groups, 1)
-    if rows_per_group <= NATIVE_MAX_ROWS_PER_GROUP and native_supports(x, w):
+    limit = NATIVE_MAX_ROWS_PER_GROUP if w.packed is None else NATIVE_MAX_ROWS_PER_GROUP_PACKED
+    if rows_per_group <= limit and native_supports(x, w):
         return experts_native
     return experts_torch
 
