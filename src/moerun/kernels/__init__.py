@@ -1,0 +1,1 @@
+"""Kernels: no model knowledge. Expert backends (reference, torch, native), GLU activations, oneDNN packing."""

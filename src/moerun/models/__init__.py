@@ -1,0 +1,1 @@
+"""Model integration: transformers MoE blocks -> MoELayer, the "moerun" experts implementation, patch()."""
