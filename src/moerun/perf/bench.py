@@ -206,13 +206,14 @@ def run_bench(
     torch.set_num_threads(threads)
     read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
     read = read_buffer.sum
+    prepacked = "moerun-prepacked" in impls
     for name in presets:
-        prepacked = "moerun-prepacked" in impls
         preset, note = fit_to_memory(PRESETS[name], dtype, available_memory_bytes(), copies=1 + prepacked)
         block = build_block(preset, dtype)
         layer = layer_from_hf_block(block)
-        packed_layer = layer_from_hf_block(block)  # shares the plain weights with `layer`
+        packed_layer = None
         if prepacked:
+            packed_layer = layer_from_hf_block(block)  # shares the plain weights with `layer`
             packed_layer.prepack()
         for count in tokens:
             if on_step:
