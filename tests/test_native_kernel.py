@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 NUM_EXPERTS = 5
-GROUP_COUNTS = ([1], [1, 1, 1], [3, 1, 5], [300])
+# Decode-sized groups stream weight rows; groups of >= 8 rows take the 4x4 tiles, whose row
+# remainders (9 = 8 + 1, 11 = 8 + 3, 70 = a 64-row panel + 4 + 2) each take their own path.
+GROUP_COUNTS = ([1], [1, 1, 1], [3, 1, 5], [9, 2, 11, 70], [300])
 # Relative to the output's scale: fp32 inputs differ from float64 only by fp32 accumulation; bf16 inputs
 # are exact in fp32 products, so the kernel matches fp64 math on the same bf16 values just as closely.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
