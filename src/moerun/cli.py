@@ -69,11 +69,25 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the records as JSON here.")] = None,
     budget: Annotated[float, typer.Option(help="Seconds of timing per case (at least 5 runs each).")] = 3.0,
     remeasure: Annotated[bool, typer.Option(help="Measure the machine's roofline again, ignoring the cache.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Time a whole model instead of one layer: a checkpoint directory, 'reference' or 'olmoe-1b-7b-4l'."
+        ),
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="With --model: prompt length (prefill).")] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="With --model: greedy decode steps per round.")] = 32,
+    rounds: Annotated[int, typer.Option(help="With --model: timed rounds, implementations alternating.")] = 3,
 ) -> None:
-    """Time one MoE layer of real model shapes: moerun vs transformers, side by side."""
+    """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers."""
     from .perf.bench import DTYPES, IMPLS, PRESETS, record_dicts, run_bench
     from .perf.roofline import load_or_measure_roofline
 
+    if model is not None:
+        if preset:
+            raise UserError("--preset times one layer and --model a whole model; give one of them")
+        _bench_model(model, dtype, threads, impl, json_path, prompt_tokens, decode_tokens, rounds)
+        return
     presets = list(PRESETS) if preset == ["all"] else preset or ["olmoe-1b-7b"]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
@@ -143,11 +157,189 @@ def print_bench_table(records: list) -> None:
     out.print(table)
 
 
+def _bench_model(
+    model: str,
+    dtype: str,
+    threads: int | None,
+    impl: list[str] | None,
+    json_path: Path | None,
+    prompt_tokens: int,
+    decode_tokens: int,
+    rounds: int,
+) -> None:
+    """`moerun bench --model`: validate the options, run the whole-model bench with progress, report."""
+    from .perf.bench import DTYPES
+    from .perf.model_bench import IMPLS, record_dicts, run_model_bench
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    impls = tuple(impl or IMPLS)
+    bad_impl = [i for i in impls if i not in IMPLS]
+    if bad_impl:
+        raise UserError(f"unknown implementation {bad_impl[0]!r} for --model; choose from {', '.join(IMPLS)}")
+    threads = threads or os.cpu_count() or 1
+    for name, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--rounds", rounds)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if decode_tokens < 1:
+        raise UserError(f"--decode-tokens must be >= 1, got {decode_tokens}")
+    if json_path is not None and not json_path.expanduser().parent.is_dir():
+        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    with Progress(
+        TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:  # fmt: skip
+        task = progress.add_task("starting")
+        records = list(
+            run_model_bench(
+                model, dtype, threads, impls, prompt_tokens, decode_tokens, rounds,
+                on_step=lambda text: progress.update(task, description=text),
+            )
+        )  # fmt: skip
+    for r in records:
+        if r.note:
+            console.print(f"[yellow]note[/] {r.impl}: {r.note}")
+    print_model_table(records)
+    if json_path is not None:
+        write_json_atomic(json_path, record_dicts(records))
+        console.print(f"wrote {len(records)} records to {json_path}")
+
+
+def print_model_table(records: list) -> None:
+    """The whole-model bench table on stdout, with speed-ups over transformers' grouped_mm."""
+    base = next((r for r in records if r.impl == "hf-grouped_mm"), None)
+    first = records[0]
+    table = Table(
+        title=f"{first.model}, {first.dtype}, {first.threads} threads: {first.prompt_tokens}-token prompt, "
+        f"{first.decode_tokens} decode steps, median of {first.rounds} alternating rounds"
+    )
+    columns = (
+        "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "decode GB/s", "roofline", "outside MoE", "vs grouped_mm",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "impl" else "right")
+    for r in records:
+        speedup = ""
+        if base is not None:
+            speedup = (
+                f"prefill {r.prefill_tokens_per_s / base.prefill_tokens_per_s:.2f}x, "
+                f"decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x"
+            )
+        table.add_row(
+            r.impl, f"{r.ttft_ms:,.1f}", f"{r.prefill_tokens_per_s:,.1f}", f"{r.decode_tokens_per_s:.1f}",
+            f"{r.decode_gbps:.1f}", f"{r.decode_roofline_fraction:.0%}", f"{r.decode_non_moe_share:.0%}", speedup,
+        )  # fmt: skip
+    out = Console()
+    if not out.is_terminal:  # redirected output: never wrap the table's cells
+        out.width = 160
+    out.print(table)
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     """Run Mixture-of-Experts models fast on the hardware you have."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="The prompt text.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generate at most this many tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding, else the sampling temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the most likely tokens up to this mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
+    from .generate import generate as run_generation
+
+    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="a text prompt")
+
+    def write(token) -> None:
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+
+    result = run_generation(
+        loaded, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        on_token=write,
+    )  # fmt: skip
+    sys.stdout.write("\n")
+    console.print(
+        f"prompt tokens {result.prompt_tokens} · generated {len(result.token_ids)} (stop: {result.stop_reason}) · "
+        f"time to first token {result.time_to_first_token_ms:,.0f} ms · "
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s · peak memory {result.peak_memory_bytes / 2**30:.2f} GiB",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
+    ] = None,
+    text: Annotated[
+        list[Path] | None,
+        typer.Option(help="Text file to score, repeat for several (default: the reference held-out files)."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    context: Annotated[int | None, typer.Option(help="Window length in tokens (default: the model's context).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Perplexity and tokens/s of a model on text files."""
+    from .eval import default_eval_files, evaluate
+
+    files = text or default_eval_files()
+    if not files:
+        raise UserError("no text files to evaluate")
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"text file {file} does not exist")
+    if json_path is not None and not json_path.expanduser().parent.is_dir():
+        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="evaluation")
+    texts = [file.read_text(errors="replace") for file in files]
+    with console.status(f"scoring {len(files)} file(s)..."):
+        result = evaluate(loaded, texts, context=context)
+    print(
+        f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f} nats/token) over {result.tokens:,} tokens "
+        f"in {len(files)} file(s), context {result.context}; "
+        f"{result.seconds:.2f} s, {result.tokens_per_s:,.0f} tokens/s"
+    )
+    if json_path is not None:
+        record = {**result.to_dict(), "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files]}
+        write_json_atomic(json_path, record)
+        console.print(f"wrote {json_path}")
+
+
+def _load_model(model: Path | None, dtype: str, threads: int | None, needs_tokenizer_for: str):
+    """moerun.load with the CLI's option checks and a one-line report of what loading cost."""
+    from .models.loader import DTYPES, SUPPORTED_MODEL_TYPES, default_model_dir, has_tokenizer, load
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    path = default_model_dir() if model is None else model.expanduser()
+    if path.is_dir() and not has_tokenizer(path):  # checked before the weights are read; load() reports the rest
+        raise UserError(f"{path} has no tokenizer files; {needs_tokenizer_for} needs one")
+    with console.status("loading the model..."):
+        loaded = load(path, dtype, threads)
+    s = loaded.stats
+    console.print(
+        f"loaded {loaded.path} ({SUPPORTED_MODEL_TYPES[loaded.config.model_type]}, {s.model_bytes / 2**30:.2f} GiB "
+        f"{dtype}) in {s.seconds:.1f} s; loading added at most {s.peak_over_model:.2f}x the model's size",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return loaded
 
 
 def main(argv: list[str] | None = None) -> int:

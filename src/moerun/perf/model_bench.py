@@ -1,0 +1,365 @@
+"""`moerun bench --model`: a whole model, moerun's lean runner vs plain transformers, side by side.
+
+Each implementation runs one sequence per round: a P-token prompt (time to first token, so prefill
+tokens/s = P / TTFT) and then N greedy decode steps (decode tokens/s). Implementations take turns round
+by round, and the table reports medians, so that the host's noise hits them alike.
+
+All implementations share one copy of the weights: the transformers model is loaded (or built) once;
+``hf-eager`` and ``hf-grouped_mm`` switch its experts implementation, and ``moerun`` is the lean runner
+over the same parameter tensors (or, for families the lean runner does not cover, transformers' forward
+with moerun's experts implementation).
+
+Shape legend: P prompt tokens, N decode tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layer import MoELayer
+from ..models.hf import SUPPORTED_BLOCKS
+from ..models.lean import LeanRunner, Runner
+from .bench import DTYPES, available_memory_bytes
+
+IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
+_HF_EXPERTS = {"hf-eager": "eager", "hf-grouped_mm": "grouped_mm", "moerun": "moerun"}
+_READ_PROBE_BYTES = 256 << 20  # far beyond the last-level cache
+
+# Synthetic models: transformers configs of published shapes, built with seeded random weights.
+SYNTHETIC_MODELS = {
+    # OLMoE-1B-7B's layer shape (qk-norm, 64 experts, top-8) with 4 of its 16 layers and a 32000-token vocabulary.
+    "olmoe-1b-7b-4l": (
+        "OlmoeConfig",
+        dict(
+            hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=4,
+            intermediate_size=1024, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+            vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        ),
+    ),
+}  # fmt: skip
+REFERENCE = "reference"  # the project's reference model, moerun.assets.REFERENCE_MODEL_DIR
+
+
+def _fill_random_(p: torch.Tensor, generator: torch.Generator, chunk: int = 1 << 24) -> None:
+    """Seeded random values with std ~0.018, ~10x faster than normal_ (which takes ~30 s for 1.8 G values here).
+
+    Random bits are shaped into bf16 numbers with a random sign and mantissa and one of two exponents:
+    magnitudes in [2^-7, 2^-5). The chunks of bf16 are then copied into p, whatever its dtype.
+    """
+    flat = p.view(-1)
+    for part in flat.split(chunk):
+        bits = torch.empty((part.numel() + 3) // 4, dtype=torch.int64)  # four bf16 per int64
+        bits.random_(-(2**63), 2**63 - 1, generator=generator)
+        # keep sign, lowest exponent bit and mantissa of each 16-bit lane (mask 0x80FF); exponent 120 or 121
+        bits.bitwise_and_(-0x7F007F007F007F01).bitwise_or_(0x3C003C003C003C00)
+        part.copy_(bits.view(torch.bfloat16)[: part.numel()])
+
+
+def build_synthetic(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A synthetic model (see ``SYNTHETIC_MODELS``) with seeded random weights of ``dtype``, norms at one.
+
+    Built on the meta device and filled in place, so it costs one copy of the weights and a few seconds.
+    """
+    import transformers
+
+    config_name, fields = SYNTHETIC_MODELS[name]
+    config = getattr(transformers, config_name)(**fields)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device="cpu").eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if "norm" in param_name:
+                p.fill_(1.0)
+            else:
+                _fill_random_(p, generator)
+        # to_empty left the non-persistent RoPE buffers uninitialised: recompute them.
+        rotary = model.model.rotary_emb
+        inv_freq, _ = rotary.compute_default_rope_parameters(config)
+        rotary.inv_freq.copy_(inv_freq)
+        rotary.original_inv_freq.copy_(inv_freq)
+    return model
+
+
+def synthetic_bytes(name: str, dtype: torch.dtype) -> int:
+    """Bytes of a synthetic model's weights, without building it."""
+    import transformers
+
+    config_name, fields = SYNTHETIC_MODELS[name]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**fields))
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """The directory a --model value names: ``reference`` or a path holding a transformers checkpoint."""
+    if spec == REFERENCE:
+        try:
+            from .. import assets
+        except ImportError:
+            raise ValueError("the reference model is not available in this install (moerun.assets)") from None
+        path = Path(assets.REFERENCE_MODEL_DIR)
+    else:
+        path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"--model {spec!r}: {path} is not a transformers checkpoint directory (no config.json); "
+            f"built-in models: {', '.join([*SYNTHETIC_MODELS, REFERENCE])}"
+        )
+    return path
+
+
+def load_model(spec: str, dtype: torch.dtype) -> nn.Module:
+    """A synthetic model by name, or a checkpoint (``reference`` or a directory) loaded in ``dtype``."""
+    if spec in SYNTHETIC_MODELS:
+        need = synthetic_bytes(spec, dtype)
+        free = available_memory_bytes()
+        if need > free * 0.8:
+            raise ValueError(f"{spec} needs {need / 2**30:.1f} GiB of weights; only {free / 2**30:.1f} GiB are free")
+        return build_synthetic(spec, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=dtype).eval()
+
+
+class TransformersRunner:
+    """transformers' own forward and DynamicCache, driven as ``generate`` drives it (logits of the last position).
+
+    The model is shared with other runners, so the experts implementation is set at every ``reset``;
+    ``generate``'s per-step extras (logits processors, stopping criteria) are left out.
+
+    Args:
+        model: the transformers model.
+        experts_implementation: ``eager``, ``grouped_mm`` or ``moerun``.
+        max_seq_len: positions a sequence may reach.
+    """
+
+    def __init__(self, model: nn.Module, experts_implementation: str, max_seq_len: int) -> None:
+        self.model = model
+        self.experts_implementation = experts_implementation
+        self.max_seq_len = max_seq_len
+        self.cache = None
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.model.set_experts_implementation(self.experts_implementation)
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()  # [V]
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(input_ids.view(1, -1))
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        return self._forward(torch.tensor([[token_id]]))
+
+
+class MoETimer:
+    """Seconds spent inside MoE blocks, summed until ``reset``; fed by wrapped callables and module hooks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def timed(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            out = fn(x)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+    def hook(self, model: nn.Module) -> None:
+        """Time every transformers MoE block of ``model`` (hooks stay for the model's lifetime)."""
+        for module in model.modules():
+            if type(module).__name__ in SUPPORTED_BLOCKS:
+                module.register_forward_pre_hook(self._enter)
+                module.register_forward_hook(self._exit)
+
+    def _enter(self, *_) -> None:
+        self._start = time.perf_counter()
+
+    def _exit(self, *_) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def make_runners(
+    model: nn.Module, impls: tuple[str, ...], max_seq_len: int, timer: MoETimer
+) -> tuple[dict[str, Runner], dict[str, str]]:
+    """One runner per impl over the shared model, with MoE time reported to ``timer``; and a note per impl."""
+    runners: dict[str, Runner] = {}
+    notes: dict[str, str] = {}
+    timer.hook(model)
+    for impl in impls:
+        if impl != "moerun":
+            runners[impl] = TransformersRunner(model, _HF_EXPERTS[impl], max_seq_len)
+            continue
+        try:
+            lean = LeanRunner(model, max_seq_len)
+        except NotImplementedError as e:
+            runners[impl] = TransformersRunner(model, "moerun", max_seq_len)
+            notes[impl] = f"transformers forward with moerun experts ({e})"
+            continue
+        for layer in lean.layers:
+            if isinstance(layer.mlp, MoELayer):
+                layer.mlp = timer.wrap(layer.mlp)
+        runners[impl] = lean
+    return runners, notes
+
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: all parameters, but one embedding row and top-k of each block's experts.
+
+    The lm head is read whole (tied or not). The KV cache is left out.
+    """
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    total += embed.shape[1] * embed.element_size()  # the token's row
+    if model.get_output_embeddings().weight is embed:  # tied: parameters() listed it once, as the embedding
+        total += embed.numel() * embed.element_size()
+    top_k = model.config.num_experts_per_tok
+    for module in model.modules():
+        if type(module).__name__ in SUPPORTED_BLOCKS:
+            experts = module.experts
+            routed = experts.gate_up_proj.numel() + experts.down_proj.numel()
+            num_experts = experts.gate_up_proj.shape[0]
+            total -= routed * (num_experts - top_k) // num_experts * experts.gate_up_proj.element_size()
+    return total
+
+
+@dataclass
+class ModelRecord:
+    """One (model, dtype, impl) measurement, as written to JSON."""
+
+    model: str
+    impl: str
+    dtype: str
+    bits: int
+    threads: int
+    prompt_tokens: int
+    decode_tokens: int
+    rounds: int
+    ttft_ms: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_ms_per_token: float
+    decode_gbps: float  # weight bytes a decode step reads x decode tokens/s
+    read_gbps: float  # memory read bandwidth measured in the same rounds
+    decode_roofline_fraction: float  # decode tokens/s over read_gbps / bytes per token
+    decode_non_moe_share: float  # fraction of a decode step spent outside the MoE blocks
+    prefill_non_moe_share: float
+    path: str  # how the impl ran: lean runner or transformers forward
+    note: str | None
+
+
+def _one_sequence(runner: Runner, prompt: torch.Tensor, decode_tokens: int, timer: MoETimer) -> dict[str, float]:
+    """Prefill ``prompt`` then decode greedily; seconds of each phase and the MoE seconds inside them."""
+    runner.reset()
+    timer.reset()
+    start = time.perf_counter()
+    logits = runner.prefill(prompt)
+    token = int(logits.argmax())
+    ttft = time.perf_counter() - start
+    prefill_moe = timer.seconds
+    timer.reset()
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(runner.decode(token).argmax())
+    decode = time.perf_counter() - start
+    return {"ttft": ttft, "prefill_moe": prefill_moe, "decode": decode, "decode_moe": timer.seconds}
+
+
+def run_model_bench(
+    model_spec: str,
+    dtype_name: str = "bf16",
+    threads: int = 1,
+    impls: tuple[str, ...] = IMPLS,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 32,
+    rounds: int = 3,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> Iterator[ModelRecord]:
+    """Measure each impl on one model, alternating round by round after one warm-up round; yields records.
+
+    Args:
+        model_spec: a name in ``SYNTHETIC_MODELS``, ``reference``, or a checkpoint directory.
+        dtype_name: a key of ``DTYPES``.
+        threads: torch (and native kernel) threads.
+        impls: a subset of ``IMPLS``.
+        prompt_tokens: P, the prompt length (random token ids, seeded).
+        decode_tokens: N, greedy decode steps per round.
+        rounds: timed rounds (the medians are reported).
+        seed: seed of the prompt.
+        on_step: called with a progress message before each step.
+    """
+    dtype = DTYPES[dtype_name]
+    torch.set_num_threads(threads)
+    step = on_step or (lambda _: None)
+    step(f"loading {model_spec}")
+    model = load_model(model_spec, dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
+    timer = MoETimer()
+    runners, notes = make_runners(model, impls, prompt_tokens + decode_tokens, timer)
+    read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
+    samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
+    read_seconds = []
+    for round_index in range(rounds + 1):  # round 0 warms up every impl and is not counted
+        label = "warm-up" if round_index == 0 else f"round {round_index}/{rounds}"
+        for impl, runner in runners.items():
+            step(f"{model_spec} {label}: {impl}")
+            sample = _one_sequence(runner, prompt, decode_tokens, timer)
+            if round_index:
+                samples[impl].append(sample)
+        start = time.perf_counter()
+        read_buffer.sum()
+        read_seconds.append(time.perf_counter() - start)
+    read_gbps = _READ_PROBE_BYTES / statistics.median(read_seconds[1:]) / 1e9
+    bytes_per_token = decode_bytes_per_token(model)
+    for impl in impls:
+        runs = samples[impl]
+        med = {key: statistics.median(s[key] for s in runs) for key in ("ttft", "decode")}
+        decode_per_s = decode_tokens / med["decode"]
+        yield ModelRecord(
+            model=model_spec,
+            impl=impl,
+            dtype=dtype_name,
+            bits=dtype.itemsize * 8,
+            threads=threads,
+            prompt_tokens=prompt_tokens,
+            decode_tokens=decode_tokens,
+            rounds=rounds,
+            ttft_ms=med["ttft"] * 1e3,
+            prefill_tokens_per_s=prompt_tokens / med["ttft"],
+            decode_tokens_per_s=decode_per_s,
+            decode_ms_per_token=med["decode"] / decode_tokens * 1e3,
+            decode_gbps=bytes_per_token * decode_per_s / 1e9,
+            read_gbps=read_gbps,
+            decode_roofline_fraction=decode_per_s * bytes_per_token / (read_gbps * 1e9),
+            decode_non_moe_share=statistics.median(1 - s["decode_moe"] / s["decode"] for s in runs),
+            prefill_non_moe_share=statistics.median(1 - s["prefill_moe"] / s["ttft"] for s in runs),
+            path="lean" if isinstance(runners[impl], LeanRunner) else "transformers",
+            note=notes.get(impl),
+        )
+
+
+def record_dicts(records: list[ModelRecord]) -> list[dict]:
+    return [asdict(r) for r in records]
