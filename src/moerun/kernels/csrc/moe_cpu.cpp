@@ -15,12 +15,13 @@
 //   one on Zen 4: the hardware prefetchers keep one sequential stream at full DRAM bandwidth but not
 //   several streams a row apart. Software prefetch (T0 or NTA, 128 B to 4 KiB ahead) made no
 //   measurable difference, so there is none.
-// - prefill (many rows, bound by the dot-product units): 4 x rows times 4 weight rows per register
-//   tile, 16 accumulators over the whole of K, so each load feeds 4 dot products; the 16 lane-wise
-//   partial sums are reduced together at the end of the tile. This reaches the register-only peak
-//   with the operands in L1; 4x6 and 6x4 tiles measured slower (register pressure), prefetching the
-//   next x rows and blocking K into 256-1024 chunks made no gain. The next tile's weight rows are
-//   prefetched while the current tile computes (see run_slice).
+// - prefill (many rows, bound by the dot-product units): the x rows of a group are packed so that
+//   one 512-bit vector holds one 32-bit unit of K (a bf16 pair, or one float) of 16 consecutive rows;
+//   each unit of a weight row is broadcast to all lanes. A register tile of 6 weight rows times up
+//   to 64 x rows (24 accumulators) needs 4 vector loads and 6 broadcasts per 24 dot products, needs
+//   no horizontal reductions, and reads each weight once per 64 x rows. Measured on one core:
+//   ~205 GFLOP/s bf16 (94% of the register-only peak) where 4x4 tiles of dot products over the
+//   natural layout (horizontal sums at the end) reached ~150.
 //
 // Plain C ABI over raw pointers: loaded with ctypes, no torch or Python headers needed.
 
@@ -45,11 +46,17 @@ constexpr int kRowBlock = 4;
 // Groups with more than kRowBlock rows make several passes over the same weight rows; a tile of
 // weight rows this many bytes is re-read from L1 instead of memory.
 constexpr int64_t kWeightTileBytes = 16 * 1024;
-// x rows staged per pass (see panel_stride); larger groups re-stream their weights once per panel.
+// x rows per staged or packed panel (see panel_stride, pack_units).
 constexpr int64_t kPanelRows = 64;
-// Groups with at least this many rows use the 4x4 register tiles; smaller ones stream weight rows.
+// Prefill groups are packed and tiled in chunks of this many rows (a few hundred KiB of packed x,
+// kept in L2); each weight is read from memory once per chunk.
+constexpr int64_t kChunkRows = 256;
+// Groups with at least this many rows use the packed-x register tiles; smaller ones stream weight rows.
 constexpr int64_t kTileMinRows = 8;
-constexpr int kTile = 4;
+static_assert(kTileMinRows <= kPanelRows, "decode-path groups must fit one staged panel");
+// Packed-x tiles: x rows per vector (a panel is up to 4 vectors), weight rows per tile.
+constexpr int64_t kLanes = 16;
+constexpr int kTileRows = 6;
 // Below this many weight bytes times x rows per thread, waking another thread costs more than it
 // saves (measured with cache-hot weights: 2 threads lose at 128 KiB per call, win from 512 KiB).
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
@@ -63,6 +70,9 @@ struct Bf16 {
     return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
   }
   static __m512 fma(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  // 32-bit units of K: a pair of bf16.
+  static constexpr int kPerUnit = 2;
+  static __m512 fma_units(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
 };
 
 struct F32 {
@@ -74,6 +84,10 @@ struct F32 {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
   static __m512 fma(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+  static constexpr int kPerUnit = 1;
+  static __m512 fma_units(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  }
 };
 
 struct Problem {
@@ -142,84 +156,85 @@ void row_block(const Problem& p, int64_t e, const typename Ops::Elem* x, int64_t
   }
 }
 
-// Lane-wise partial sums of 4 vectors, packed: 128-bit chunk i of the result holds 4 partial sums
-// of vector i.
-inline __m512 partial_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+// Unit u (a 32-bit group of kPerUnit elements) of a row of k elements; past k reads as zero.
+template <typename Ops>
+inline uint32_t load_unit(const typename Ops::Elem* row, int64_t u, int64_t k) {
+  uint32_t unit = 0;
+  const int64_t first = u * Ops::kPerUnit;
+  std::memcpy(&unit, row + first, std::min<int64_t>(Ops::kPerUnit, k - first) * sizeof(typename Ops::Elem));
+  return unit;
 }
 
-// Finishes four partial_sums4 results: float 4 * i + j of the result is the full sum of vector i of
-// input j. About 3 instructions per reduced vector instead of the ~8 of _mm512_reduce_add_ps.
-inline __m512 full_sums4x4(__m512 p, __m512 q, __m512 r, __m512 s) {
-  const __m512 pq = _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
-  const __m512 rs = _mm512_add_ps(_mm512_unpacklo_ps(r, s), _mm512_unpackhi_ps(r, s));
-  return _mm512_add_ps(_mm512_shuffle_ps(pq, rs, 0x44), _mm512_shuffle_ps(pq, rs, 0xEE));
+template <typename Ops>
+inline int64_t units_of(int64_t k) {
+  return (k + Ops::kPerUnit - 1) / Ops::kPerUnit;
 }
 
-// Rows of weights to pull into L1 while a tile computes: `rows` rows of k elements, `stride` apart.
-template <typename Elem>
-struct Prefetch {
-  const Elem* first = nullptr;
-  int64_t stride = 0;
-  int rows = 0;
-};
+// Packs rows [s0, s1) of x (at most kPanelRows) as panel[u * kPanelRows + r] = unit u of row s0 + r,
+// zero rows up to the next multiple of kLanes.
+template <typename Ops>
+void pack_units(const Problem& p, int64_t s0, int64_t s1, uint32_t* panel) {
+  using Elem = typename Ops::Elem;
+  const int64_t units = units_of<Ops>(p.k);
+  const int64_t rows = s1 - s0;
+  const int64_t padded = (rows + kLanes - 1) / kLanes * kLanes;
+  const int64_t whole = p.k / Ops::kPerUnit;  // units with no element past k
+  for (int64_t r = 0; r < rows; ++r) {
+    const Elem* row = static_cast<const Elem*>(p.x) + (s0 + r) * p.x_stride;
+    uint32_t* dst = panel + r;
+    for (int64_t u = 0; u < whole; ++u) std::memcpy(dst + u * kPanelRows, row + u * Ops::kPerUnit, 4);
+    for (int64_t u = whole; u < units; ++u) dst[u * kPanelRows] = load_unit<Ops>(row, u, p.k);
+  }
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t r = rows; r < padded; ++r) panel[u * kPanelRows + r] = 0;
+}
 
-// r[4 * m + j] = dot(x[m], w[j]) for M <= 4 rows of x and 4 weight rows w[j] = w + j * k.
-template <typename Ops, int M>
-inline void dot_tile(const typename Ops::Elem* w, const typename Ops::Elem* x, int64_t x_stride, int64_t k,
-                     const Prefetch<typename Ops::Elem>& prefetch, float* r) {
-  constexpr int S = Ops::kStep;
-  __m512 acc[kTile][kTile];
-  for (int m = 0; m < kTile; ++m)
-    for (int j = 0; j < kTile; ++j) acc[m][j] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + S <= k; kk += S) {
-    typename Ops::Vec xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = Ops::load(x + m * x_stride + kk);
-    for (int i = 0; i < prefetch.rows; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(prefetch.first + i * prefetch.stride + kk), _MM_HINT_T0);
-    for (int j = 0; j < kTile; ++j) {
-      const auto wv = Ops::load(w + j * k + kk);
-      for (int m = 0; m < M; ++m) acc[m][j] = Ops::fma(acc[m][j], xv[m], wv);
+// r[j * kPanelRows + i] = dot(x row i, weight row j) for V * kLanes packed x rows and kTileRows
+// weight rows starting at w (rows k elements apart).
+template <typename Ops, int V>
+inline void unit_tile(const uint32_t* panel, const typename Ops::Elem* w, int64_t k, float* r) {
+  __m512 acc[kTileRows][V];
+  for (int j = 0; j < kTileRows; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  const int64_t whole = k / Ops::kPerUnit;
+  for (int64_t u = 0; u < whole; ++u) {
+    __m512i xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_load_si512(panel + u * kPanelRows + v * kLanes);
+    for (int j = 0; j < kTileRows; ++j) {
+      int32_t unit;
+      std::memcpy(&unit, w + j * k + u * Ops::kPerUnit, 4);
+      const __m512i wv = _mm512_set1_epi32(unit);
+      for (int v = 0; v < V; ++v) acc[j][v] = Ops::fma_units(acc[j][v], xv[v], wv);
     }
   }
-  if (kk < k) {
-    typename Ops::Vec xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = Ops::load_tail(x + m * x_stride + kk, k - kk);
-    for (int j = 0; j < kTile; ++j) {
-      const auto wv = Ops::load_tail(w + j * k + kk, k - kk);
-      for (int m = 0; m < M; ++m) acc[m][j] = Ops::fma(acc[m][j], xv[m], wv);
+  if (whole < units_of<Ops>(k)) {  // an odd k of bf16: the last unit is half padding
+    __m512i xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_load_si512(panel + whole * kPanelRows + v * kLanes);
+    for (int j = 0; j < kTileRows; ++j) {
+      const __m512i wv = _mm512_set1_epi32(static_cast<int32_t>(load_unit<Ops>(w + j * k, whole, k)));
+      for (int v = 0; v < V; ++v) acc[j][v] = Ops::fma_units(acc[j][v], xv[v], wv);
     }
   }
-  // Rows past M stay zero and their sums are never read.
-  __m512 partial[kTile];
-  for (int j = 0; j < kTile; ++j) partial[j] = partial_sums4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
-  _mm512_storeu_ps(r, full_sums4x4(partial[0], partial[1], partial[2], partial[3]));
+  for (int j = 0; j < kTileRows; ++j)
+    for (int v = 0; v < V; ++v) _mm512_store_ps(r + j * kPanelRows + v * kLanes, acc[j][v]);
 }
 
-// M staged x rows (original rows [s, s+M)) of a group with expert e against weight rows [n0, n1),
-// where n1 - n0 is a multiple of kTile.
-template <typename Ops, int M>
-void tile_block(const Problem& p, int64_t e, const typename Ops::Elem* x, int64_t x_stride, int64_t s, int64_t n0,
-                int64_t n1, const Prefetch<typename Ops::Elem>& prefetch) {
-  const auto* w = static_cast<const typename Ops::Elem*>(p.w) + e * p.n * p.k;
-  const float* bias = p.bias ? p.bias + e * p.n : nullptr;
-  for (int64_t n = n0; n < n1; n += kTile) {
-    alignas(64) float r[kTile * kTile];
-    dot_tile<Ops, M>(w + n * p.k, x, x_stride, p.k, prefetch, r);
-    for (int m = 0; m < M; ++m) {
-      float* row = r + kTile * m;
-      if (bias)
-        for (int j = 0; j < kTile; ++j) row[j] += bias[n + j];
-      if (p.scatter_index) {
-        float* dst = p.out + p.scatter_index[s + m] * p.out_stride + n;
-        const float weight = p.scatter_weight[s + m];
-        for (int j = 0; j < kTile; ++j) dst[j] += weight * row[j];
-      } else {
-        std::memcpy(p.out + (s + m) * p.out_stride + n, row, sizeof(float) * kTile);
-      }
+// Packed x rows [s, s + rows) of a group with expert e against weight rows [n0, n0 + kTileRows).
+template <typename Ops, int V>
+void unit_block(const Problem& p, int64_t e, const uint32_t* panel, int64_t s, int64_t rows, int64_t n0) {
+  const auto* w = static_cast<const typename Ops::Elem*>(p.w) + (e * p.n + n0) * p.k;
+  const float* bias = p.bias ? p.bias + e * p.n + n0 : nullptr;
+  alignas(64) float r[kTileRows * kPanelRows];
+  unit_tile<Ops, V>(panel, w, p.k, r);
+  for (int64_t i = 0; i < rows; ++i) {
+    float result[kTileRows];
+    for (int j = 0; j < kTileRows; ++j) result[j] = r[j * kPanelRows + i] + (bias ? bias[j] : 0.0f);
+    if (p.scatter_index) {
+      float* dst = p.out + p.scatter_index[s + i] * p.out_stride + n0;
+      const float weight = p.scatter_weight[s + i];
+      for (int j = 0; j < kTileRows; ++j) dst[j] += weight * result[j];
+    } else {
+      std::memcpy(p.out + (s + i) * p.out_stride + n0, result, sizeof(result));
     }
   }
 }
@@ -234,78 +249,125 @@ int64_t panel_stride(int64_t k) {
   return (k + kLine - 1) / kLine * kLine + kLine;
 }
 
-// All groups against this thread's weight rows [n_lo, n_hi); panel is this thread's staging buffer
-// of panel_rows rows.
+// Copies rows [s0, s1) of x to panel rows panel_stride apart.
 template <typename Ops>
-void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, typename Ops::Elem* panel, int64_t panel_rows) {
+void stage_rows(const Problem& p, int64_t s0, int64_t s1, typename Ops::Elem* panel) {
+  using Elem = typename Ops::Elem;
+  const int64_t ps = panel_stride<Elem>(p.k);
+  for (int64_t s = s0; s < s1; ++s)
+    std::memcpy(panel + (s - s0) * ps, static_cast<const Elem*>(p.x) + s * p.x_stride, p.k * sizeof(Elem));
+}
+
+// Decode path: staged x rows (original rows [s0, s1)) against weight rows [n_lo, n_hi), one weight
+// row at a time, in tiles of weight rows re-read from L1 by every row block.
+template <typename Ops>
+void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel, int64_t s0, int64_t s1,
+                   int64_t n_lo, int64_t n_hi) {
   using Elem = typename Ops::Elem;
   const int64_t ps = panel_stride<Elem>(p.k);
   const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / (std::max<int64_t>(p.k, 1) * sizeof(Elem)));
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t e = p.experts[g];
-    const int64_t end = p.starts[g] + p.counts[g];
-    for (int64_t s0 = p.starts[g]; s0 < end; s0 += panel_rows) {
-      const int64_t s1 = std::min(s0 + panel_rows, end);
-      for (int64_t s = s0; s < s1; ++s)
-        std::memcpy(panel + (s - s0) * ps, static_cast<const Elem*>(p.x) + s * p.x_stride, p.k * sizeof(Elem));
-      // Prefill-sized groups: 4x4 tiles over weight rows [n_lo, n_tiled), each tile of weight rows
-      // staying in L1 while every row of the panel passes it; leftover rows go the decode way.
-      const int64_t n_tiled = p.counts[g] >= kTileMinRows ? n_lo + (n_hi - n_lo) / kTile * kTile : n_lo;
-      for (int64_t n0 = n_lo; n0 < n_tiled; n0 += kTile) {
-        // The row blocks share out pulling the next tile's weight rows into L1 while this tile
-        // computes (block b takes rows b, b + blocks, ...); without it every tile starts stalled on
-        // memory. Measured +10-20% on prefill shapes.
-        const int64_t blocks = std::min<int64_t>(kTile, (s1 - s0 + kTile - 1) / kTile);
-        const bool has_next = n0 + kTile < n_tiled;
-        const Elem* next_tile = static_cast<const Elem*>(p.w) + (e * p.n + n0 + kTile) * p.k;
-        for (int64_t s = s0; s < s1; s += kTile) {
-          const Elem* x = panel + (s - s0) * ps;
-          const int64_t block = (s - s0) / kTile;
-          Prefetch<Elem> prefetch;
-          if (has_next && block < blocks)
-            prefetch = {next_tile + block * p.k, blocks * p.k, static_cast<int>((kTile - block + blocks - 1) / blocks)};
-          switch (std::min<int64_t>(kTile, s1 - s)) {
-            case 4: tile_block<Ops, 4>(p, e, x, ps, s, n0, n0 + kTile, prefetch); break;
-            case 3: tile_block<Ops, 3>(p, e, x, ps, s, n0, n0 + kTile, prefetch); break;
-            case 2: tile_block<Ops, 2>(p, e, x, ps, s, n0, n0 + kTile, prefetch); break;
-            default: tile_block<Ops, 1>(p, e, x, ps, s, n0, n0 + kTile, prefetch); break;
-          }
-        }
-      }
-      for (int64_t n0 = n_tiled; n0 < n_hi; n0 += tile) {
-        const int64_t n1 = std::min(n0 + tile, n_hi);
-        for (int64_t s = s0; s < s1; s += kRowBlock) {
-          const Elem* x = panel + (s - s0) * ps;
-          switch (std::min<int64_t>(kRowBlock, s1 - s)) {
-            case 4: row_block<Ops, 4>(p, e, x, ps, s, n0, n1); break;
-            case 3: row_block<Ops, 3>(p, e, x, ps, s, n0, n1); break;
-            case 2: row_block<Ops, 2>(p, e, x, ps, s, n0, n1); break;
-            default: row_block<Ops, 1>(p, e, x, ps, s, n0, n1); break;
-          }
-        }
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
+    const int64_t n1 = std::min(n0 + tile, n_hi);
+    for (int64_t s = s0; s < s1; s += kRowBlock) {
+      const Elem* x = panel + (s - s0) * ps;
+      switch (std::min<int64_t>(kRowBlock, s1 - s)) {
+        case 4: row_block<Ops, 4>(p, e, x, ps, s, n0, n1); break;
+        case 3: row_block<Ops, 3>(p, e, x, ps, s, n0, n1); break;
+        case 2: row_block<Ops, 2>(p, e, x, ps, s, n0, n1); break;
+        default: row_block<Ops, 1>(p, e, x, ps, s, n0, n1); break;
       }
     }
   }
 }
 
+// Prefill path for rows [s0, s1) (at most kChunkRows) of a group against weight rows [n_lo, n_hi).
+// Whole vectors of kLanes rows are packed and run through the register tiles, kTileRows weight rows
+// at a time; every panel passes a tile of weight rows while it is in L1, so each weight is read from
+// memory once per chunk. The last rows (fewer than kLanes) are staged and take dot products against
+// the same tile instead of padding a vector with zeros (padding cost ~15% at 64 +- 8 rows per group).
+// Leftover weight rows (fewer than kTileRows) go the decode way.
+template <typename Ops>
+void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi, void* buffer) {
+  using Elem = typename Ops::Elem;
+  auto* panels = static_cast<uint32_t*>(buffer);
+  const int64_t panel_units = units_of<Ops>(p.k) * kPanelRows;
+  const int64_t s_vec = s0 + (s1 - s0) / kLanes * kLanes;  // rows [s_vec, s1) are the tail
+  const int64_t num_panels = (s_vec - s0 + kPanelRows - 1) / kPanelRows;
+  for (int64_t s = s0; s < s_vec; s += kPanelRows)
+    pack_units<Ops>(p, s, std::min(s + kPanelRows, s_vec), panels + (s - s0) / kPanelRows * panel_units);
+  Elem* tail = reinterpret_cast<Elem*>(panels + num_panels * panel_units);
+  const int64_t ps = panel_stride<Elem>(p.k);
+  for (int64_t s = s_vec; s < s1; ++s)
+    std::memcpy(tail + (s - s_vec) * ps, static_cast<const Elem*>(p.x) + s * p.x_stride, p.k * sizeof(Elem));
+  const int64_t n_tiled = n_lo + (n_hi - n_lo) / kTileRows * kTileRows;
+  for (int64_t n0 = n_lo; n0 < n_tiled; n0 += kTileRows) {
+    for (int64_t s = s0; s < s_vec; s += kPanelRows) {
+      const uint32_t* panel = panels + (s - s0) / kPanelRows * panel_units;
+      const int64_t rows = std::min(kPanelRows, s_vec - s);
+      switch (rows / kLanes) {
+        case 4: unit_block<Ops, 4>(p, e, panel, s, rows, n0); break;
+        case 3: unit_block<Ops, 3>(p, e, panel, s, rows, n0); break;
+        case 2: unit_block<Ops, 2>(p, e, panel, s, rows, n0); break;
+        default: unit_block<Ops, 1>(p, e, panel, s, rows, n0); break;
+      }
+    }
+    stream_staged<Ops>(p, e, tail, s_vec, s1, n0, n0 + kTileRows);
+  }
+  if (n_tiled < n_hi) {
+    // The packed panels are no longer needed, so the leftover weight rows reuse the buffer.
+    for (int64_t s = s0; s < s1; s += kPanelRows) {
+      const int64_t s_end = std::min(s + kPanelRows, s1);
+      stage_rows<Ops>(p, s, s_end, static_cast<Elem*>(buffer));
+      stream_staged<Ops>(p, e, static_cast<Elem*>(buffer), s, s_end, n_tiled, n_hi);
+    }
+  }
+}
+
+// All groups against this thread's weight rows [n_lo, n_hi); buffer is this thread's staging buffer
+// (see buffer_bytes).
+template <typename Ops>
+void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, void* buffer) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t e = p.experts[g];
+    const int64_t end = p.starts[g] + p.counts[g];
+    if (p.counts[g] >= kTileMinRows) {
+      for (int64_t s0 = p.starts[g]; s0 < end; s0 += kChunkRows)
+        tile_rows<Ops>(p, e, s0, std::min(s0 + kChunkRows, end), n_lo, n_hi, buffer);
+    } else {
+      auto* panel = static_cast<typename Ops::Elem*>(buffer);
+      stage_rows<Ops>(p, p.starts[g], end, panel);
+      stream_staged<Ops>(p, e, panel, p.starts[g], end, n_lo, n_hi);
+    }
+  }
+}
+
+// Bytes of one thread's staging buffer: staged x rows for the decode path; packed panels plus the
+// staged tail rows for the tiles.
+template <typename Ops>
+int64_t buffer_bytes(int64_t k, int64_t max_group_rows) {
+  using Elem = typename Ops::Elem;
+  const int64_t row_bytes = panel_stride<Elem>(k) * sizeof(Elem);
+  const int64_t staged = std::min(kPanelRows, max_group_rows) * row_bytes;
+  const int64_t chunk_panels = (std::min(kChunkRows, max_group_rows) + kPanelRows - 1) / kPanelRows;
+  const int64_t packed = chunk_panels * units_of<Ops>(k) * kPanelRows * 4 + (kLanes - 1) * row_bytes;
+  return (std::max(staged, max_group_rows >= kTileMinRows ? packed : 0) + 63) / 64 * 64;
+}
+
 // Returns false when the staging buffers cannot be allocated.
 template <typename Ops>
 bool run(const Problem& p, int64_t rows, int64_t max_group_rows, int nthreads) {
-  using Elem = typename Ops::Elem;
-  const int64_t work = rows * p.n * p.k * static_cast<int64_t>(sizeof(Elem));
+  const int64_t work = rows * p.n * p.k * static_cast<int64_t>(sizeof(typename Ops::Elem));
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({nthreads, p.n, work / kMinBytesPerThread}));
-  const int64_t panel_rows = std::min(kPanelRows, max_group_rows);
-  const int64_t panel_elems = panel_rows * panel_stride<Elem>(p.k);
-  std::unique_ptr<Elem, decltype(&std::free)> panels(
-      static_cast<Elem*>(std::aligned_alloc(64, nt * panel_elems * sizeof(Elem))), &std::free);
-  if (!panels) return false;
+  const int64_t bytes = buffer_bytes<Ops>(p.k, max_group_rows);
+  std::unique_ptr<char, decltype(&std::free)> buffers(static_cast<char*>(std::aligned_alloc(64, nt * bytes)),
+                                                      &std::free);
+  if (!buffers) return false;
   if (nt == 1) {
-    run_slice<Ops>(p, 0, p.n, panels.get(), panel_rows);
+    run_slice<Ops>(p, 0, p.n, buffers.get());
     return true;
   }
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int64_t t = 0; t < nt; ++t)
-    run_slice<Ops>(p, p.n * t / nt, p.n * (t + 1) / nt, panels.get() + t * panel_elems, panel_rows);
+  for (int64_t t = 0; t < nt; ++t) run_slice<Ops>(p, p.n * t / nt, p.n * (t + 1) / nt, buffers.get() + t * bytes);
   return true;
 }
 
