@@ -170,34 +170,69 @@ inline int64_t units_of(int64_t k) {
   return (k + Ops::kPerUnit - 1) / Ops::kPerUnit;
 }
 
-// Packs rows [s0, s1) of x (at most kPanelRows) as panel[u * kPanelRows + r] = unit u of row s0 + r,
-// zero rows up to the next multiple of kLanes.
+// Transposes a 16 x 16 block of 32-bit values: row i of the input becomes lane i of every output.
+inline void transpose16(const __m512i in[16], __m512i out[16]) {
+  __m512i a[16], b[16];
+  for (int j = 0; j < 8; ++j) {  // 128-bit lane L of a[2j]: units 4L, 4L+1 of rows 2j, 2j+1 interleaved
+    a[2 * j] = _mm512_unpacklo_epi32(in[2 * j], in[2 * j + 1]);
+    a[2 * j + 1] = _mm512_unpackhi_epi32(in[2 * j], in[2 * j + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // lane L of b[4j+c]: unit 4L+c of rows 4j..4j+3
+    b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+    b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+    b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+    b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes across b[c], b[4+c], b[8+c], b[12+c]
+    const __m512i p0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i p1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i q0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i q1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    out[c] = _mm512_shuffle_i32x4(p0, q0, 0x88);
+    out[4 + c] = _mm512_shuffle_i32x4(p0, q0, 0xDD);
+    out[8 + c] = _mm512_shuffle_i32x4(p1, q1, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(p1, q1, 0xDD);
+  }
+}
+
+// Packs rows [s0, s1) of x (a multiple of kLanes, at most kPanelRows) as
+// panel[u * kPanelRows + r] = unit u of row s0 + r, 16 x 16 blocks at a time.
 template <typename Ops>
 void pack_units(const Problem& p, int64_t s0, int64_t s1, uint32_t* panel) {
   using Elem = typename Ops::Elem;
   const int64_t units = units_of<Ops>(p.k);
-  const int64_t rows = s1 - s0;
-  const int64_t padded = (rows + kLanes - 1) / kLanes * kLanes;
-  const int64_t whole = p.k / Ops::kPerUnit;  // units with no element past k
-  for (int64_t r = 0; r < rows; ++r) {
-    const Elem* row = static_cast<const Elem*>(p.x) + (s0 + r) * p.x_stride;
-    uint32_t* dst = panel + r;
-    for (int64_t u = 0; u < whole; ++u) std::memcpy(dst + u * kPanelRows, row + u * Ops::kPerUnit, 4);
-    for (int64_t u = whole; u < units; ++u) dst[u * kPanelRows] = load_unit<Ops>(row, u, p.k);
+  const int64_t blocked = p.k / Ops::kPerUnit / kLanes * kLanes;  // units in whole 16 x 16 blocks
+  const Elem* x = static_cast<const Elem*>(p.x);
+  for (int64_t r0 = s0; r0 < s1; r0 += kLanes) {
+    uint32_t* dst = panel + (r0 - s0);
+    for (int64_t u0 = 0; u0 < blocked; u0 += kLanes) {
+      __m512i in[kLanes], out[kLanes];
+      for (int i = 0; i < kLanes; ++i) in[i] = _mm512_loadu_si512(x + (r0 + i) * p.x_stride + u0 * Ops::kPerUnit);
+      transpose16(in, out);
+      for (int t = 0; t < kLanes; ++t) _mm512_store_si512(dst + (u0 + t) * kPanelRows, out[t]);
+    }
+    for (int64_t i = 0; i < kLanes; ++i)
+      for (int64_t u = blocked; u < units; ++u) dst[u * kPanelRows + i] = load_unit<Ops>(x + (r0 + i) * p.x_stride, u, p.k);
   }
-  for (int64_t u = 0; u < units; ++u)
-    for (int64_t r = rows; r < padded; ++r) panel[u * kPanelRows + r] = 0;
 }
 
 // r[j * kPanelRows + i] = dot(x row i, weight row j) for V * kLanes packed x rows and kTileRows
 // weight rows starting at w (rows k elements apart).
+// When next is set, the kTileRows weight rows starting there are pulled toward L1 along the way, one
+// cache line per unit step.
 template <typename Ops, int V>
-inline void unit_tile(const uint32_t* panel, const typename Ops::Elem* w, int64_t k, float* r) {
+inline void unit_tile(const uint32_t* panel, const typename Ops::Elem* w, int64_t k, const typename Ops::Elem* next,
+                      float* r) {
+  constexpr int64_t kLineElems = 64 / sizeof(typename Ops::Elem);
+  const int64_t row_lines = (k + kLineElems - 1) / kLineElems;
+  const int64_t prefetch_lines = next ? kTileRows * row_lines : 0;
   __m512 acc[kTileRows][V];
   for (int j = 0; j < kTileRows; ++j)
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
   const int64_t whole = k / Ops::kPerUnit;
   for (int64_t u = 0; u < whole; ++u) {
+    if (u < prefetch_lines)
+      _mm_prefetch(reinterpret_cast<const char*>(next + u / row_lines * k + u % row_lines * kLineElems), _MM_HINT_T0);
     __m512i xv[V];
     for (int v = 0; v < V; ++v) xv[v] = _mm512_load_si512(panel + u * kPanelRows + v * kLanes);
     for (int j = 0; j < kTileRows; ++j) {
@@ -221,11 +256,12 @@ inline void unit_tile(const uint32_t* panel, const typename Ops::Elem* w, int64_
 
 // Packed x rows [s, s + rows) of a group with expert e against weight rows [n0, n0 + kTileRows).
 template <typename Ops, int V>
-void unit_block(const Problem& p, int64_t e, const uint32_t* panel, int64_t s, int64_t rows, int64_t n0) {
+void unit_block(const Problem& p, int64_t e, const uint32_t* panel, int64_t s, int64_t rows, int64_t n0,
+                const typename Ops::Elem* next) {
   const auto* w = static_cast<const typename Ops::Elem*>(p.w) + (e * p.n + n0) * p.k;
   const float* bias = p.bias ? p.bias + e * p.n + n0 : nullptr;
   alignas(64) float r[kTileRows * kPanelRows];
-  unit_tile<Ops, V>(panel, w, p.k, r);
+  unit_tile<Ops, V>(panel, w, p.k, next, r);
   for (int64_t i = 0; i < rows; ++i) {
     float result[kTileRows];
     for (int j = 0; j < kTileRows; ++j) result[j] = r[j * kPanelRows + i] + (bias ? bias[j] : 0.0f);
@@ -301,14 +337,19 @@ void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo
     std::memcpy(tail + (s - s_vec) * ps, static_cast<const Elem*>(p.x) + s * p.x_stride, p.k * sizeof(Elem));
   const int64_t n_tiled = n_lo + (n_hi - n_lo) / kTileRows * kTileRows;
   for (int64_t n0 = n_lo; n0 < n_tiled; n0 += kTileRows) {
+    // The first panel pulls in the next tile's weight rows, which the hardware prefetchers, following
+    // 6 rows 4 bytes a step, bring too late.
+    const Elem* next = n0 + kTileRows < n_tiled ? static_cast<const Elem*>(p.w) + (e * p.n + n0 + kTileRows) * p.k
+                                                : nullptr;
     for (int64_t s = s0; s < s_vec; s += kPanelRows) {
       const uint32_t* panel = panels + (s - s0) / kPanelRows * panel_units;
       const int64_t rows = std::min(kPanelRows, s_vec - s);
+      const Elem* prefetch = s == s0 ? next : nullptr;
       switch (rows / kLanes) {
-        case 4: unit_block<Ops, 4>(p, e, panel, s, rows, n0); break;
-        case 3: unit_block<Ops, 3>(p, e, panel, s, rows, n0); break;
-        case 2: unit_block<Ops, 2>(p, e, panel, s, rows, n0); break;
-        default: unit_block<Ops, 1>(p, e, panel, s, rows, n0); break;
+        case 4: unit_block<Ops, 4>(p, e, panel, s, rows, n0, prefetch); break;
+        case 3: unit_block<Ops, 3>(p, e, panel, s, rows, n0, prefetch); break;
+        case 2: unit_block<Ops, 2>(p, e, panel, s, rows, n0, prefetch); break;
+        default: unit_block<Ops, 1>(p, e, panel, s, rows, n0, prefetch); break;
       }
     }
     stream_staged<Ops>(p, e, tail, s_vec, s1, n0, n0 + kTileRows);
