@@ -8,6 +8,7 @@ from .kernels.activation import GLU_ACTIVATIONS, GluSpec
 from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
 from .layer import MoELayer
 from .models.hf import layer_from_hf_block, patch, register_experts_implementation
+from .models.loader import CheckpointError, LoadedModel, LoadStats, load
 from .routing import ROUTING_MODES, RoutingConfig, RoutingPlan, make_plan, route
 
 __version__ = "0.1.0"
@@ -16,13 +17,17 @@ __all__ = [
     "BACKENDS",
     "GLU_ACTIVATIONS",
     "ROUTING_MODES",
+    "CheckpointError",
     "ExpertWeights",
     "GluSpec",
+    "LoadStats",
+    "LoadedModel",
     "MoELayer",
     "RoutingConfig",
     "RoutingPlan",
     "experts_forward",
     "layer_from_hf_block",
+    "load",
     "make_plan",
     "patch",
     "register_experts_implementation",

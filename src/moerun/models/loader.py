@@ -1,0 +1,501 @@
+"""Load whole Hugging Face MoE checkpoints into transformers models whose MoE blocks run through moerun.
+
+A checkpoint directory holds ``config.json``, safetensors weights (one ``model.safetensors``, or
+``model.safetensors.index.json`` and its shards) and usually tokenizer files. :func:`load` checks what
+it reads before building anything: the config's ``model_type`` must be a supported MoE family, every
+shard's header must parse and fit inside its file, and every tensor must have the dtype and shape the
+model expects. Problems raise :class:`CheckpointError` naming the file, the tensor and what is wrong.
+
+Memory: the model is built with uninitialised parameters (pages nothing has written to cost no RAM),
+then each tensor is read with ``readinto`` straight into its parameter, or, when the dtype changes,
+16 MiB at a time through a scratch buffer. Memory-mapping the shards instead leaves every page read
+resident in this process until its shard is closed: on a 224 MiB (fp32) OLMoE checkpoint transformers'
+``from_pretrained`` (mmap) added 2.1x the model's size at its peak in fp32 and 4.2x in bf16; this loader
+adds 1.04x in fp32 and 1.13x in bf16. ``patch`` shares the weights of every family but GPT-OSS, whose
+experts it re-lays out; patching one decoder layer at a time bounds that extra copy to one layer's experts.
+
+Shape legend: E experts, H hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hf import SUPPORTED_BLOCKS, patch
+
+# config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
+SUPPORTED_MODEL_TYPES = {
+    "mixtral": "Mixtral",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "olmoe": "OLMoE",
+    "deepseek_v2": "DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3",
+    "gpt_oss": "GPT-OSS",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a larger length field means a corrupt file
+
+# safetensors dtype codes -> torch dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_FLOAT_SOURCES = ("F64", "F32", "F16", "BF16")
+_SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this size
+
+# Checkpoints store routed experts one by one; transformers (>= 5) fuses them into experts.gate_up_proj
+# [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]. Mixtral names the projections
+# w1 (gate), w3 (up), w2 (down) under block_sparse_moe instead of mlp.
+_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
+_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor and the problem."""
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one line (transformers' validation messages span several)."""
+    return " ".join(str(error).split())
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What loading cost.
+
+    ``peak_rss_bytes`` is the process's peak resident memory while loading (Linux VmHWM, reset when loading
+    starts), ``rss_before_bytes`` the resident memory just before; their difference is what loading added.
+    """
+
+    seconds: float
+    model_bytes: int
+    rss_before_bytes: int
+    peak_rss_bytes: int
+    shards: int
+    tensors: int
+    ignored_tensors: int  # in the checkpoint but not in the model (e.g. DeepSeek-V3's multi-token head)
+
+    @property
+    def peak_over_model(self) -> float:
+        """Memory loading added at its peak, as a multiple of the model's size."""
+        return (self.peak_rss_bytes - self.rss_before_bytes) / self.model_bytes
+
+
+@dataclass
+class LoadedModel:
+    """A loaded checkpoint: the model (eval mode, MoE blocks patched), its tokenizer (None if the directory
+    has no tokenizer files), config and load statistics."""
+
+    model: nn.Module
+    tokenizer: object | None
+    config: object
+    stats: LoadStats
+    path: Path
+
+    @property
+    def max_seq_len(self) -> int:
+        """The model's context length (config.max_position_embeddings)."""
+        return int(self.config.max_position_embeddings)
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (VmHWM) to its current value; Linux only, else a no-op."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _proc_status_bytes(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # no /proc (macOS): the process's lifetime peak stands in for both fields
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # macOS reports bytes, Linux KiB
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss`, in bytes."""
+    return _proc_status_bytes("VmHWM")
+
+
+def rss_bytes() -> int:
+    """Current resident memory of this process, in bytes."""
+    return _proc_status_bytes("VmRSS")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.bfloat16 / torch.float32 or their names "bf16" / "fp32"; anything else raises ValueError."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+
+
+def default_model_dir() -> Path:
+    """The reference model shipped with moerun."""
+    try:
+        from ..assets import REFERENCE_MODEL_DIR
+    except ImportError:
+        raise CheckpointError("no model directory given and moerun's reference model is not installed") from None
+    return Path(REFERENCE_MODEL_DIR)
+
+
+def read_config(path: Path):
+    """The transformers config of the checkpoint at ``path``, checked to be a supported MoE family.
+
+    Raises:
+        CheckpointError: config.json is missing, not valid JSON, not a supported MoE model, or quantized.
+    """
+    from transformers import AutoConfig
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    supported = ", ".join(f"{name} ({t})" for t, name in SUPPORTED_MODEL_TYPES.items())
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise CheckpointError(f"{config_file} has no model_type; supported MoE families: {supported}")
+    model_type = raw["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a supported MoE architecture; supported: {supported}"
+        )
+    if raw.get("quantization_config"):
+        quantization = raw["quantization_config"]
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise CheckpointError(f"{config_file}: quantized checkpoints ({method}) are not supported; use bf16 weights")
+    if model_type == "deepseek_v2" and raw.get("topk_method", "greedy") != "greedy":
+        raise CheckpointError(f"{config_file}: DeepSeek-V2 topk_method {raw['topk_method']!r} is not supported")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for bad field values
+        raise CheckpointError(f"{config_file}: {_one_line(e)}") from None
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorRecord]:
+    """The tensors listed in a safetensors file's header, checked against the file's size.
+
+    Raises:
+        CheckpointError: the file is truncated (shorter than its header says) or its header is corrupt.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file} is truncated: {size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{file} is corrupt: header length field reads {header_len} bytes")
+        if 8 + header_len > size:
+            raise CheckpointError(f"{file} is truncated: its header needs {header_len} bytes, the file has {size}")
+        header_bytes = f.read(header_len)
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt: unparsable header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} is corrupt: its header is not a JSON object")
+    data_start = 8 + header_len
+    records = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or end - begin != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{file} is corrupt: bad header entry for tensor {name}: {entry}")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{file} is truncated: tensor {name} ends at byte {data_start + end}, the file has {size}"
+            )
+        records[name] = TensorRecord(name, file, dtype, shape, data_start + begin, end - begin)
+    return records
+
+
+def checkpoint_tensors(path: Path) -> dict[str, TensorRecord]:
+    """Every tensor of the checkpoint at ``path`` (single file or index + shards), headers validated.
+
+    Raises:
+        CheckpointError: no safetensors weights, a malformed index, a missing, truncated or corrupt shard.
+    """
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            shard_of = {str(k): str(v) for k, v in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_file} is corrupt: {type(e).__name__}: {e}") from None
+        shards = list(dict.fromkeys(shard_of.values()))
+    elif (path / SINGLE_FILE).is_file():
+        shard_of, shards = None, [SINGLE_FILE]
+    else:
+        extra = " (.bin checkpoints are not supported; save as safetensors)" if any(path.glob("*.bin")) else ""
+        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}{extra}")
+    records: dict[str, TensorRecord] = {}
+    for shard in shards:
+        file = path / shard
+        if not file.is_file():
+            raise CheckpointError(f"shard {shard} listed in {index_file} is missing")
+        records.update(read_safetensors_header(file))
+    for name, shard in (shard_of or {}).items():
+        if name not in records or records[name].file.name != Path(shard).name:
+            raise CheckpointError(f"{index_file} lists tensor {name} in {shard}, which does not contain it")
+    return records
+
+
+def _placement(name: str, targets: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    """The model tensor (name, view) a checkpoint tensor fills, or None if the model has no place for it."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    if name in targets:
+        return name, targets[name]
+    match = _EXPERT_KEY.match(name)
+    if match is None or match["proj"] not in _EXPERT_PROJ:
+        return None
+    part, index = _EXPERT_PROJ[match["proj"]], int(match["index"])
+    target = f"{match['experts']}.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+    if target not in targets:
+        return None
+    fused = targets[target]  # gate_up [E, 2I, H] or down [E, H, I]
+    if index >= fused.shape[0]:
+        raise CheckpointError(f"tensor {name}: expert {index} does not exist; the model has {fused.shape[0]} experts")
+    if part == "down":
+        return target, fused[index]  # [H, I]
+    half = fused.shape[1] // 2
+    return target, fused[index, :half] if part == "gate" else fused[index, half:]  # [I, H]
+
+
+def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Read one tensor's bytes into ``dest`` (contiguous, same shape) at the file's current position.
+
+    A tensor stored in ``dest``'s dtype is read in place; another dtype is read a chunk at a time into
+    ``scratch`` (uint8) and converted, so converting never holds a second copy of a whole tensor.
+    """
+    source_dtype = _SAFETENSORS_DTYPES[record.dtype]
+    flat = dest.detach().view(-1)
+    if source_dtype == dest.dtype:
+        pieces = [(flat.view(torch.uint8), None)]
+    else:
+        per_chunk = scratch.numel() // source_dtype.itemsize
+        pieces = [
+            (scratch[: min(per_chunk, flat.numel() - start) * source_dtype.itemsize], flat[start : start + per_chunk])
+            for start in range(0, flat.numel(), per_chunk)
+        ]
+    for raw, converted in pieces:
+        if f.readinto(raw.numpy()) != raw.numel():
+            raise CheckpointError(f"{record.file} is truncated: tensor {record.name} could not be read in full")
+        if converted is not None:
+            converted.copy_(raw.view(source_dtype))
+
+
+def load_weights(model: nn.Module, records: dict[str, TensorRecord]) -> int:
+    """Fill every parameter and persistent buffer of ``model`` from the checkpoint's tensors, in place.
+
+    Reads file by file in offset order. Returns the number of checkpoint tensors the model has no place for.
+
+    Raises:
+        CheckpointError: a tensor with the wrong shape or a non-float dtype, or model tensors left unfilled.
+    """
+    targets = model.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = {}  # tied parameters share one tensor; a checkpoint holds either name
+    for name, tensor in targets.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    filled = dict.fromkeys(names_of, 0)  # elements written per distinct model tensor
+    ignored = 0
+    scratch = torch.empty(_SCRATCH_BYTES, dtype=torch.uint8)
+    by_file: dict[Path, list[TensorRecord]] = {}
+    for record in records.values():
+        by_file.setdefault(record.file, []).append(record)
+    with torch.no_grad():
+        for file, file_records in by_file.items():
+            with open(file, "rb", buffering=0) as f:
+                for record in sorted(file_records, key=lambda r: r.offset):
+                    placed = _placement(record.name, targets)
+                    if placed is None:
+                        ignored += 1
+                        continue
+                    target, dest = placed
+                    if tuple(dest.shape) != record.shape:
+                        raise CheckpointError(
+                            f"tensor {record.name} in {file.name} has shape {list(record.shape)}, "
+                            f"expected {list(dest.shape)}"
+                        )
+                    if record.dtype not in _FLOAT_SOURCES:
+                        raise CheckpointError(
+                            f"tensor {record.name} in {file.name} is {record.dtype}; moerun loads "
+                            f"{'/'.join(_FLOAT_SOURCES)} weights (quantized checkpoints are not supported)"
+                        )
+                    f.seek(record.offset)
+                    _read_into(record, f, dest, scratch)
+                    filled[id(targets[target])] += dest.numel()
+    missing = [names_of[key][0] for key, count in filled.items() if count < targets[names_of[key][0]].numel()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing tensors the model needs: {shown}")
+    return ignored
+
+
+def _build_empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The transformers model for ``config`` with uninitialised parameters (computed buffers are real)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    try:
+        with no_init_weights():  # also skips tying, which transformers does in init_weights
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # a config transformers accepted but cannot build from (bad field values)
+        raise CheckpointError(f"config.json describes no buildable model: {_one_line(e)}") from None
+    model.tie_weights()
+    # transformers keeps some tensors (DeepSeek-V3's e_score_correction_bias) in fp32 whatever the dtype.
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point() and any(part in name for part in keep_fp32):
+            module_name, _, attr = name.rpartition(".")
+            fp32 = tensor.detach().float()
+            module = model.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(fp32) if isinstance(tensor, nn.Parameter) else fp32)
+    return model
+
+
+def _patch_layer_by_layer(model: nn.Module) -> None:
+    """moerun.patch, one decoder layer at a time, so that layouts patch() copies (GPT-OSS) free the
+    transformers copy before the next layer's is made."""
+    for layer in model.model.layers:
+        if any(type(m).__name__ in SUPPORTED_BLOCKS for m in layer.modules()):
+            patch(layer)
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether the checkpoint directory has tokenizer files."""
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer in ``path``, or None when the directory has no tokenizer files.
+
+    Raises:
+        CheckpointError: tokenizer files exist but cannot be loaded.
+    """
+    if not has_tokenizer(path):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers' Rust errors have no common Python base class
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from None
+
+
+def _read_generation_config(path: Path):
+    """generation_config.json (EOS ids and sampling defaults), or None when the directory has none."""
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except Exception as e:  # JSON and validation errors of several types
+        raise CheckpointError(f"{path / 'generation_config.json'}: {_one_line(e)}") from None
+
+
+def load(
+    path: str | Path | None = None, dtype: torch.dtype | str = torch.bfloat16, threads: int | None = None
+) -> LoadedModel:
+    """Load a Hugging Face MoE checkpoint directory, ready to run through moerun.
+
+    Args:
+        path: directory with config.json, safetensors weights and tokenizer files; None for moerun's
+            reference model.
+        dtype: parameter dtype: torch.bfloat16 / torch.float32 or "bf16" / "fp32".
+        threads: CPU threads for torch (default: leave torch's setting).
+
+    Returns:
+        a :class:`LoadedModel`; its ``model`` is a transformers CausalLM in eval mode with every MoE block
+        replaced by moerun's (:func:`moerun.patch`).
+
+    Raises:
+        CheckpointError: a missing directory or file, an unsupported architecture, a truncated or corrupt
+            shard, a tensor of the wrong shape or dtype, missing tensors.
+    """
+    dtype = parse_dtype(dtype)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    path = default_model_dir() if path is None else Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    config = read_config(path)
+    records = checkpoint_tensors(path)
+    tokenizer = load_tokenizer(path)
+    generation_config = _read_generation_config(path)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    start = time.perf_counter()
+    rss_before = rss_bytes()
+    reset_peak_rss()
+    model = _build_empty_model(config, dtype)
+    ignored = load_weights(model, records)
+    _patch_layer_by_layer(model)
+    model.eval()
+    if generation_config is not None:
+        model.generation_config = generation_config
+    unique = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    stats = LoadStats(
+        seconds=time.perf_counter() - start,
+        model_bytes=sum(t.numel() * t.element_size() for t in unique),
+        rss_before_bytes=rss_before,
+        peak_rss_bytes=peak_rss_bytes(),
+        shards=len({r.file for r in records.values()}),
+        tensors=len(records),
+        ignored_tensors=ignored,
+    )
+    return LoadedModel(model, tokenizer, model.config, stats, path)
