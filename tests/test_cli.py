@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+import moerun
 from moerun import cli
+from moerun.models.loader import CheckpointError
 from moerun.perf import bench
 from moerun.perf.roofline import Roofline
+from tiny_checkpoints import save_checkpoint
 
 FAKE_ROOFLINE = Roofline(
     threads=1, read_gbps=10.0, gemm_gflops={"bfloat16": 100.0, "float32": 50.0}, cpu="test cpu",
@@ -72,3 +77,103 @@ def test_bench_bad_input(tiny_presets, capsys, args: list[str], message: str) ->
 def test_debug_shows_the_traceback(tiny_presets) -> None:
     with pytest.raises(cli.UserError, match="--tokens must be"):
         cli.main(["--debug", "bench", "--tokens", "x"])
+
+
+# ---- moerun generate / moerun eval -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny OLMoE checkpoint directory with a byte-level tokenizer."""
+    return save_checkpoint("olmoe", tmp_path_factory.mktemp("olmoe"), tokenizer=True)
+
+
+def test_generate_streams_text_then_stats(checkpoint: Path, capsys) -> None:
+    args = ["--model", str(checkpoint), "--prompt", "héllo", "--max-new-tokens", "6", "--dtype", "fp32"]
+    assert cli.main(["generate", *args, "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    expected = moerun.generate(moerun.load(checkpoint, "fp32"), prompt="héllo", max_new_tokens=6)
+    assert out == expected.text + "\n"
+    for part in (
+        "prompt tokens 6",
+        "generated 6 (stop: max_new_tokens)",
+        "time to first token",
+        "tokens/s",
+        "peak memory",
+    ):
+        assert part in err
+
+
+def test_eval_writes_json(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    files[0].write_text("def f(x):\n    return x\n")
+    files[1].write_text("print('héllo')\n")
+    out_json = tmp_path / "eval.json"
+    args = ["eval", "--model", str(checkpoint), "--text", str(files[0]), "--text", str(files[1]), "--dtype", "fp32"]
+    assert cli.main([*args, "--context", "16", "--threads", "1", "--json", str(out_json)]) == 0
+    record = json.loads(out_json.read_text())
+    expected = moerun.evaluate(moerun.load(checkpoint, "fp32"), [f.read_text() for f in files], context=16)
+    assert record["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert record["tokens"] == expected.tokens and record["context"] == 16
+    assert record["files"] == [str(f) for f in files] and record["dtype"] == "fp32"
+    assert "perplexity" in capsys.readouterr().out
+
+
+def _no_tokenizer(path: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+
+
+def _truncate_weights(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-100])
+
+
+@pytest.mark.parametrize(
+    ("damage", "args", "message"),
+    [
+        (None, ["--model", "/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+        (lambda p: (p / "config.json").write_text("[1,"), [], "config.json is not valid JSON"),
+        (lambda p: (p / "config.json").write_text('{"model_type": "bert"}'), [], "'bert' is not a supported MoE"),
+        (_truncate_weights, [], "model.safetensors is truncated"),
+        (_no_tokenizer, [], "has no tokenizer files"),
+        (None, ["--prompt", "x" * 600], "the prompt is 600 tokens, longer than the model's context of 512 tokens"),
+        (None, ["--dtype", "fp16"], "unknown dtype 'fp16'"),
+        (None, ["--threads", "0"], "--threads must be >= 1"),
+        (None, ["--top-p", "2"], "top_p must be in (0, 1]"),
+    ],
+)
+def test_generate_bad_input(checkpoint: Path, tmp_path: Path, capsys, damage, args: list[str], message: str) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    if damage is not None:
+        damage(model)
+    assert cli.main(["generate", "--model", str(model), "--prompt", "hi", "--threads", "1", *args]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert len(err.strip().splitlines()) <= 2  # the load report (when loading got that far) and the error
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--text", "/nonexistent.py"], "text file /nonexistent.py does not exist"),
+        (["--context", "1"], "context must be between 2"),
+        (["--json", "/nonexistent/dir/x.json"], "does not exist"),
+    ],
+)
+def test_eval_bad_input(checkpoint: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    text = tmp_path / "t.py"
+    text.write_text("x = 1\n")
+    code = cli.main(["eval", "--model", str(checkpoint), "--text", str(text), "--threads", "1", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_generate_debug_shows_the_traceback(tmp_path: Path, where: str) -> None:
+    args = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cli.main(["--debug", *args] if where == "before" else [*args, "--debug"])

@@ -4,6 +4,8 @@ Importing moerun registers ``"moerun"`` as a transformers experts implementation
 ``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moerun")`` works; it patches nothing.
 """
 
+from .eval import EvalResult, evaluate
+from .generate import GeneratedToken, GenerationResult, HFRunner, Runner, generate, generate_stream
 from .kernels.activation import GLU_ACTIVATIONS, GluSpec
 from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
 from .layer import MoELayer
@@ -18,14 +20,22 @@ __all__ = [
     "GLU_ACTIVATIONS",
     "ROUTING_MODES",
     "CheckpointError",
+    "EvalResult",
     "ExpertWeights",
+    "GeneratedToken",
+    "GenerationResult",
     "GluSpec",
+    "HFRunner",
     "LoadStats",
     "LoadedModel",
     "MoELayer",
     "RoutingConfig",
     "RoutingPlan",
+    "Runner",
+    "evaluate",
     "experts_forward",
+    "generate",
+    "generate_stream",
     "layer_from_hf_block",
     "load",
     "make_plan",
