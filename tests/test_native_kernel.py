@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moerun.kernels import native
+from moerun.kernels.activation import GluSpec, apply_glu
 
 pytestmark = pytest.mark.skipif(
     not native.is_available(),
@@ -81,6 +82,44 @@ def test_matches_reference(dtype, k, n, counts, with_bias, threads):
     assert result is acc
     expected_acc = initial.double().index_add(0, index, expected * scale.double()[:, None])
     assert_close(acc, expected_acc, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("counts", [[1, 3], [9, 2, 11, 70], [300]], ids=lambda c: "counts" + "-".join(map(str, c)))
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "swiglu_clamped"])
+@pytest.mark.parametrize(("k", "half"), [(64, 7), (100, 32), (1000, 13)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_glu_matches_reference(dtype, k, half, activation, counts, with_bias, threads):
+    """grouped_glu == the activation (in float64) of grouped_gemv's gate/up outputs, rounded once to x's dtype.
+
+    grouped_gemv's own accuracy is tested above; comparing with its outputs isolates the fused
+    activation (vectorised exp) and the routing of gate and up rows to the right outputs.
+    """
+    x, weight, experts, starts, counts_t, gen = make_problem(dtype, k, 2 * half, counts, seed=k + half)
+    bias = torch.randn(NUM_EXPERTS, 2 * half, generator=gen) if with_bias else None
+    glu = GluSpec(activation, limit=2.0)  # a low clamp so that swiglu_clamped's clamps really bite
+    gate_up = native.grouped_gemv(x, weight, experts, starts, counts_t, bias=bias, num_threads=threads)
+    expected = apply_glu(gate_up.double(), glu)
+
+    act = native.grouped_glu(x, weight, experts, starts, counts_t, glu=glu, bias=bias, num_threads=threads)
+    assert act.dtype == dtype and act.shape == (x.shape[0], half)
+    scale = max(expected.abs().max().item(), 1.0)
+    rounding = 2**-8 if dtype == torch.bfloat16 else 1e-5  # bf16 output: half an ulp of rounding
+    assert (act.double() - expected).abs().max().item() <= rounding * scale
+
+
+def test_fused_glu_refuses_erf_gelu():
+    assert not native.fuses_glu(GluSpec("gelu"))
+    x, weight, experts, starts, counts, _ = make_problem(torch.bfloat16, 32, 8, [3], seed=0)
+    with pytest.raises(ValueError, match="cannot fuse activation 'gelu'"):
+        native.grouped_glu(x, weight, experts, starts, counts, glu=GluSpec("gelu"))
+
+
+def test_fused_glu_odd_gate_up_rows():
+    x, weight, experts, starts, counts, _ = make_problem(torch.bfloat16, 32, 7, [3], seed=0)
+    with pytest.raises(ValueError, match="even number of rows"):
+        native.grouped_glu(x, weight, experts, starts, counts, glu=GluSpec())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

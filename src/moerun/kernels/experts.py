@@ -23,6 +23,12 @@ from . import native
 from .activation import GluSpec, apply_glu
 from .onednn import PackedExperts, packed_linear
 
+# From this many rows per group on average the native kernel fuses the activation into the gate/up
+# projection. Measured on the olmoe-1b-7b layer (bf16, CPU time): fused is 12% faster at 64 rows per
+# group, even at 16, and 12% slower at 8, where the unfused call streams small groups' weight rows one
+# at a time (the fused path reads gate and up rows in tiles).
+FUSED_GLU_MIN_ROWS_PER_GROUP = 16
+
 
 @dataclass(frozen=True)
 class ExpertWeights:
@@ -151,11 +157,18 @@ def experts_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch
 
 
 def experts_native(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
-    """The AVX-512 grouped GEMV kernel; the down GEMV scatters straight into token order."""
+    """The AVX-512 grouped kernel; the down projection scatters straight into token order.
+
+    Prefill-sized plans fuse the gated activation into the gate/up projection, so the [S, 2I] float32
+    gate/up output is never materialised.
+    """
     xs = x.index_select(0, plan.token_index)  # [S, H]
     group_args = (plan.group_experts, plan.group_starts, plan.group_counts)
-    h = native.grouped_gemv(xs, w.gate_up, *group_args, bias=w.gate_up_bias)  # [S, 2I] fp32
-    act = apply_glu(h, w.glu).to(x.dtype)  # [S, I]
+    if native.fuses_glu(w.glu) and plan.num_slots >= FUSED_GLU_MIN_ROWS_PER_GROUP * plan.num_groups:
+        act = native.grouped_glu(xs, w.gate_up, *group_args, glu=w.glu, bias=w.gate_up_bias)  # [S, I]
+    else:
+        h = native.grouped_gemv(xs, w.gate_up, *group_args, bias=w.gate_up_bias)  # [S, 2I] fp32
+        act = apply_glu(h, w.glu).to(x.dtype)  # [S, I]
     y = torch.zeros(plan.num_tokens, w.hidden_size, dtype=torch.float32, device=x.device)
     native.grouped_gemv(
         act, w.down, *group_args, bias=w.down_bias, out=y,

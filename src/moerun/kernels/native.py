@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .activation import GluSpec
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"})
 # Status codes returned by moerun_grouped_gemv (the enum in moe_cpu.cpp).
@@ -27,7 +29,11 @@ _STATUS_MESSAGES = {
     4: "scatter_index has a destination row outside the rows of out",
     5: "out has fewer rows than x",
     6: "out of memory for the staging buffers",
+    7: "unsupported fused activation",
+    8: "the gate/up weight must have an even number of rows",
 }
+# Gated activations the kernel fuses into the gate/up projection (the Glu enum in moe_cpu.cpp).
+_GLU_CODES = {"silu": 0, "gelu_pytorch_tanh": 1, "swiglu_clamped": 2}
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -56,6 +62,7 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(path))
             fn = lib.moerun_grouped_gemv
+            lib.moerun_grouped_glu  # noqa: B018 - an older build without it is unusable
         except (OSError, AttributeError):
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -69,6 +76,17 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int,  # dtype code, threads
         ]  # fmt: skip
         fn.restype = ctypes.c_int
+        glu = lib.moerun_grouped_glu
+        glu.argtypes = [
+            ptr, i64, i64,  # x, x rows, x row stride
+            ptr, i64, i64, i64,  # weight, E, 2I, K
+            ptr, ptr, ptr, i64,  # group experts, starts, counts, G
+            ptr,  # bias
+            ctypes.c_int, ctypes.c_float, ctypes.c_float,  # activation code, alpha, limit
+            ptr, i64,  # act, act row stride
+            ctypes.c_int, ctypes.c_int,  # dtype code, threads
+        ]  # fmt: skip
+        glu.restype = ctypes.c_int
         return lib
     return None
 
@@ -91,6 +109,51 @@ def _index_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() != 1 or not t.is_cpu or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer CPU tensor, got {t.dtype} of shape {tuple(t.shape)}")
     return t.to(torch.int64).contiguous()
+
+
+def _library_or_raise() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise ValueError("the native kernel is not available (not built, disabled, or the CPU lacks AVX-512 BF16)")
+    return lib
+
+
+def _check_groups_and_bias(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_experts: torch.Tensor,
+    group_starts: torch.Tensor,
+    group_counts: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate x, weight, the group tensors and bias; returns the group tensors and bias as the kernel reads them."""
+    if x.dtype not in _DTYPE_CODES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must both be bfloat16 or both float32, got {x.dtype} and {weight.dtype}")
+    if x.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"x must be [S, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[2]:
+        raise ValueError(f"K mismatch: x has {x.shape[1]} features, weight rows have {weight.shape[2]}")
+    if not (x.is_cpu and weight.is_cpu):
+        raise ValueError("the native kernel runs on CPU tensors only")
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError("x must have unit stride along K (x.stride(1) == 1)")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    num_experts, n_out, _ = weight.shape
+    experts = _index_tensor(group_experts, "group_experts")
+    starts = _index_tensor(group_starts, "group_starts")
+    counts = _index_tensor(group_counts, "group_counts")
+    if not experts.shape[0] == starts.shape[0] == counts.shape[0]:
+        raise ValueError(
+            f"group_experts, group_starts and group_counts must have the same length, got "
+            f"{experts.shape[0]}, {starts.shape[0]} and {counts.shape[0]}"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (num_experts, n_out) or not bias.is_cpu:
+            raise ValueError(f"bias must be a CPU tensor of shape {(num_experts, n_out)}, got {tuple(bias.shape)}")
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.to(torch.float32).contiguous()
+    return experts, starts, counts, bias
 
 
 def grouped_gemv(
@@ -138,36 +201,10 @@ def grouped_gemv(
         ValueError: the kernel is unavailable, or the arguments do not fit together (dtype, device,
             shape, layout, or an expert / row / destination index out of range).
     """
-    lib = _library()
-    if lib is None:
-        raise ValueError("the native kernel is not available (not built, disabled, or the CPU lacks AVX-512 BF16)")
-    if x.dtype not in _DTYPE_CODES or weight.dtype != x.dtype:
-        raise ValueError(f"x and weight must both be bfloat16 or both float32, got {x.dtype} and {weight.dtype}")
-    if x.dim() != 2 or weight.dim() != 3:
-        raise ValueError(f"x must be [S, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[2]:
-        raise ValueError(f"K mismatch: x has {x.shape[1]} features, weight rows have {weight.shape[2]}")
-    if not (x.is_cpu and weight.is_cpu):
-        raise ValueError("the native kernel runs on CPU tensors only")
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        raise ValueError("x must have unit stride along K (x.stride(1) == 1)")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
+    lib = _library_or_raise()
+    experts, starts, counts, bias = _check_groups_and_bias(x, weight, group_experts, group_starts, group_counts, bias)
     num_rows = x.shape[0]
     num_experts, n_out, k = weight.shape
-    experts = _index_tensor(group_experts, "group_experts")
-    starts = _index_tensor(group_starts, "group_starts")
-    counts = _index_tensor(group_counts, "group_counts")
-    if not experts.shape[0] == starts.shape[0] == counts.shape[0]:
-        raise ValueError(
-            f"group_experts, group_starts and group_counts must have the same length, got "
-            f"{experts.shape[0]}, {starts.shape[0]} and {counts.shape[0]}"
-        )
-    if bias is not None:
-        if tuple(bias.shape) != (num_experts, n_out) or not bias.is_cpu:
-            raise ValueError(f"bias must be a CPU tensor of shape {(num_experts, n_out)}, got {tuple(bias.shape)}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.to(torch.float32).contiguous()
     if (scatter_index is None) != (scatter_weight is None):
         raise ValueError("scatter_index and scatter_weight must be given together")
     if scatter_index is not None:
@@ -203,3 +240,60 @@ def grouped_gemv(
     if status != 0:
         raise ValueError(f"native grouped_gemv: {_STATUS_MESSAGES.get(status, f'status {status}')}")
     return out
+
+
+def fuses_glu(glu: GluSpec) -> bool:
+    """Whether ``grouped_glu`` can fuse this activation (all but erf-GELU)."""
+    return glu.activation in _GLU_CODES
+
+
+def grouped_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_experts: torch.Tensor,
+    group_starts: torch.Tensor,
+    group_counts: torch.Tensor,
+    *,
+    glu: GluSpec,
+    bias: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """The gate/up projection and the gated activation in one native call, for prefill-sized groups.
+
+    For each group g with expert e and rows s: ``act[s] = glu(x[s] @ weight[e].T + bias[e])`` with the
+    gate in the first I outputs and the up projection in the last I, computed in float32 and rounded
+    once to x's dtype. Rows no group covers are left uninitialised.
+
+    Args:
+        x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K.
+        weight: [E, 2I, K] contiguous, same dtype as x.
+        group_experts, group_starts, group_counts: [G] int64, as for ``grouped_gemv``.
+        glu: the gated activation; ``fuses_glu(glu)`` must hold.
+        bias: [E, 2I] or None.
+        num_threads: threads to use (default ``torch.get_num_threads()``).
+
+    Returns:
+        act: [S, I] in x's dtype.
+
+    Raises:
+        ValueError: the kernel is unavailable, the activation cannot be fused, or the arguments do not
+            fit together.
+    """
+    lib = _library_or_raise()
+    if not fuses_glu(glu):
+        raise ValueError(f"the native kernel cannot fuse activation {glu.activation!r}; use apply_glu")
+    experts, starts, counts, bias = _check_groups_and_bias(x, weight, group_experts, group_starts, group_counts, bias)
+    num_experts, two_i, k = weight.shape
+    act = torch.empty(x.shape[0], two_i // 2, dtype=x.dtype)
+    status = lib.moerun_grouped_glu(
+        _ptr(x), x.shape[0], x.stride(0),
+        _ptr(weight), num_experts, two_i, k,
+        _ptr(experts), _ptr(starts), _ptr(counts), experts.shape[0],
+        _ptr(bias),
+        _GLU_CODES[glu.activation], glu.alpha, glu.limit,
+        _ptr(act), act.stride(0),
+        _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native grouped_glu: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return act

@@ -61,6 +61,9 @@ constexpr int kTileRows = 6;
 // saves (measured with cache-hot weights: 2 threads lose at 128 KiB per call, win from 512 KiB).
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
+// Gated activations the kernel can fuse (codes mirrored in native.py).
+enum Glu { kNoGlu = -1, kSilu = 0, kGeluTanh = 1, kSwigluClamped = 2 };
+
 struct Bf16 {
   using Elem = uint16_t;
   using Vec = __m512i;
@@ -73,6 +76,8 @@ struct Bf16 {
   // 32-bit units of K: a pair of bf16.
   static constexpr int kPerUnit = 2;
   static __m512 fma_units(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+  // Rounds to nearest even, as torch's float -> bfloat16 conversion does.
+  static void store16(Elem* dst, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v)); }
 };
 
 struct F32 {
@@ -88,6 +93,7 @@ struct F32 {
   static __m512 fma_units(__m512 acc, __m512i x, __m512i w) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   }
+  static void store16(Elem* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 };
 
 struct Problem {
@@ -105,6 +111,13 @@ struct Problem {
   int64_t out_stride;
   const int64_t* scatter_index;
   const float* scatter_weight;
+  // Fused gated activation (moerun_grouped_glu): w holds gate rows [0, n/2) then up rows [n/2, n);
+  // act[s, i] = glu(r[s, i], r[s, n/2 + i]) in x's dtype replaces out.
+  int glu = kNoGlu;
+  float glu_alpha = 0.0f;
+  float glu_limit = 0.0f;
+  void* act = nullptr;
+  int64_t act_stride = 0;
 };
 
 // r[m] = dot(w, x[m]) for M rows of x. Two accumulators per row hide the FMA latency when
@@ -254,27 +267,6 @@ inline void unit_tile(const uint32_t* panel, const typename Ops::Elem* w, int64_
     for (int v = 0; v < V; ++v) _mm512_store_ps(r + j * kPanelRows + v * kLanes, acc[j][v]);
 }
 
-// Packed x rows [s, s + rows) of a group with expert e against weight rows [n0, n0 + kTileRows).
-template <typename Ops, int V>
-void unit_block(const Problem& p, int64_t e, const uint32_t* panel, int64_t s, int64_t rows, int64_t n0,
-                const typename Ops::Elem* next) {
-  const auto* w = static_cast<const typename Ops::Elem*>(p.w) + (e * p.n + n0) * p.k;
-  const float* bias = p.bias ? p.bias + e * p.n + n0 : nullptr;
-  alignas(64) float r[kTileRows * kPanelRows];
-  unit_tile<Ops, V>(panel, w, p.k, next, r);
-  for (int64_t i = 0; i < rows; ++i) {
-    float result[kTileRows];
-    for (int j = 0; j < kTileRows; ++j) result[j] = r[j * kPanelRows + i] + (bias ? bias[j] : 0.0f);
-    if (p.scatter_index) {
-      float* dst = p.out + p.scatter_index[s + i] * p.out_stride + n0;
-      const float weight = p.scatter_weight[s + i];
-      for (int j = 0; j < kTileRows; ++j) dst[j] += weight * result[j];
-    } else {
-      std::memcpy(p.out + (s + i) * p.out_stride + n0, result, sizeof(result));
-    }
-  }
-}
-
 // Row stride, in elements, of the staged x panel: whole cache lines plus one more. Contiguous rows of
 // x are often a multiple of 4 KiB apart (K = 1024, 2048 bf16), which puts every x row of a register
 // block in the same L1 sets; with the extra line they spread out, and every load is line-aligned.
@@ -316,62 +308,214 @@ void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel,
   }
 }
 
-// Prefill path for rows [s0, s1) (at most kChunkRows) of a group against weight rows [n_lo, n_hi).
-// Whole vectors of kLanes rows are packed and run through the register tiles, kTileRows weight rows
-// at a time; every panel passes a tile of weight rows while it is in L1, so each weight is read from
-// memory once per chunk. The last rows (fewer than kLanes) are staged and take dot products against
-// the same tile instead of padding a vector with zeros (padding cost ~15% at 64 +- 8 rows per group).
-// Leftover weight rows (fewer than kTileRows) go the decode way.
+// Up to kPanelRows x rows of one group, original rows [s, s + rows): the first vec_rows (a multiple of
+// kLanes) packed for the register tiles, the rest (fewer than kLanes) staged for dot products.
+template <typename Elem>
+struct Panel {
+  const uint32_t* packed;
+  const Elem* staged;
+  int64_t s;
+  int64_t rows;
+  int64_t vec_rows;
+};
+
+// Results of a panel against nw <= kTileRows weight rows: r[j * kPanelRows + i] for panel row i.
+using TileResult = float[kTileRows * kPanelRows];
+
+// r[j * kPanelRows + i] = dot(x row i, w row j) for `count` x rows `stride` apart and nw weight rows.
 template <typename Ops>
-void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi, void* buffer) {
-  using Elem = typename Ops::Elem;
-  auto* panels = static_cast<uint32_t*>(buffer);
-  const int64_t panel_units = units_of<Ops>(p.k) * kPanelRows;
-  const int64_t s_vec = s0 + (s1 - s0) / kLanes * kLanes;  // rows [s_vec, s1) are the tail
-  const int64_t num_panels = (s_vec - s0 + kPanelRows - 1) / kPanelRows;
-  for (int64_t s = s0; s < s_vec; s += kPanelRows)
-    pack_units<Ops>(p, s, std::min(s + kPanelRows, s_vec), panels + (s - s0) / kPanelRows * panel_units);
-  Elem* tail = reinterpret_cast<Elem*>(panels + num_panels * panel_units);
-  const int64_t ps = panel_stride<Elem>(p.k);
-  for (int64_t s = s_vec; s < s1; ++s)
-    std::memcpy(tail + (s - s_vec) * ps, static_cast<const Elem*>(p.x) + s * p.x_stride, p.k * sizeof(Elem));
-  const int64_t n_tiled = n_lo + (n_hi - n_lo) / kTileRows * kTileRows;
-  for (int64_t n0 = n_lo; n0 < n_tiled; n0 += kTileRows) {
-    // The first panel pulls in the next tile's weight rows, which the hardware prefetchers, following
-    // 6 rows 4 bytes a step, bring too late.
-    const Elem* next = n0 + kTileRows < n_tiled ? static_cast<const Elem*>(p.w) + (e * p.n + n0 + kTileRows) * p.k
-                                                : nullptr;
-    for (int64_t s = s0; s < s_vec; s += kPanelRows) {
-      const uint32_t* panel = panels + (s - s0) / kPanelRows * panel_units;
-      const int64_t rows = std::min(kPanelRows, s_vec - s);
-      const Elem* prefetch = s == s0 ? next : nullptr;
-      switch (rows / kLanes) {
-        case 4: unit_block<Ops, 4>(p, e, panel, s, rows, n0, prefetch); break;
-        case 3: unit_block<Ops, 3>(p, e, panel, s, rows, n0, prefetch); break;
-        case 2: unit_block<Ops, 2>(p, e, panel, s, rows, n0, prefetch); break;
-        default: unit_block<Ops, 1>(p, e, panel, s, rows, n0, prefetch); break;
+void dot_rows_into(const typename Ops::Elem* w, int nw, int64_t k, const typename Ops::Elem* x, int64_t stride,
+                   int64_t count, float* r) {
+  for (int64_t i = 0; i < count; i += kRowBlock) {
+    const auto* xi = x + i * stride;
+    const int64_t m = std::min<int64_t>(kRowBlock, count - i);
+    for (int j = 0; j < nw; ++j) {
+      float d[kRowBlock];
+      switch (m) {
+        case 4: dot_rows<Ops, 4>(w + j * k, xi, stride, k, d); break;
+        case 3: dot_rows<Ops, 3>(w + j * k, xi, stride, k, d); break;
+        case 2: dot_rows<Ops, 2>(w + j * k, xi, stride, k, d); break;
+        default: dot_rows<Ops, 1>(w + j * k, xi, stride, k, d); break;
       }
-    }
-    stream_staged<Ops>(p, e, tail, s_vec, s1, n0, n0 + kTileRows);
-  }
-  if (n_tiled < n_hi) {
-    // The packed panels are no longer needed, so the leftover weight rows reuse the buffer.
-    for (int64_t s = s0; s < s1; s += kPanelRows) {
-      const int64_t s_end = std::min(s + kPanelRows, s1);
-      stage_rows<Ops>(p, s, s_end, static_cast<Elem*>(buffer));
-      stream_staged<Ops>(p, e, static_cast<Elem*>(buffer), s, s_end, n_tiled, n_hi);
+      for (int64_t c = 0; c < m; ++c) r[j * kPanelRows + i + c] = d[c];
     }
   }
 }
 
-// All groups against this thread's weight rows [n_lo, n_hi); buffer is this thread's staging buffer
-// (see buffer_bytes).
+// A panel against weight rows [n0, n0 + nw) of expert e. Full tiles run the packed rows through the
+// register tiles (prefetching `next`, the following tile's rows, if set) and the staged rows through
+// dot products; a partial tile (nw < kTileRows, at most once per thread) takes dot products throughout.
+template <typename Ops>
+void panel_tile(const Problem& p, int64_t e, const Panel<typename Ops::Elem>& panel, int64_t n0, int nw,
+                const typename Ops::Elem* next, float* r) {
+  using Elem = typename Ops::Elem;
+  const Elem* w = static_cast<const Elem*>(p.w) + (e * p.n + n0) * p.k;
+  const int64_t ps = panel_stride<Elem>(p.k);
+  if (nw == kTileRows) {
+    switch (panel.vec_rows / kLanes) {
+      case 0: break;
+      case 1: unit_tile<Ops, 1>(panel.packed, w, p.k, next, r); break;
+      case 2: unit_tile<Ops, 2>(panel.packed, w, p.k, next, r); break;
+      case 3: unit_tile<Ops, 3>(panel.packed, w, p.k, next, r); break;
+      default: unit_tile<Ops, 4>(panel.packed, w, p.k, next, r); break;
+    }
+  } else {
+    const Elem* x = static_cast<const Elem*>(p.x) + panel.s * p.x_stride;
+    dot_rows_into<Ops>(w, nw, p.k, x, p.x_stride, panel.vec_rows, r);
+  }
+  dot_rows_into<Ops>(w, nw, p.k, panel.staged, ps, panel.rows - panel.vec_rows, r + panel.vec_rows);
+}
+
+// out[s, n0 + j] = r + bias, or out[index[s], n0 + j] += weight[s] * (r + bias), for a panel's rows.
+template <typename Ops>
+void store_tile(const Problem& p, int64_t e, const Panel<typename Ops::Elem>& panel, int64_t n0, int nw,
+                const float* r) {
+  const float* bias = p.bias ? p.bias + e * p.n + n0 : nullptr;
+  for (int64_t i = 0; i < panel.rows; ++i) {
+    const int64_t s = panel.s + i;
+    float* dst = p.out + (p.scatter_index ? p.scatter_index[s] : s) * p.out_stride + n0;
+    const float weight = p.scatter_index ? p.scatter_weight[s] : 0.0f;
+    for (int j = 0; j < nw; ++j) {
+      const float v = r[j * kPanelRows + i] + (bias ? bias[j] : 0.0f);
+      if (p.scatter_index)
+        dst[j] += weight * v;
+      else
+        dst[j] = v;
+    }
+  }
+}
+
+// exp(x) for 16 floats: 2^n * exp(f), n = round(x / ln 2), f = x - n ln 2 in two parts (Cody-Waite),
+// exp(f) by its degree-6 Taylor polynomial (relative error < 2e-7 on |f| <= ln(2) / 2).
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+  __m512 poly = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(poly, n);  // exact scaling by 2^n, saturating to 0 or inf
+}
+
+inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// The gated activation of 16 gate and up values (see moerun/kernels/activation.py).
+inline __m512 glu16(const Problem& p, __m512 gate, __m512 up) {
+  switch (p.glu) {
+    case kSilu:
+      return _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid16(gate)), up);
+    case kGeluTanh: {
+      // 0.5 g (1 + tanh(z)) = g * sigmoid(2 z), z = sqrt(2 / pi) (g + 0.044715 g^3)
+      const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(gate, gate), gate);
+      const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                     _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, gate));
+      return _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid16(_mm512_add_ps(z, z))), up);
+    }
+    default: {  // kSwigluClamped
+      const __m512 limit = _mm512_set1_ps(p.glu_limit);
+      const __m512 g = _mm512_min_ps(gate, limit);
+      const __m512 u = _mm512_max_ps(_mm512_min_ps(up, limit), _mm512_sub_ps(_mm512_setzero_ps(), limit));
+      const __m512 gated = _mm512_mul_ps(g, sigmoid16(_mm512_mul_ps(g, _mm512_set1_ps(p.glu_alpha))));
+      return _mm512_mul_ps(_mm512_add_ps(u, _mm512_set1_ps(1.0f)), gated);
+    }
+  }
+}
+
+// act[s, i0 + j] = glu(gate + gate bias, up + up bias) for a panel's rows, from the gate rows' results
+// rg and the up rows' results ru.
+template <typename Ops>
+void glu_tile(const Problem& p, int64_t e, const Panel<typename Ops::Elem>& panel, int64_t i0, int nw, const float* rg,
+              const float* ru) {
+  using Elem = typename Ops::Elem;
+  const int64_t half = p.n / 2;
+  alignas(64) Elem a[kTileRows][kPanelRows];
+  for (int j = 0; j < nw; ++j) {
+    const __m512 gate_bias = _mm512_set1_ps(p.bias ? p.bias[e * p.n + i0 + j] : 0.0f);
+    const __m512 up_bias = _mm512_set1_ps(p.bias ? p.bias[e * p.n + half + i0 + j] : 0.0f);
+    for (int64_t i = 0; i < panel.rows; i += kLanes) {
+      const __m512 gate = _mm512_add_ps(_mm512_loadu_ps(rg + j * kPanelRows + i), gate_bias);
+      const __m512 up = _mm512_add_ps(_mm512_loadu_ps(ru + j * kPanelRows + i), up_bias);
+      Ops::store16(a[j] + i, glu16(p, gate, up));
+    }
+  }
+  auto* act = static_cast<Elem*>(p.act);
+  for (int64_t i = 0; i < panel.rows; ++i)
+    for (int j = 0; j < nw; ++j) act[(panel.s + i) * p.act_stride + i0 + j] = a[j][i];
+}
+
+// Packs and stages rows [s0, s1) (at most kChunkRows) of a group into panels in buffer; returns how
+// many. Whole vectors of kLanes rows are packed, the last rows (fewer than kLanes) staged: they take
+// dot products against the same weight tile instead of padding a vector with zeros (padding cost
+// ~15% at 64 +- 8 rows per group).
+template <typename Ops>
+int64_t prepare_panels(const Problem& p, int64_t s0, int64_t s1, void* buffer, Panel<typename Ops::Elem>* panels) {
+  using Elem = typename Ops::Elem;
+  auto* packed = static_cast<uint32_t*>(buffer);
+  const int64_t panel_units = units_of<Ops>(p.k) * kPanelRows;
+  const int64_t s_vec = s0 + (s1 - s0) / kLanes * kLanes;
+  int64_t count = 0;
+  for (int64_t s = s0; s < s_vec; s += kPanelRows, ++count) {
+    const int64_t s_end = std::min(s + kPanelRows, s_vec);
+    pack_units<Ops>(p, s, s_end, packed + count * panel_units);
+    panels[count] = {packed + count * panel_units, nullptr, s, s_end - s, s_end - s};
+  }
+  Elem* tail = reinterpret_cast<Elem*>(packed + count * panel_units);
+  stage_rows<Ops>(p, s_vec, s1, tail);
+  if (s_vec < s1) {
+    if (count > 0 && panels[count - 1].rows + (s1 - s_vec) <= kPanelRows)
+      panels[count - 1].rows += s1 - s_vec;
+    else
+      panels[count++] = {nullptr, nullptr, s_vec, s1 - s_vec, 0};
+    panels[count - 1].staged = tail;
+  }
+  return count;
+}
+
+// Most panels a chunk of kChunkRows rows needs: full panels plus one for the staged rows.
+constexpr int64_t kMaxPanels = kChunkRows / kPanelRows + 1;
+
+// Prefill path for rows [s0, s1) (at most kChunkRows) of a group against weight rows [n_lo, n_hi),
+// kTileRows at a time; every panel passes a tile of weight rows while it is in L1, so each weight is
+// read from memory once per chunk. With a fused activation [n_lo, n_hi) are intermediate rows i, each
+// computed against gate row i and up row n/2 + i.
+template <typename Ops>
+void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi, void* buffer) {
+  using Elem = typename Ops::Elem;
+  Panel<Elem> panels[kMaxPanels];
+  const int64_t count = prepare_panels<Ops>(p, s0, s1, buffer, panels);
+  const Elem* w = static_cast<const Elem*>(p.w) + e * p.n * p.k;
+  const int64_t up = p.glu == kNoGlu ? 0 : p.n / 2;  // offset of the up rows
+  alignas(64) TileResult r, ru;
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += kTileRows) {
+    const int nw = static_cast<int>(std::min<int64_t>(kTileRows, n_hi - n0));
+    // The first panel pulls in the next tile's weight rows, which the hardware prefetchers, following
+    // 6 rows 4 bytes a step, bring too late.
+    const bool has_next = n0 + 2 * kTileRows <= n_hi;
+    for (int64_t c = 0; c < count; ++c) {
+      const bool first = c == 0 && has_next;
+      panel_tile<Ops>(p, e, panels[c], n0, nw, first ? w + (n0 + kTileRows) * p.k : nullptr, r);
+      if (p.glu == kNoGlu) {
+        store_tile<Ops>(p, e, panels[c], n0, nw, r);
+      } else {
+        panel_tile<Ops>(p, e, panels[c], up + n0, nw, first ? w + (up + n0 + kTileRows) * p.k : nullptr, ru);
+        glu_tile<Ops>(p, e, panels[c], n0, nw, r, ru);
+      }
+    }
+  }
+}
+
+// All groups against this thread's weight rows [n_lo, n_hi) (intermediate rows with a fused
+// activation); buffer is this thread's staging buffer (see buffer_bytes). Decode-sized groups stream
+// weight rows, unless the activation is fused, which needs the tiles.
 template <typename Ops>
 void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, void* buffer) {
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t e = p.experts[g];
     const int64_t end = p.starts[g] + p.counts[g];
-    if (p.counts[g] >= kTileMinRows) {
+    if (p.counts[g] >= kTileMinRows || p.glu != kNoGlu) {
       for (int64_t s0 = p.starts[g]; s0 < end; s0 += kChunkRows)
         tile_rows<Ops>(p, e, s0, std::min(s0 + kChunkRows, end), n_lo, n_hi, buffer);
     } else {
@@ -383,32 +527,34 @@ void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, void* buffer) {
 }
 
 // Bytes of one thread's staging buffer: staged x rows for the decode path; packed panels plus the
-// staged tail rows for the tiles.
+// staged rows for the tiles.
 template <typename Ops>
-int64_t buffer_bytes(int64_t k, int64_t max_group_rows) {
+int64_t buffer_bytes(int64_t k, int64_t max_group_rows, bool tiles) {
   using Elem = typename Ops::Elem;
   const int64_t row_bytes = panel_stride<Elem>(k) * sizeof(Elem);
   const int64_t staged = std::min(kPanelRows, max_group_rows) * row_bytes;
-  const int64_t chunk_panels = (std::min(kChunkRows, max_group_rows) + kPanelRows - 1) / kPanelRows;
-  const int64_t packed = chunk_panels * units_of<Ops>(k) * kPanelRows * 4 + (kLanes - 1) * row_bytes;
-  return (std::max(staged, max_group_rows >= kTileMinRows ? packed : 0) + 63) / 64 * 64;
+  const int64_t panels = (std::min(kChunkRows, max_group_rows) + kPanelRows - 1) / kPanelRows;
+  const int64_t packed = panels * units_of<Ops>(k) * kPanelRows * 4 + (kLanes - 1) * row_bytes;
+  return (std::max(staged, tiles ? packed : 0) + 63) / 64 * 64;
 }
 
 // Returns false when the staging buffers cannot be allocated.
 template <typename Ops>
 bool run(const Problem& p, int64_t rows, int64_t max_group_rows, int nthreads) {
+  const int64_t outputs = p.glu == kNoGlu ? p.n : p.n / 2;  // what the threads split
   const int64_t work = rows * p.n * p.k * static_cast<int64_t>(sizeof(typename Ops::Elem));
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({nthreads, p.n, work / kMinBytesPerThread}));
-  const int64_t bytes = buffer_bytes<Ops>(p.k, max_group_rows);
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({nthreads, outputs, work / kMinBytesPerThread}));
+  const int64_t bytes = buffer_bytes<Ops>(p.k, max_group_rows, p.glu != kNoGlu || max_group_rows >= kTileMinRows);
   std::unique_ptr<char, decltype(&std::free)> buffers(static_cast<char*>(std::aligned_alloc(64, nt * bytes)),
                                                       &std::free);
   if (!buffers) return false;
   if (nt == 1) {
-    run_slice<Ops>(p, 0, p.n, buffers.get());
+    run_slice<Ops>(p, 0, outputs, buffers.get());
     return true;
   }
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int64_t t = 0; t < nt; ++t) run_slice<Ops>(p, p.n * t / nt, p.n * (t + 1) / nt, buffers.get() + t * bytes);
+  for (int64_t t = 0; t < nt; ++t)
+    run_slice<Ops>(p, outputs * t / nt, outputs * (t + 1) / nt, buffers.get() + t * bytes);
   return true;
 }
 
@@ -425,7 +571,23 @@ enum {
   kBadScatterIndex = 4,
   kBadOutRows = 5,
   kOutOfMemory = 6,
+  kBadActivation = 7,
+  kBadShape = 8,
 };
+
+// Checks every group against x's rows and the expert count; totals the rows. Returns a status code.
+static int check_groups(int64_t x_rows, int64_t num_experts, const int64_t* group_experts,
+                        const int64_t* group_starts, const int64_t* group_counts, int64_t groups, int64_t* rows,
+                        int64_t* max_group_rows) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t start = group_starts[g], count = group_counts[g];
+    if (group_experts[g] < 0 || group_experts[g] >= num_experts) return kBadExpert;
+    if (start < 0 || count < 0 || count > x_rows - start) return kBadGroupRows;
+    *rows += count;
+    *max_group_rows = std::max(*max_group_rows, count);
+  }
+  return kOk;
+}
 
 // dtype: 0 = float32, 1 = bfloat16. Strides are in elements. x has x_rows rows, out has out_rows.
 // scatter_index / scatter_weight are both null (out[s] = r) or both set (out[index[s]] += weight[s] * r).
@@ -440,19 +602,43 @@ int moerun_grouped_gemv(const void* x, int64_t x_rows, int64_t x_stride, const v
   // Without scatter, row s of x writes row s of out.
   if (!scatter_index && out_rows < x_rows) return kBadOutRows;
   int64_t rows = 0, max_group_rows = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t start = group_starts[g], count = group_counts[g];
-    if (group_experts[g] < 0 || group_experts[g] >= num_experts) return kBadExpert;
-    if (start < 0 || count < 0 || count > x_rows - start) return kBadGroupRows;
-    if (scatter_index)
-      for (int64_t s = start; s < start + count; ++s)
+  const int status = check_groups(x_rows, num_experts, group_experts, group_starts, group_counts, groups, &rows,
+                                  &max_group_rows);
+  if (status != kOk) return status;
+  if (scatter_index)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t s = group_starts[g]; s < group_starts[g] + group_counts[g]; ++s)
         if (scatter_index[s] < 0 || scatter_index[s] >= out_rows) return kBadScatterIndex;
-    rows += count;
-    max_group_rows = std::max(max_group_rows, count);
-  }
   if (rows == 0 || n <= 0) return kOk;
-  const Problem p{x,      x_stride, w,   n,          k,   group_experts, group_starts, group_counts,
-                  groups, bias,     out, out_stride, scatter_index, scatter_weight};
+  Problem p{x, x_stride, w, n, k, group_experts, group_starts, group_counts, groups, bias, out, out_stride};
+  p.scatter_index = scatter_index;
+  p.scatter_weight = scatter_weight;
+  const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, nthreads) : run<F32>(p, rows, max_group_rows, nthreads);
+  return ok ? kOk : kOutOfMemory;
+}
+
+// The gate/up projection fused with the gated activation: w is [E, 2I, K], gate rows then up rows;
+// act[s, i] = glu(x[s] . w[e, i] + bias[e, i], x[s] . w[e, I + i] + bias[e, I + i]) for each group's
+// rows s, written in x's dtype to act (act_stride elements apart, at least x_rows rows). glu is a Glu
+// code; alpha and limit parameterise kSwigluClamped.
+int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const void* w, int64_t num_experts,
+                       int64_t two_i, int64_t k, const int64_t* group_experts, const int64_t* group_starts,
+                       const int64_t* group_counts, int64_t groups, const float* bias, int glu, float alpha,
+                       float limit, void* act, int64_t act_stride, int dtype, int nthreads) {
+  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (two_i % 2) return kBadShape;
+  int64_t rows = 0, max_group_rows = 0;
+  const int status = check_groups(x_rows, num_experts, group_experts, group_starts, group_counts, groups, &rows,
+                                  &max_group_rows);
+  if (status != kOk) return status;
+  if (rows == 0 || two_i == 0) return kOk;
+  Problem p{x, x_stride, w, two_i, k, group_experts, group_starts, group_counts, groups, bias, nullptr, 0};
+  p.glu = glu;
+  p.glu_alpha = alpha;
+  p.glu_limit = limit;
+  p.act = act;
+  p.act_stride = act_stride;
   const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, nthreads) : run<F32>(p, rows, max_group_rows, nthreads);
   return ok ? kOk : kOutOfMemory;
 }
