@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moerun import MoELayer, RoutingConfig
+from moerun import MoELayer, RoutingConfig, make_plan
 from moerun.kernels import native
-from moerun.kernels.experts import BACKENDS
+from moerun.kernels.experts import BACKENDS, select_backend
 
 BACKEND_NAMES = [b for b in BACKENDS if b != "native" or native.is_available()]
 # bf16 backends round the activation between the GEMMs to bf16; the oracle keeps float32.
@@ -125,3 +125,20 @@ def test_experts_forward_rejects_mismatches() -> None:
         experts_forward(torch.randn(1, 96), plan, ExpertWeights(w.gate_up, w.down[:, :, :-1]))
     with pytest.raises(ValueError, match="unknown expert backend"):
         experts_forward(torch.randn(1, 96), plan, w, backend="magic")
+
+
+@pytest.mark.skipif(not native.is_available(), reason="native kernel not available")
+@pytest.mark.parametrize(("rows_per_group", "packed", "expected"), [
+    (1, False, "native"), (16, False, "native"), (64, False, "native"),
+    (1, True, "native"), (16, True, "torch"), (64, True, "native"),
+])  # fmt: skip
+def test_auto_backend_choice(rows_per_group: int, packed: bool, expected: str) -> None:
+    layer = make_layer(torch.bfloat16)
+    if packed:
+        layer.prepack()
+    num_experts, top_k = layer.num_experts, layer.routing.top_k
+    tokens = rows_per_group * num_experts // top_k
+    ids = torch.arange(tokens * top_k).remainder(num_experts).view(tokens, top_k)  # every expert, evenly
+    plan = make_plan(ids, torch.full((tokens, top_k), 1.0 / top_k), num_experts)
+    x = torch.zeros(tokens, layer.hidden_size, dtype=torch.bfloat16)
+    assert select_backend(x, plan, layer.expert_weights()) is BACKENDS[expected]

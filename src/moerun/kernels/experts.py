@@ -28,6 +28,10 @@ from .onednn import PackedExperts, packed_linear
 # group, even at 16, and 12% slower at 8, where the unfused call streams small groups' weight rows one
 # at a time (the fused path reads gate and up rows in tiles).
 FUSED_GLU_MIN_ROWS_PER_GROUP = 16
+# With oneDNN-packed weights, torch's GEMMs beat the native kernel from 4 to 32 rows per group on
+# average and lose from 64 (olmoe-1b-7b layer, bf16, one thread, CPU time: 54 vs 68 ms at 4 rows,
+# 101 vs 151 at 16, 171 vs 193 at 32, 341 vs 294 at 64). On plain weights native wins throughout.
+PACKED_TORCH_ROWS_PER_GROUP = (4.0, 48.0)
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ def native_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
 
 def experts_auto(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
     """The native kernel where it supports the input, else torch."""
-    return select_backend(x, w)(x, plan, w)
+    return select_backend(x, plan, w)(x, plan, w)
 
 
 BACKENDS: dict[str, Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]] = {
@@ -202,14 +206,19 @@ BACKENDS: dict[str, Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.T
 
 
 def select_backend(
-    x: torch.Tensor, w: ExpertWeights
+    x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights
 ) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
     """The backend ``auto`` uses for this input.
 
-    The native kernel picks its decode or prefill path per group; measured on the olmoe-1b-7b layer
-    it beats torch's GEMMs at every token count, oneDNN-packed weights included.
+    The native kernel picks its decode or prefill path per group and beats torch's GEMMs on plain
+    weights at every size measured; only oneDNN-packed weights (``MoELayer.prepack``) win a middle range.
     """
-    return experts_native if native_supports(x, w) else experts_torch
+    if not native_supports(x, w):
+        return experts_torch
+    low, high = PACKED_TORCH_ROWS_PER_GROUP
+    if w.packed is not None and low <= plan.num_slots / max(plan.num_groups, 1) < high:
+        return experts_torch
+    return experts_native
 
 
 def get_backend(name: str) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
