@@ -177,3 +177,24 @@ def test_generate_debug_shows_the_traceback(tmp_path: Path, where: str) -> None:
     args = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
     with pytest.raises(CheckpointError, match="does not exist"):
         cli.main(["--debug", *args] if where == "before" else [*args, "--debug"])
+
+
+def test_defaults_to_the_reference_model_and_its_heldout_files(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "one.py").write_text("x = 1\n")
+    (tmp_path / "two.py").write_text("y = 2\n")
+    monkeypatch.setattr("moerun.assets.REFERENCE_MODEL_DIR", checkpoint)
+    monkeypatch.setattr("moerun.assets.REFERENCE_HELDOUT_DIR", tmp_path)
+    assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--threads", "1"]) == 0
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["eval", "--threads", "1", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["files"] == [str(tmp_path / "one.py"), str(tmp_path / "two.py")]
+
+
+def test_missing_reference_model(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("moerun.assets.REFERENCE_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr("moerun.assets.REFERENCE_HELDOUT_DIR", tmp_path / "absent")
+    assert cli.main(["generate", "--prompt", "hi"]) == 2
+    assert cli.main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "moerun's reference model is not installed" in err
+    assert "moerun's reference held-out files are not installed" in err

@@ -272,7 +272,7 @@ def generate(
     console.print(
         f"prompt tokens {result.prompt_tokens} · generated {len(result.token_ids)} (stop: {result.stop_reason}) · "
         f"time to first token {result.time_to_first_token_ms:,.0f} ms · "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s · peak memory {result.peak_memory_bytes / 2**30:.2f} GiB",
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s · peak memory {_format_bytes(result.peak_memory_bytes)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -297,8 +297,6 @@ def eval_(
     from .eval import default_eval_files, evaluate
 
     files = text or default_eval_files()
-    if not files:
-        raise UserError("no text files to evaluate")
     for file in files:
         if not file.is_file():
             raise UserError(f"text file {file} does not exist")
@@ -319,6 +317,10 @@ def eval_(
         console.print(f"wrote {json_path}")
 
 
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _load_model(model: Path | None, dtype: str, threads: int | None, needs_tokenizer_for: str):
     """moerun.load with the CLI's option checks and a one-line report of what loading cost."""
     from .models.loader import DTYPES, SUPPORTED_MODEL_TYPES, default_model_dir, has_tokenizer, load
@@ -333,9 +335,11 @@ def _load_model(model: Path | None, dtype: str, threads: int | None, needs_token
     with console.status("loading the model..."):
         loaded = load(path, dtype, threads)
     s = loaded.stats
+    added = s.peak_rss_bytes - s.rss_before_bytes
     console.print(
-        f"loaded {loaded.path} ({SUPPORTED_MODEL_TYPES[loaded.config.model_type]}, {s.model_bytes / 2**30:.2f} GiB "
-        f"{dtype}) in {s.seconds:.1f} s; loading added at most {s.peak_over_model:.2f}x the model's size",
+        f"loaded {loaded.path} ({SUPPORTED_MODEL_TYPES[loaded.config.model_type]}, {_format_bytes(s.model_bytes)} "
+        f"{dtype}) in {s.seconds:.1f} s; memory added at the peak: {_format_bytes(added)} "
+        f"({s.peak_over_model:.2f}x the model)",
         highlight=False,
         soft_wrap=True,
     )

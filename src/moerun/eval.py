@@ -41,12 +41,19 @@ class EvalResult:
 
 
 def default_eval_files() -> list[Path]:
-    """The reference model's held-out files."""
+    """The reference model's held-out files (moerun.assets.REFERENCE_HELDOUT_DIR/*.py).
+
+    Raises:
+        ValueError: this installation of moerun has none.
+    """
     try:
         from .assets import REFERENCE_HELDOUT_DIR
     except ImportError:
-        raise ValueError("no texts given and moerun's reference held-out files are not installed") from None
-    return sorted(Path(REFERENCE_HELDOUT_DIR).glob("*.py"))
+        REFERENCE_HELDOUT_DIR = None
+    files = [] if REFERENCE_HELDOUT_DIR is None else sorted(Path(REFERENCE_HELDOUT_DIR).glob("*.py"))
+    if not files:
+        raise ValueError("no texts given and moerun's reference held-out files are not installed")
+    return files
 
 
 def join_tokens(texts: Sequence[str], tokenizer) -> list[int]:
