@@ -90,6 +90,13 @@ def test_final_token_flushes_an_incomplete_character(loaded) -> None:
     assert [t.text for t in tokens] == ["a", "b", "", "\ufffd"]
 
 
+def test_prompt_ending_inside_a_character(loaded) -> None:
+    """The output is then decoded on its own: its texts still concatenate to the decoded output."""
+    script = [0xA9, *b"b", 0xC3, 0xA9]  # the rest of "é" (whose first byte ends the prompt), "b", "é"
+    tokens = list(moerun.generate_stream(loaded, prompt=[*b"x", 0xC3], max_new_tokens=4, runner=ScriptedRunner(script)))
+    assert "".join(t.text for t in tokens) == loaded.tokenizer.decode(script) == "\ufffdbé"
+
+
 def test_hf_runner_logits_match_a_full_forward(loaded) -> None:
     ids = torch.tensor([5, 9, 200, 17, 3])
     runner = HFRunner(loaded.model)

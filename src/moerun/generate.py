@@ -79,7 +79,7 @@ class GenerationResult:
     stop_reason: str  # one of STOP_REASONS
     time_to_first_token_ms: float  # from the call (tokenizing included) to the first token
     decode_tokens_per_s: float  # tokens after the first, per second; 0 with fewer than two tokens
-    peak_memory_bytes: int  # the process's peak resident memory during the generation
+    peak_memory_bytes: int  # the process's peak resident memory during the generation (resets the peak counter)
 
 
 class _IncrementalDecoder:
@@ -93,6 +93,8 @@ class _IncrementalDecoder:
         self._tokenizer = tokenizer
         self._context = prompt_ids[-_DECODE_CONTEXT_TOKENS:]
         self._context_text = self._decode(self._context)
+        if self._context_text.endswith("\ufffd"):  # the prompt ends inside a character the output may complete
+            self._context, self._context_text = [], ""
         self._ids: list[int] = []
         self._emitted = 0  # characters of the output already handed out
 
@@ -102,9 +104,7 @@ class _IncrementalDecoder:
     def push(self, token_id: int, final: bool) -> str:
         """Add one token; returns the text now complete (everything left when ``final``)."""
         self._ids.append(token_id)
-        text = self._decode(self._context + self._ids)
-        # A prompt ending inside a character decodes differently once the output completes it.
-        text = text[len(self._context_text) :] if text.startswith(self._context_text) else self._decode(self._ids)
+        text = self._decode(self._context + self._ids)[len(self._context_text) :]
         if text.endswith("\ufffd") and not final:
             return ""
         delta, self._emitted = text[self._emitted :], len(text)
