@@ -10,7 +10,13 @@ from transformers import DynamicCache
 import moerun
 from families import tiny_model
 from moerun.kernels import native
-from moerun.models.lean import LeanRunner, apply_rope, decode_attention, make_lean_runner
+from moerun.models.lean import (
+    LeanRunner,
+    NativeDecodeAttention,
+    apply_rope,
+    decode_attention,
+    make_lean_runner,
+)
 
 LEAN_FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe")
 NATIVE = [True, False] if native.is_available() else [False]
@@ -125,14 +131,17 @@ def test_bf16_close_to_transformers(family: str) -> None:
     assert sorted(errors)[len(errors) // 2] <= 3e-2, errors
 
 
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("hkv", [4, 2, 1])
-def test_decode_attention_matches_sdpa(hkv: int) -> None:
+def test_decode_attention_matches_sdpa(hkv: int, use_native: bool) -> None:
     q = torch.randn(4, 16)
-    keys, values = torch.randn(hkv, 9, 16), torch.randn(hkv, 9, 16)
+    cache = torch.randn(2, hkv, 12, 16)  # [2, Hkv, L, D], the first 9 positions filled
+    keys, values = cache[0, :, :9], cache[1, :, :9]
     expected = F.scaled_dot_product_attention(
         q.view(1, 4, 1, 16), keys[None], values[None], scale=0.3, enable_gqa=True
     )  # [1, Hq, 1, D]
-    torch.testing.assert_close(decode_attention(q, keys, values, 0.3), expected.view(4, 16))
+    attend = NativeDecodeAttention(4, hkv, 12) if use_native else decode_attention
+    torch.testing.assert_close(attend(q, keys, values, 0.3), expected.view(4, 16))
 
 
 def test_apply_rope_matches_rotate_half() -> None:

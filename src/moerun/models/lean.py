@@ -59,10 +59,11 @@ class Runner(Protocol):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: normalise in float32, round to x's dtype, scale. x: [..., N] -> [..., N]."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """transformers' RMSNorm: normalise in float32, round to x's dtype, scale. x: [..., N] -> [..., N].
+
+    torch's fused rms_norm takes a quarter of the CPU time of the five-op formula on a decode row.
+    """
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -81,13 +82,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention of one position over the cached prefix, accumulated in float32.
-
-    A broadcast product and sum over the head dim: on CPU this beats SDPA's flash kernel (which tiles for
-    many queries) and bf16 bmm (which rounds the scores to bf16) for a single query.
+    """Softmax attention of one position over the cached prefix, in float32 (the path without the native kernel).
 
     Args:
-        q: [Hq, D] float32 queries; the query heads sharing a kv head are adjacent (transformers' repeat_kv).
+        q: [Hq, D] queries; the query heads sharing a kv head are adjacent (transformers' repeat_kv).
         keys, values: [Hkv, P, D] the cached prefix.
         scale: the softmax scale.
 
@@ -95,10 +93,44 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         [Hq, D] float32.
     """
     hkv, _, d = keys.shape
-    q = q.view(hkv, -1, 1, d)  # [Hkv, g, 1, D]
+    q = q.float().view(hkv, -1, 1, d)  # [Hkv, g, 1, D]
     scores = (keys.float().unsqueeze(1) * q).sum(-1) * scale  # [Hkv, g, P]
     probs = torch.softmax(scores, dim=-1)
     return (probs.unsqueeze(-1) * values.float().unsqueeze(1)).sum(2).view(-1, d)  # [Hq, D]
+
+
+class NativeDecodeAttention:
+    """Attention of one position over the cached prefix, with the scores on the native kernel.
+
+    Each kv head's cached keys [P, D] are a contiguous block of the cache, so the scores of the query heads
+    that share it are one native call, streamed at memory speed and accumulated in float32. The values
+    product stays a torch bmm: the kernel reads weight rows along the reduced dim, and a value row is not.
+    Measured per layer at P = 544, OLMoE-1B-7B heads, 1 thread: 0.62 ms against 1.4 ms for the float32
+    broadcast formulation, 0.8 ms for the same under torch.compile and 2.1 ms for SDPA (flash).
+
+    Args:
+        num_heads: Hq.
+        num_kv_heads: Hkv.
+        max_seq_len: L, the longest prefix.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, max_seq_len: int) -> None:
+        self.group = num_heads // num_kv_heads
+        self.scores = torch.empty(num_heads, max_seq_len, dtype=torch.float32)  # [Hq, L]
+        self._expert = torch.zeros(1, dtype=torch.int64)  # each call sees one kv head as expert 0, from row 0
+        self._count = torch.full((1,), self.group, dtype=torch.int64)
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [Hq, D] in the cache dtype; keys, values: [Hkv, P, D] -> [Hq, D] in the cache dtype."""
+        hkv, length, d = keys.shape
+        g = self.group
+        for h in range(hkv):
+            rows = slice(h * g, (h + 1) * g)
+            native.grouped_gemv(
+                q[rows], keys[h : h + 1], self._expert, self._expert, self._count, out=self.scores[rows, :length]
+            )  # [g, P]
+        probs = torch.softmax(self.scores[:, :length] * scale, dim=-1).to(values.dtype)  # [Hq, P]
+        return torch.bmm(probs.view(hkv, g, length), values).view(-1, d)  # [Hq, D]
 
 
 class Matvec:
@@ -205,9 +237,6 @@ class LeanRunner:
             is not modified, and its parameters are shared, so it must outlive the runner.
         max_seq_len: L, positions the KV cache holds (default: the model's context, at most 4096).
         use_native: run decode matrix-vector products on the native kernel (default: where available).
-        compile_attention: run decode attention through ``torch.compile`` (one graph for every prefix
-            length). Measured 2-3x faster per layer than eager, at a one-time compile of 5-25 s that needs a
-            C++ compiler.
 
     Raises:
         NotImplementedError: the model's family or configuration is not covered (use the HF runner).
@@ -218,7 +247,6 @@ class LeanRunner:
         model: nn.Module,
         max_seq_len: int | None = None,
         use_native: bool = True,
-        compile_attention: bool = False,
     ) -> None:
         config = model.config
         if max_seq_len is None:
@@ -241,7 +269,6 @@ class LeanRunner:
         self.final_norm = decoder.norm.weight.detach()
         self.lm_head = Matvec(model.lm_head.weight, model.lm_head.bias, use_native)
         self.layers = [self._layer(layer, use_native) for layer in decoder.layers]
-        self._attention = torch.compile(decode_attention, dynamic=True) if compile_attention else decode_attention
 
         # RoPE tables from the model's own rotary embedding, in float32 (decode) and the model dtype (prefill,
         # where transformers rounds them to the activations' dtype).
@@ -257,11 +284,16 @@ class LeanRunner:
 
         hidden = self.embed.shape[1]
         self.kv = torch.zeros(len(self.layers), 2, self.num_kv_heads, max_seq_len, self.head_dim, dtype=self.dtype)
+        self.keys, self.values = list(self.kv[:, 0]), list(self.kv[:, 1])  # per layer [Hkv, L, D] views
         # Decode buffers, reused every step: q|k|v projections side by side, the o projection.
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self._qkv = torch.empty(1, q_size + 2 * kv_size, dtype=torch.float32)  # [1, (Hq + 2 Hkv) D]
         self._q, self._k, self._v = self._qkv.split([q_size, kv_size, kv_size], dim=1)
         self._o = torch.empty(1, hidden, dtype=torch.float32)  # [1, H]
+        self._h = torch.empty(1, hidden, dtype=self.dtype)  # [1, H] the residual stream
+        self._attention = None
+        if all(layer.q.native for layer in self.layers):  # the kernel runs this dtype on this host
+            self._attention = NativeDecodeAttention(self.num_heads, self.num_kv_heads, max_seq_len)
         self.length = 0
 
     def _layer(self, layer: nn.Module, use_native: bool) -> LeanLayer:
@@ -332,7 +364,7 @@ class LeanRunner:
                 v = v.clamp(-self.clip_qkv, self.clip_qkv)
             q = apply_rope(q.view(num_tokens, hq, d).transpose(0, 1), cos, sin)  # [Hq, T, D]
             k = apply_rope(k.view(num_tokens, hkv, d).transpose(0, 1), cos, sin)  # [Hkv, T, D]
-            keys, values = self.kv[i, 0, :, :end], self.kv[i, 1, :, :end]  # [Hkv, P, D]
+            keys, values = self.keys[i][:, :end], self.values[i][:, :end]  # [Hkv, P, D]
             keys[:, start:].copy_(k)
             values[:, start:].copy_(v.view(num_tokens, hkv, d).transpose(0, 1))
             attn = F.scaled_dot_product_attention(
@@ -361,7 +393,7 @@ class LeanRunner:
         end = pos + 1
         d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         cos, sin = self.cos[pos], self.signed_sin[pos]  # [D] float32
-        h = self.embed[token_id : token_id + 1].clone()  # [1, H] model dtype, the residual stream
+        h = self._h.copy_(self.embed[token_id])  # [1, H] model dtype, the residual stream
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, self.eps)  # [1, H]
             layer.q(x, self._q)
@@ -371,18 +403,20 @@ class LeanRunner:
             v = self._v if self.clip_qkv is None else self._v.clamp(-self.clip_qkv, self.clip_qkv)
             q = apply_rope(q.view(hq, d), cos, sin)  # [Hq, D]
             k = apply_rope(k.view(hkv, d), cos, sin)  # [Hkv, D]
-            self.kv[i, 0, :, pos].copy_(k)
-            self.kv[i, 1, :, pos].copy_(v.view(hkv, d))
-            attn = self._attention(q, self.kv[i, 0, :, :end], self.kv[i, 1, :, :end], self.scaling)  # [Hq, D]
-            h.add_(layer.o(attn.view(1, hq * d).to(self.dtype), self._o))
+            keys, values = self.keys[i], self.values[i]
+            keys[:, pos].copy_(k)
+            values[:, pos].copy_(v.view(hkv, d))
+            if self._attention is None:
+                attn = decode_attention(q, keys[:, :end], values[:, :end], self.scaling).to(self.dtype)  # [Hq, D]
+            else:
+                attn = self._attention(q.to(self.dtype), keys[:, :end], values[:, :end], self.scaling)
+            h.add_(layer.o(attn.view(1, hq * d), self._o))
             h.add_(layer.mlp(rms_norm(h, layer.post_norm, self.eps)))
         self.length = end
         logits = torch.empty(1, self.lm_head.out_features, dtype=torch.float32)
         return self.lm_head(rms_norm(h, self.final_norm, self.eps), logits)[0]
 
 
-def make_lean_runner(
-    model: nn.Module, max_seq_len: int | None = None, use_native: bool = True, compile_attention: bool = False
-) -> LeanRunner:
+def make_lean_runner(model: nn.Module, max_seq_len: int | None = None, use_native: bool = True) -> LeanRunner:
     """The lean runner over ``model`` (see :class:`LeanRunner`); NotImplementedError for uncovered families."""
-    return LeanRunner(model, max_seq_len, use_native, compile_attention)
+    return LeanRunner(model, max_seq_len, use_native)
