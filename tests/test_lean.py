@@ -11,6 +11,7 @@ import moerun
 from families import tiny_model
 from moerun.kernels import native
 from moerun.models.lean import (
+    KVCache,
     LeanRunner,
     NativeDecodeAttention,
     apply_rope,
@@ -135,13 +136,49 @@ def test_bf16_close_to_transformers(family: str) -> None:
 @pytest.mark.parametrize("hkv", [4, 2, 1])
 def test_decode_attention_matches_sdpa(hkv: int, use_native: bool) -> None:
     q = torch.randn(4, 16)
-    cache = torch.randn(2, hkv, 12, 16)  # [2, Hkv, L, D], the first 9 positions filled
-    keys, values = cache[0, :, :9], cache[1, :, :9]
+    keys, values = torch.randn(hkv, 9, 16), torch.randn(hkv, 9, 16)
     expected = F.scaled_dot_product_attention(
         q.view(1, 4, 1, 16), keys[None], values[None], scale=0.3, enable_gqa=True
     )  # [1, Hq, 1, D]
-    attend = NativeDecodeAttention(4, hkv, 12) if use_native else decode_attention
-    torch.testing.assert_close(attend(q, keys, values, 0.3), expected.view(4, 16))
+    cache = KVCache(1, hkv, 16, max_seq_len=40, dtype=torch.float32, min_capacity=8)
+    cache.reserve(9, 0)
+    cache.keys[0, :, :9] = keys
+    cache.values[0, :, :, :9] = values.transpose(1, 2)
+    if use_native:
+        got = NativeDecodeAttention(4, hkv, 40, torch.float32)(q, cache.keys[0], cache.values[0], 9, 0.3)
+    else:
+        got = decode_attention(q, cache.keys[0, :, :9], cache.values[0, :, :, :9].transpose(1, 2), 0.3)
+    torch.testing.assert_close(got, expected.view(4, 16))
+
+
+def test_kv_cache_grows_by_doubling_and_keeps_filled_positions() -> None:
+    cache = KVCache(2, 3, 4, max_seq_len=100, dtype=torch.float32, min_capacity=8)
+    cache.reserve(5, 0)
+    assert cache.capacity == 8 and cache.keys.shape == (2, 3, 8, 4) and cache.values.shape == (2, 3, 4, 8)
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 4, 5)
+    cache.keys[:, :, :5] = keys
+    cache.values[..., :5] = values
+    for length, capacity in ((8, 8), (9, 16), (70, 100)):
+        cache.reserve(length, 5)
+        assert cache.capacity == capacity
+        assert torch.equal(cache.keys[:, :, :5], keys) and torch.equal(cache.values[..., :5], values)
+        assert not cache.values[..., 5:].any()
+    cache.clear()
+    assert not cache.values.any()
+
+
+def test_decode_across_cache_growth_matches_transformers() -> None:
+    model = tiny_model("olmoe")
+    runner = make_lean_runner(model, max_seq_len=200)  # capacities 64 -> 128 -> 200
+    reference = HFReference(model)
+    ids = prompt(60)
+    assert_logits_close(runner.prefill(ids), reference(ids.tolist()), 1e-4)
+    for step in range(80):
+        token = (7 * step) % 128
+        assert_logits_close(runner.decode(token), reference([token]), 1e-4)
+    assert runner.cache.capacity == 200
+    more = prompt(50, seed=5)  # a prompt after cached positions, past the largest power of two
+    assert_logits_close(runner.prefill(more), reference(more.tolist()), 1e-4)
 
 
 def test_apply_rope_matches_rotate_half() -> None:
@@ -176,3 +213,21 @@ def test_sliding_window_shorter_than_the_cache_raises() -> None:
     with pytest.raises(NotImplementedError, match="sliding window"):
         LeanRunner(model, max_seq_len=32)
     assert LeanRunner(model, max_seq_len=16).max_seq_len == 16
+
+
+def test_reference_model_matches_transformers() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from moerun import assets
+
+    if not (assets.REFERENCE_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the reference model is not in this checkout")
+    model = AutoModelForCausalLM.from_pretrained(assets.REFERENCE_MODEL_DIR, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    runner = make_lean_runner(model, max_seq_len=64)
+    reference = HFReference(model)
+    assert_logits_close(runner.prefill(ids), reference(ids.tolist()), 1e-4)
+    with torch.inference_mode():
+        expected = model.generate(ids[None], max_new_tokens=DECODE_STEPS, do_sample=False, min_new_tokens=DECODE_STEPS)
+    runner.reset()
+    assert greedy(runner, ids, DECODE_STEPS) == expected[0, 40:].tolist()

@@ -73,6 +73,11 @@ def test_decode_bytes_per_token_counts_top_k_experts() -> None:
     assert model_bench.decode_bytes_per_token(model) == (total - unused_experts - embedding_rows_not_read) * 4
 
 
+def test_sequence_beyond_the_model_context_is_refused(tiny_dir) -> None:
+    with pytest.raises(ValueError, match="context of 512 positions"):
+        list(model_bench.run_model_bench(str(tiny_dir), prompt_tokens=500, decode_tokens=13))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

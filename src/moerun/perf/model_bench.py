@@ -315,6 +315,11 @@ def run_model_bench(
     step = on_step or (lambda _: None)
     step(f"loading {model_spec}")
     model = load_model(model_spec, dtype)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + decode_tokens > context:
+        raise ValueError(
+            f"{prompt_tokens} prompt + {decode_tokens} decode tokens exceed the model's context of {context} positions"
+        )
     vocab = model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
     timer = MoETimer()
