@@ -140,7 +140,7 @@ def test_decode_attention_matches_sdpa(hkv: int, use_native: bool) -> None:
     expected = F.scaled_dot_product_attention(
         q.view(1, 4, 1, 16), keys[None], values[None], scale=0.3, enable_gqa=True
     )  # [1, Hq, 1, D]
-    cache = KVCache(1, hkv, 16, max_seq_len=40, dtype=torch.float32, min_capacity=8)
+    cache = KVCache(1, hkv, 16, max_seq_len=40, dtype=torch.float32, block=8)
     cache.reserve(9, 0)
     cache.keys[0, :, :9] = keys
     cache.values[0, :, :, :9] = values.transpose(1, 2)
@@ -151,14 +151,14 @@ def test_decode_attention_matches_sdpa(hkv: int, use_native: bool) -> None:
     torch.testing.assert_close(got, expected.view(4, 16))
 
 
-def test_kv_cache_grows_by_doubling_and_keeps_filled_positions() -> None:
-    cache = KVCache(2, 3, 4, max_seq_len=100, dtype=torch.float32, min_capacity=8)
+def test_kv_cache_grows_by_blocks_and_keeps_filled_positions() -> None:
+    cache = KVCache(2, 3, 4, max_seq_len=100, dtype=torch.float32, block=8)
     cache.reserve(5, 0)
     assert cache.capacity == 8 and cache.keys.shape == (2, 3, 8, 4) and cache.values.shape == (2, 3, 4, 8)
     keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 4, 5)
     cache.keys[:, :, :5] = keys
     cache.values[..., :5] = values
-    for length, capacity in ((8, 8), (9, 16), (70, 100)):
+    for length, capacity in ((8, 8), (9, 16), (70, 72), (97, 100)):
         cache.reserve(length, 5)
         assert cache.capacity == capacity
         assert torch.equal(cache.keys[:, :, :5], keys) and torch.equal(cache.values[..., :5], values)
@@ -169,7 +169,7 @@ def test_kv_cache_grows_by_doubling_and_keeps_filled_positions() -> None:
 
 def test_decode_across_cache_growth_matches_transformers() -> None:
     model = tiny_model("olmoe")
-    runner = make_lean_runner(model, max_seq_len=200)  # capacities 64 -> 128 -> 200
+    runner = make_lean_runner(model, max_seq_len=200)  # capacities 128 -> 200
     reference = HFReference(model)
     ids = prompt(60)
     assert_logits_close(runner.prefill(ids), reference(ids.tolist()), 1e-4)
@@ -177,7 +177,7 @@ def test_decode_across_cache_growth_matches_transformers() -> None:
         token = (7 * step) % 128
         assert_logits_close(runner.decode(token), reference([token]), 1e-4)
     assert runner.cache.capacity == 200
-    more = prompt(50, seed=5)  # a prompt after cached positions, past the largest power of two
+    more = prompt(50, seed=5)  # a prompt after cached positions, up to the full length
     assert_logits_close(runner.prefill(more), reference(more.tolist()), 1e-4)
 
 
