@@ -6,8 +6,8 @@ by round, and the table reports medians, so that the host's noise hits them alik
 
 All implementations share one copy of the weights: the transformers model is loaded (or built) once;
 ``hf-eager`` and ``hf-grouped_mm`` switch its experts implementation, and ``moerun`` is the lean runner
-over the same parameter tensors (or, for families the lean runner does not cover, transformers' forward
-with moerun's experts implementation).
+over the same parameter tensors (plus its stacked copy of q/k/v) or, for families the lean runner does
+not cover, transformers' forward with moerun's experts implementation.
 
 Shape legend: P prompt tokens, N decode tokens, V vocabulary.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..generate import HFRunner
 from ..layer import MoELayer
 from ..models.hf import SUPPORTED_BLOCKS
 from ..models.lean import LeanRunner, Runner
@@ -131,40 +132,22 @@ def load_model(spec: str, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=dtype).eval()
 
 
-class TransformersRunner:
-    """transformers' own forward and DynamicCache, driven as ``generate`` drives it (logits of the last position).
-
-    The model is shared with other runners, so the experts implementation is set at every ``reset``;
-    ``generate``'s per-step extras (logits processors, stopping criteria) are left out.
+class TransformersRunner(HFRunner):
+    """transformers' own forward and DynamicCache (:class:`~moerun.generate.HFRunner`) over a model that other
+    runners share, so the experts implementation is set at every ``reset``.
 
     Args:
         model: the transformers model.
         experts_implementation: ``eager``, ``grouped_mm`` or ``moerun``.
-        max_seq_len: positions a sequence may reach.
     """
 
-    def __init__(self, model: nn.Module, experts_implementation: str, max_seq_len: int) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, experts_implementation: str) -> None:
         self.experts_implementation = experts_implementation
-        self.max_seq_len = max_seq_len
-        self.cache = None
+        super().__init__(model)
 
     def reset(self) -> None:
-        from transformers import DynamicCache
-
         self.model.set_experts_implementation(self.experts_implementation)
-        self.cache = DynamicCache(config=self.model.config)
-
-    @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()  # [V]
-
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(input_ids.view(1, -1))
-
-    def decode(self, token_id: int) -> torch.Tensor:
-        return self._forward(torch.tensor([[token_id]]))
+        super().reset()
 
 
 class MoETimer:
@@ -203,18 +186,18 @@ class MoETimer:
 def make_runners(
     model: nn.Module, impls: tuple[str, ...], max_seq_len: int, timer: MoETimer
 ) -> tuple[dict[str, Runner], dict[str, str]]:
-    """One runner per impl over the shared model, with MoE time reported to ``timer``; and a note per impl."""
+    """One runner per impl over the shared model, with MoE time reported to ``timer``; notes on fallbacks."""
     runners: dict[str, Runner] = {}
     notes: dict[str, str] = {}
     timer.hook(model)
     for impl in impls:
         if impl != "moerun":
-            runners[impl] = TransformersRunner(model, _HF_EXPERTS[impl], max_seq_len)
+            runners[impl] = TransformersRunner(model, _HF_EXPERTS[impl])
             continue
         try:
             lean = LeanRunner(model, max_seq_len)
         except NotImplementedError as e:
-            runners[impl] = TransformersRunner(model, "moerun", max_seq_len)
+            runners[impl] = TransformersRunner(model, "moerun")
             notes[impl] = f"transformers forward with moerun experts ({e})"
             continue
         for layer in lean.layers:
