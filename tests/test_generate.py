@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import moerun
 from families import FAMILIES
-from moerun.generate import HFRunner, sample_next
+from moerun.generate import HFRunner, default_runner, sample_next
+from moerun.models.lean import LeanRunner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 NEW_TOKENS = 20
@@ -37,6 +38,12 @@ def test_greedy_matches_transformers_generate(family: str, tmp_path: Path) -> No
     result = moerun.generate(moerun.load(path, dtype="fp32"), prompt=prompt[0], max_new_tokens=NEW_TOKENS)
     assert result.token_ids == expected
     assert result.stop_reason == "max_new_tokens" and result.prompt_tokens == 7
+
+
+@pytest.mark.parametrize(("family", "runner_type"), [("olmoe", LeanRunner), ("gpt_oss", HFRunner)])
+def test_default_runner_is_lean_where_covered(family: str, runner_type: type, tmp_path: Path) -> None:
+    """The equivalence test above runs whichever runner this picks, so both kinds are checked."""
+    assert isinstance(default_runner(moerun.load(save_checkpoint(family, tmp_path)).model), runner_type)
 
 
 @pytest.fixture(scope="module")

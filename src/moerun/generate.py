@@ -2,8 +2,8 @@
 
 A :class:`~moerun.models.lean.Runner` owns the model's state between calls (its KV cache): ``prefill`` the
 prompt, then ``decode`` one token at a time, each returning the logits of the last position. :class:`HFRunner`
-runs a transformers model with its ``DynamicCache``; a faster decode path (such as
-:class:`~moerun.models.lean.LeanRunner`) stands in for it by being passed as ``runner=``.
+runs a transformers model with its ``DynamicCache``; :func:`default_runner` prefers moerun's lean decode
+path (:class:`~moerun.models.lean.LeanRunner`) for the families it covers.
 
 Shape legend: T prompt tokens, V vocabulary.
 """
@@ -17,11 +17,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.lean import Runner
+from .models.lean import Runner, make_lean_runner
 from .models.loader import LoadedModel, peak_rss_bytes, reset_peak_rss
 
 STOP_REASONS = ("eos", "max_new_tokens", "context")
 _DECODE_CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the output so its first word keeps its leading space
+
+
+def default_runner(model: nn.Module) -> Runner:
+    """The lean runner where it covers the model's family and configuration, else :class:`HFRunner`."""
+    try:
+        return make_lean_runner(model)
+    except NotImplementedError:
+        return HFRunner(model)
 
 
 class HFRunner:
@@ -180,14 +188,15 @@ def generate_stream(
         temperature: 0 for greedy decoding, else the softmax temperature.
         top_p: nucleus sampling mass, in (0, 1].
         seed: sampling seed.
-        runner: the model runner (default: :class:`HFRunner` over ``model``).
+        runner: the model runner (default: :func:`default_runner` over ``model``; pass one to reuse it
+            across calls).
 
     Raises:
         ValueError: an empty prompt or one longer than the model's context, a text prompt without a
             tokenizer, or out-of-range sampling settings. Raised by this call, before any generation.
     """
     hf_model, tokenizer = _model_and_tokenizer(model, tokenizer)
-    runner = runner if runner is not None else HFRunner(hf_model)
+    runner = runner if runner is not None else default_runner(hf_model)
     prompt_ids = encode_prompt(prompt, tokenizer)
     if not prompt_ids:
         raise ValueError("the prompt is empty; it needs at least one token")
