@@ -1,4 +1,5 @@
-"""ctypes binding of the native AVX-512 grouped GEMV kernel (``csrc/moe_cpu.cpp``).
+"""ctypes binding of the native AVX-512 grouped expert kernel (``csrc/moe_cpu.cpp``): ``grouped_gemv`` for
+one projection, ``grouped_glu`` for the gate/up projection fused with the gated activation.
 
 The library is built by the package install (``setup.py``) and is a plain C ABI over raw data
 pointers, so it needs no torch headers. It is used only when it loads and the CPU has AVX-512 BF16;
@@ -176,8 +177,9 @@ def grouped_gemv(
     ``out[s, n] = r``; with scatter, ``out[scatter_index[s], n] += scatter_weight[s] * r``, where
     several rows may share a destination row.
 
-    Built for decode: each selected expert's matrix is streamed from memory once per call, split by
-    output rows across threads. Groups of many rows are correct but slower than a blocked GEMM.
+    Each selected expert's matrix is read from memory once per call (per 256 rows of a group), split by
+    output rows across threads: decode-sized groups stream weight rows, groups of 8 rows or more run
+    register tiles over packed rows.
 
     Args:
         x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K (any row stride).
