@@ -9,6 +9,7 @@ import torch
 
 from moerun.kernels import native
 from moerun.kernels.activation import GluSpec, apply_glu
+from moerun.quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, quantize_weight
 
 pytestmark = pytest.mark.skipif(
     not native.is_available(),
@@ -249,3 +250,87 @@ def test_disable_env_var(monkeypatch):
         monkeypatch.delenv("MOERUN_DISABLE_NATIVE")
         native._library.cache_clear()
     assert native.is_available()
+
+
+# ---- Low-bit weights ----
+
+QUANT_FORMATS = [
+    QuantFormat(8),
+    QuantFormat(4, 32),
+    QuantFormat(4, 64),
+    QuantFormat(4, 128, symmetric=False),
+]
+
+
+def quantized_reference(x, qweight: QuantizedWeight, experts, starts, counts, bias=None) -> torch.Tensor:
+    """Dequantize-then-matmul in float64, with the roundings the kernel documents: prefill groups (>= 8
+    rows) see the weights rounded to x's dtype, int4 decode groups see x rounded to bf16."""
+    out = torch.zeros(x.shape[0], qweight.shape[1], dtype=torch.float64)
+    for e, s, c in zip(experts.tolist(), starts.tolist(), counts.tolist(), strict=True):
+        w = qweight[e].dequantize(torch.float32)
+        xs = x[s : s + c]
+        if c >= 8:
+            w = w.to(x.dtype)
+        elif qweight.bits == 4:
+            xs = xs.to(torch.bfloat16)
+        out[s : s + c] = xs.double() @ w.double().T
+        if bias is not None:
+            out[s : s + c] += bias[e].double()
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("counts", [[1], [3, 1, 5], [9, 2, 11, 70]], ids=lambda c: "counts" + "-".join(map(str, c)))
+@pytest.mark.parametrize("k", [128, 384])
+@pytest.mark.parametrize("fmt", QUANT_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_quantized_matches_dequantized_reference(dtype, fmt, k, counts, threads):
+    x, weight, experts, starts, counts_t, gen = make_problem(dtype, k, 70, counts, seed=k + fmt.bits)
+    qweight = quantize_weight(weight, fmt)
+    bias = torch.randn(NUM_EXPERTS, 70, generator=gen)
+    expected = quantized_reference(x, qweight, experts, starts, counts_t, bias)
+    out = native.grouped_gemv(x, qweight, experts, starts, counts_t, bias=bias, num_threads=threads)
+    assert_close(out, expected, torch.bfloat16)
+
+
+def test_quantized_int8_any_k_and_fused_glu():
+    """int8 takes any K (masked tails); grouped_glu dequantizes gate and up tiles."""
+    x, weight, experts, starts, counts_t, _ = make_problem(torch.bfloat16, 100, 26, [2, 9, 20], seed=3)
+    qweight = quantize_weight(weight, QuantFormat(8))
+    assert_close(
+        native.grouped_gemv(x, qweight, experts, starts, counts_t),
+        quantized_reference(x, qweight, experts, starts, counts_t),
+        torch.bfloat16,
+    )
+    glu = GluSpec("silu")
+    act = native.grouped_glu(x, qweight, experts, starts, counts_t, glu=glu)
+    plain = native.grouped_glu(x, qweight.dequantize(torch.bfloat16), experts, starts, counts_t, glu=glu)
+    assert torch.equal(act, plain)
+
+
+def test_mixed_formats_per_expert():
+    """ExpertMatrices: each expert in its own format (and plain), in one call."""
+    x, weight, experts, starts, counts_t, _ = make_problem(torch.bfloat16, 128, 40, [1, 2, 9, 1, 3], seed=5)
+    formats = [QuantFormat(8), QuantFormat(4, 32), None, QuantFormat(4, 128, symmetric=False), QuantFormat(4, 64)]
+    matrices = [w if f is None else quantize_weight(w, f) for w, f in zip(weight, formats, strict=True)]
+    mixed = ExpertMatrices(matrices)
+    out = native.grouped_gemv(x, mixed, experts, starts, counts_t)
+    for e, s, c in zip(experts.tolist(), starts.tolist(), counts_t.tolist(), strict=True):
+        single = matrices[e]
+        stack = single.unsqueeze(0) if isinstance(single, torch.Tensor) else QuantizedWeight(
+            single.format, single.qweight[None], single.scales[None],
+            None if single.mins is None else single.mins[None], single.in_features,
+        )  # fmt: skip
+        zero = torch.zeros(1, dtype=torch.int64)
+        alone = native.grouped_gemv(x[s : s + c], stack, zero, zero, torch.tensor([c]))
+        torch.testing.assert_close(out[s : s + c], alone, rtol=0, atol=0)
+
+
+def test_quantized_format_errors():
+    x = torch.ones(3, 96, dtype=torch.bfloat16)
+    qweight = quantize_weight(torch.randn(2, 4, 128), QuantFormat(4, 32))
+    with pytest.raises(ValueError, match="K mismatch"):
+        native.grouped_gemv(x, qweight, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
+    mixed = ExpertMatrices([torch.ones(4, 96, dtype=torch.float32), torch.ones(4, 96, dtype=torch.float32)])
+    with pytest.raises(ValueError, match="must be contiguous torch.bfloat16 like x"):
+        native.grouped_gemv(x, mixed, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))

@@ -1,6 +1,10 @@
 """ctypes binding of the native AVX-512 grouped expert kernel (``csrc/moe_cpu.cpp``): ``grouped_gemv`` for
 one projection, ``grouped_glu`` for the gate/up projection fused with the gated activation.
 
+Weights are a float tensor [E, N, K], a ``QuantizedWeight`` stack [E, N, K] (int8 / int4, read packed),
+or ``ExpertMatrices`` (each expert its own format). The kernel sees them as a table of E matrix
+descriptors, cached per weight.
+
 The library is built by the package install (``setup.py``) and is a plain C ABI over raw data
 pointers, so it needs no torch headers. It is used only when it loads and the CPU has AVX-512 BF16;
 ``MOERUN_DISABLE_NATIVE=1`` turns it off. Callers fall back to torch when ``is_available()`` is False.
@@ -10,6 +14,7 @@ Shape legend: S sorted rows, K input features, N output features, E experts, G g
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import importlib.machinery
@@ -18,9 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
 from .activation import GluSpec
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# Matrix formats (the Format enum in moe_cpu.cpp); plain float matrices use their dtype code.
+_FORMAT_CODES = {8: 2, 4: 3}
 _REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"})
 # Status codes returned by moerun_grouped_gemv (the enum in moe_cpu.cpp).
 _STATUS_MESSAGES = {
@@ -32,6 +40,7 @@ _STATUS_MESSAGES = {
     6: "out of memory for the staging buffers",
     7: "unsupported fused activation",
     8: "the gate/up weight must have an even number of rows",
+    9: "a weight matrix's format does not fit (plain weights must share x's dtype; int4 needs K % 64 == 0)",
 }
 # Gated activations the kernel fuses into the gate/up projection (the Glu enum in moe_cpu.cpp).
 _GLU_CODES = {"silu": 0, "gelu_pytorch_tanh": 1, "swiglu_clamped": 2}
@@ -69,7 +78,7 @@ def _library() -> ctypes.CDLL | None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [
             ptr, i64, i64,  # x, x rows, x row stride
-            ptr, i64, i64, i64,  # weight, E, N, K
+            ptr, i64, i64, i64,  # matrix table, E, N, K
             ptr, ptr, ptr, i64,  # group experts, starts, counts, G
             ptr,  # bias
             ptr, i64, i64,  # out, out rows, out row stride
@@ -80,7 +89,7 @@ def _library() -> ctypes.CDLL | None:
         glu = lib.moerun_grouped_glu
         glu.argtypes = [
             ptr, i64, i64,  # x, x rows, x row stride
-            ptr, i64, i64, i64,  # weight, E, 2I, K
+            ptr, i64, i64, i64,  # matrix table, E, 2I, K
             ptr, ptr, ptr, i64,  # group experts, starts, counts, G
             ptr,  # bias
             ctypes.c_int, ctypes.c_float, ctypes.c_float,  # activation code, alpha, limit
@@ -119,27 +128,97 @@ def _library_or_raise() -> ctypes.CDLL:
     return lib
 
 
+def _matrix_row(m: torch.Tensor | QuantizedWeight) -> list[int]:
+    """The kernel's descriptor of one [N, K] matrix: pointer, scales, mins, format | group size << 8."""
+    if isinstance(m, torch.Tensor):
+        return [m.data_ptr(), 0, 0, _DTYPE_CODES[m.dtype]]
+    mins = 0 if m.mins is None else m.mins.data_ptr()
+    return [m.qweight.data_ptr(), m.scales.data_ptr(), mins, _FORMAT_CODES[m.bits] | m.format.group_size << 8]
+
+
+def _table_key(weight: Weight) -> tuple:
+    """What a weight's descriptor table depends on: its storage addresses, shapes and formats."""
+    if isinstance(weight, torch.Tensor):
+        return ("t", weight.data_ptr(), tuple(weight.shape), weight.dtype)
+    if isinstance(weight, QuantizedWeight):
+        mins = None if weight.mins is None else weight.mins.data_ptr()
+        return ("q", weight.qweight.data_ptr(), weight.scales.data_ptr(), mins, weight.shape, weight.format)
+    return ("m", id(weight), *(tuple(_matrix_row(m)) for m in weight.matrices))
+
+
+# Descriptor tables by _table_key: the same storage always gives the same table, so a stale entry (memory
+# freed and reused for a weight of the same shape and format) is still correct.
+_TABLES: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+_TABLE_CACHE_SIZE = 1024
+
+
+def matrix_table(weight: Weight) -> torch.Tensor:
+    """The [E, 4] int64 table of matrix descriptors the kernel reads for a weight of E experts.
+
+    ``ExpertMatrices`` tables are cached on the object (they never change); stacks by storage address.
+    """
+    if isinstance(weight, ExpertMatrices):
+        table = getattr(weight, "_native_table", None)
+        if table is None:
+            table = torch.tensor([_matrix_row(m) for m in weight.matrices], dtype=torch.int64)
+            weight._native_table = table
+        return table
+    key = _table_key(weight)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    if isinstance(weight, torch.Tensor):
+        num_experts = weight.shape[0]
+        table = torch.zeros(num_experts, 4, dtype=torch.int64)
+        step = weight.stride(0) * weight.element_size()
+        table[:, 0] = torch.arange(num_experts, dtype=torch.int64) * step + weight.data_ptr()
+        table[:, 3] = _DTYPE_CODES[weight.dtype]
+    else:
+        table = torch.tensor([_matrix_row(weight[e]) for e in range(weight.shape[0])], dtype=torch.int64)
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _check_weight(x: torch.Tensor, weight: Weight) -> None:
+    """Validate a weight of E experts [E, N, K] against x [S, K]."""
+    if x.dtype not in _DTYPE_CODES:
+        raise ValueError(f"x and weight must both be bfloat16 or both float32 (or the weight quantized), got {x.dtype}")
+    if x.dim() != 2 or len(weight.shape) != 3:
+        raise ValueError(f"x must be [S, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[2]:
+        raise ValueError(f"K mismatch: x has {x.shape[1]} features, weight rows have {weight.shape[2]}")
+    if not x.is_cpu or weight.device.type != "cpu":
+        raise ValueError("the native kernel runs on CPU tensors only")
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError("x must have unit stride along K (x.stride(1) == 1)")
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype != x.dtype:
+            raise ValueError(f"x and weight must both be bfloat16 or both float32, got {x.dtype} and {weight.dtype}")
+        if not weight.is_contiguous():
+            raise ValueError("weight must be contiguous")
+        return
+    matrices = weight.matrices if isinstance(weight, ExpertMatrices) else [weight]
+    for m in matrices:
+        if isinstance(m, torch.Tensor):
+            if m.dtype != x.dtype or not m.is_contiguous():
+                raise ValueError(f"unquantized expert matrices must be contiguous {x.dtype} like x, got {m.dtype}")
+        elif not all(t.is_contiguous() for t in m.tensors().values()):
+            raise ValueError("quantized weight tensors must be contiguous")
+
+
 def _check_groups_and_bias(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     group_experts: torch.Tensor,
     group_starts: torch.Tensor,
     group_counts: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Validate x, weight, the group tensors and bias; returns the group tensors and bias as the kernel reads them."""
-    if x.dtype not in _DTYPE_CODES or weight.dtype != x.dtype:
-        raise ValueError(f"x and weight must both be bfloat16 or both float32, got {x.dtype} and {weight.dtype}")
-    if x.dim() != 2 or weight.dim() != 3:
-        raise ValueError(f"x must be [S, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[2]:
-        raise ValueError(f"K mismatch: x has {x.shape[1]} features, weight rows have {weight.shape[2]}")
-    if not (x.is_cpu and weight.is_cpu):
-        raise ValueError("the native kernel runs on CPU tensors only")
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        raise ValueError("x must have unit stride along K (x.stride(1) == 1)")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous")
+    _check_weight(x, weight)
     num_experts, n_out, _ = weight.shape
     experts = _index_tensor(group_experts, "group_experts")
     starts = _index_tensor(group_starts, "group_starts")
@@ -159,7 +238,7 @@ def _check_groups_and_bias(
 
 def grouped_gemv(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     group_experts: torch.Tensor,
     group_starts: torch.Tensor,
     group_counts: torch.Tensor,
@@ -179,11 +258,12 @@ def grouped_gemv(
 
     Each selected expert's matrix is read from memory once per call (per 256 rows of a group), split by
     output rows across threads: decode-sized groups stream weight rows, groups of 8 rows or more run
-    register tiles over packed rows.
+    register tiles over packed rows. Low-bit weights are read packed by the decode path (int4 against x
+    rounded to bf16) and dequantized a tile at a time, to x's dtype, by the prefill path.
 
     Args:
         x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K (any row stride).
-        weight: [E, N, K] contiguous, same dtype as x.
+        weight: [E, N, K]: a contiguous tensor of x's dtype, a ``QuantizedWeight`` or ``ExpertMatrices``.
         group_experts: [G] int64 expert id of each group.
         group_starts: [G] int64 first row of x of each group.
         group_counts: [G] int64 number of rows of each group.
@@ -232,7 +312,7 @@ def grouped_gemv(
         raise ValueError(f"without scatter, out must have one row per x row ({num_rows}), got {out.shape[0]}")
     status = lib.moerun_grouped_gemv(
         _ptr(x), num_rows, x.stride(0),
-        _ptr(weight), num_experts, n_out, k,
+        _ptr(matrix_table(weight)), num_experts, n_out, k,
         _ptr(experts), _ptr(starts), _ptr(counts), experts.shape[0],
         _ptr(bias),
         _ptr(out), out.shape[0], out.stride(0),
@@ -251,7 +331,7 @@ def fuses_glu(glu: GluSpec) -> bool:
 
 def grouped_glu(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     group_experts: torch.Tensor,
     group_starts: torch.Tensor,
     group_counts: torch.Tensor,
@@ -268,7 +348,7 @@ def grouped_glu(
 
     Args:
         x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K.
-        weight: [E, 2I, K] contiguous, same dtype as x.
+        weight: [E, 2I, K], as for ``grouped_gemv``.
         group_experts, group_starts, group_counts: [G] int64, as for ``grouped_gemv``.
         glu: the gated activation; ``fuses_glu(glu)`` must hold.
         bias: [E, 2I] or None.
@@ -289,7 +369,7 @@ def grouped_glu(
     act = torch.empty(x.shape[0], two_i // 2, dtype=x.dtype)
     status = lib.moerun_grouped_glu(
         _ptr(x), x.shape[0], x.stride(0),
-        _ptr(weight), num_experts, two_i, k,
+        _ptr(matrix_table(weight)), num_experts, two_i, k,
         _ptr(experts), _ptr(starts), _ptr(counts), experts.shape[0],
         _ptr(bias),
         _GLU_CODES[glu.activation], glu.alpha, glu.limit,

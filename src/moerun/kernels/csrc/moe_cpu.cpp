@@ -23,6 +23,15 @@
 //   ~205 GFLOP/s bf16 (94% of the register-only peak) where 4x4 tiles of dot products over the
 //   natural layout (horizontal sums at the end) reached ~150.
 //
+// Weights may also be low-bit (moerun/quant/formats.py): each expert's matrix is described by its own
+// Matrix entry (pointer, format, scales), so experts of one call may differ in format and need not be
+// stacked in one allocation. Decode-sized groups read the packed weights directly (int8: widened to
+// float32 FMAs; int4: nibbles OR-ed into the bf16 bit pattern of 128 + q, so one mask or shift turns 32
+// of them into a bf16 vector for dot products, with the 128 and the zero point taken out once per group
+// from precomputed sums of x). Prefill-sized groups dequantize each register tile's weight rows into an
+// L1-resident scratch in x's dtype and run the same tiles as plain weights: the cost is amortised over
+// the group's rows.
+//
 // Plain C ABI over raw pointers: loaded with ctypes, no torch or Python headers needed.
 
 // gcc 12's AVX-512 headers build results on _mm*_undefined_*(), which -Wall (in Python's build flags)
@@ -38,6 +47,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 namespace {
 
@@ -78,6 +88,12 @@ struct Bf16 {
   static __m512 fma_units(__m512 acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
   // Rounds to nearest even, as torch's float -> bfloat16 conversion does.
   static void store16(Elem* dst, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v)); }
+  static void store_tail(Elem* dst, __m512 v, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+  static __m512 load16_f32(const Elem* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  }
 };
 
 struct F32 {
@@ -94,12 +110,34 @@ struct F32 {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   }
   static void store16(Elem* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+  static void store_tail(Elem* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+  static __m512 load16_f32(const Elem* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 };
+
+// Storage formats of a weight matrix (codes mirrored in native.py).
+enum Format { kFormatF32 = 0, kFormatBf16 = 1, kFormatInt8 = 2, kFormatInt4 = 3 };
+
+// One expert's [n, k] weight matrix, as 4 int64 words from Python:
+// - kFormatF32 / kFormatBf16: w rows of k values; scales and mins unused.
+// - kFormatInt8: w int8 rows of k values; scales: n float32.
+// - kFormatInt4: w uint8 rows of k/2 bytes in nibble order; scales (and, asymmetric, mins): n rows of
+//   k / group_size float16.
+// meta = format | group_size << 8.
+struct Matrix {
+  const void* w;
+  const void* scales;
+  const void* mins;
+  int64_t meta;
+  int format() const { return static_cast<int>(meta & 0xff); }
+  int64_t group_size() const { return meta >> 8; }
+  bool quantized() const { return format() >= kFormatInt8; }
+};
+static_assert(sizeof(Matrix) == 32, "Matrix must match the [E, 4] int64 table built in native.py");
 
 struct Problem {
   const void* x;
   int64_t x_stride;
-  const void* w;
+  const Matrix* mats;
   int64_t n;
   int64_t k;
   const int64_t* experts;
@@ -150,15 +188,30 @@ inline void dot_rows(const typename Ops::Elem* w, const typename Ops::Elem* x, i
   for (int m = 0; m < M; ++m) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
-// M staged x rows (original rows [s, s+M)) of a group with expert e against weight rows [n0, n1).
-template <typename Ops, int M>
-void row_block(const Problem& p, int64_t e, const typename Ops::Elem* x, int64_t x_stride, int64_t s, int64_t n0,
-               int64_t n1) {
-  const auto* w = static_cast<const typename Ops::Elem*>(p.w) + e * p.n * p.k;
+// Lanes [0, n) of a 16-lane mask, n <= 16.
+inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
+// Calls f(std::integral_constant<int, M>{}, s) for consecutive blocks [s, s + M) of [s0, s1), M <= kRowBlock.
+template <typename F>
+inline void for_row_blocks(int64_t s0, int64_t s1, F f) {
+  for (int64_t s = s0; s < s1; s += kRowBlock) {
+    switch (std::min<int64_t>(kRowBlock, s1 - s)) {
+      case 4: f(std::integral_constant<int, 4>{}, s); break;
+      case 3: f(std::integral_constant<int, 3>{}, s); break;
+      case 2: f(std::integral_constant<int, 2>{}, s); break;
+      default: f(std::integral_constant<int, 1>{}, s); break;
+    }
+  }
+}
+
+// Weight rows [n0, n1) of expert e against M x rows (original rows [s, s+M)): dot(n, r) fills r[M] with
+// row n's products, then each result gets the bias and is stored or scattered.
+template <int M, typename Dot>
+inline void rows_against(const Problem& p, int64_t e, int64_t s, int64_t n0, int64_t n1, Dot dot) {
   const float* bias = p.bias ? p.bias + e * p.n : nullptr;
   for (int64_t n = n0; n < n1; ++n) {
     float r[M];
-    dot_rows<Ops, M>(w + n * p.k, x, x_stride, p.k, r);
+    dot(n, r);
     if (bias)
       for (int m = 0; m < M; ++m) r[m] += bias[n];
     if (p.scatter_index) {
@@ -167,6 +220,14 @@ void row_block(const Problem& p, int64_t e, const typename Ops::Elem* x, int64_t
       for (int m = 0; m < M; ++m) p.out[(s + m) * p.out_stride + n] = r[m];
     }
   }
+}
+
+// M staged x rows (original rows [s, s+M)) of a group with expert e against plain weight rows [n0, n1).
+template <typename Ops, int M>
+void row_block(const Problem& p, int64_t e, const typename Ops::Elem* x, int64_t x_stride, int64_t s, int64_t n0,
+               int64_t n1) {
+  const auto* w = static_cast<const typename Ops::Elem*>(p.mats[e].w);
+  rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) { dot_rows<Ops, M>(w + n * p.k, x, x_stride, p.k, r); });
 }
 
 // Unit u (a 32-bit group of kPerUnit elements) of a row of k elements; past k reads as zero.
@@ -296,13 +357,243 @@ void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel,
   const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / (std::max<int64_t>(p.k, 1) * sizeof(Elem)));
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
     const int64_t n1 = std::min(n0 + tile, n_hi);
-    for (int64_t s = s0; s < s1; s += kRowBlock) {
-      const Elem* x = panel + (s - s0) * ps;
-      switch (std::min<int64_t>(kRowBlock, s1 - s)) {
-        case 4: row_block<Ops, 4>(p, e, x, ps, s, n0, n1); break;
-        case 3: row_block<Ops, 3>(p, e, x, ps, s, n0, n1); break;
-        case 2: row_block<Ops, 2>(p, e, x, ps, s, n0, n1); break;
-        default: row_block<Ops, 1>(p, e, x, ps, s, n0, n1); break;
+    for_row_blocks(s0, s1, [&](auto m, int64_t s) {
+      row_block<Ops, decltype(m)::value>(p, e, panel + (s - s0) * ps, ps, s, n0, n1);
+    });
+  }
+}
+
+// ---- Low-bit weights, decode path ----
+
+// n values of x (bf16 or float32) as float32.
+template <typename Ops>
+void to_f32(const typename Ops::Elem* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(dst + i, lanes(std::min<int64_t>(16, n - i)),
+                                                            Ops::load16_f32(src + i, lanes(std::min<int64_t>(16, n - i))));
+}
+
+// n values of x as bf16, rounded to nearest even.
+template <typename Ops>
+void to_bf16(const typename Ops::Elem* src, int64_t n, uint16_t* dst) {
+  if constexpr (std::is_same_v<Ops, Bf16>) {
+    std::memcpy(dst, src, n * sizeof(uint16_t));
+  } else {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mask = lanes(std::min<int64_t>(16, n - i));
+      Bf16::store_tail(dst + i, _mm512_maskz_loadu_ps(mask, src + i), mask);
+    }
+  }
+}
+
+// r[m] = scale * dot(q, x[m]) for an int8 row q of k values and M float32 rows of x.
+template <int M>
+inline void dot_rows_int8(const int8_t* q, float scale, const float* x, int64_t x_stride, int64_t k, float* r) {
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 32 <= k; kk += 32) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk + 16))));
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * x_stride + kk), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * x_stride + kk + 16), acc[m][1]);
+    }
+  }
+  for (; kk < k; kk += 16) {
+    const __mmask16 mask = lanes(std::min<int64_t>(16, k - kk));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + kk)));
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + m * x_stride + kk), acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m) r[m] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+// The bf16 bit patterns of 128 + q for the 32 low (or high) nibbles q of 32 bytes widened to 16 bits:
+// 128 = 0x4300 leaves the low 7 mantissa bits free, so OR-ing q in is exact.
+inline __m512i low_nibbles_bf16(__m512i wide) {
+  return _mm512_ternarylogic_epi32(wide, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);  // a & b | c
+}
+inline __m512i high_nibbles_bf16(__m512i wide) {
+  return _mm512_or_si512(_mm512_srli_epi16(wide, 4), _mm512_set1_epi16(0x4300));
+}
+inline __m512i load_run(const uint8_t* q) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+}
+
+// Most groups per int4 row: the row's scales are widened to float32 on the stack once.
+constexpr int64_t kMaxInt4Groups = 2048;
+
+// r[m] = dot(w, x[m]) for an int4 row (k/2 bytes in nibble order, float16 scales and optional mins per
+// group of G values) and M bf16 rows of x whose per-group sums are xsum[m * xsum_stride + g].
+// Each group's dot product of x with 128 + q is scaled once, into one of 4 accumulators per row (one
+// chain would be bound by FMA latency, not bandwidth); then
+// sum_g (min_g - 128 s_g) xsum_g removes the offset and adds the zero point (min_g = -8 s_g if symmetric).
+template <int G, int M>
+inline void dot_rows_int4(const uint8_t* q, const uint16_t* scales, const uint16_t* mins, const uint16_t* x,
+                          int64_t x_stride, const float* xsum, int64_t xsum_stride, int64_t k, float* r) {
+  const int64_t groups = k / G;
+  alignas(64) float s32[kMaxInt4Groups], coef[kMaxInt4Groups];
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const __mmask16 mask = lanes(std::min<int64_t>(16, groups - g0));
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g0));
+    const __m512 low = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + g0))
+                            : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
+    _mm512_store_ps(s32 + g0, s);
+    _mm512_store_ps(coef + g0, _mm512_fnmadd_ps(s, _mm512_set1_ps(128.0f), low));
+  }
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+  if constexpr (G == 32) {  // the low nibbles of a run are one group, the high nibbles the next
+    for (int64_t b = 0; b < k / 64; ++b) {
+      const __m512i wide = load_run(q + 32 * b);
+      const __m512i lo = low_nibbles_bf16(wide), hi = high_nibbles_bf16(wide);
+      const __m512 s_lo = _mm512_set1_ps(s32[2 * b]), s_hi = _mm512_set1_ps(s32[2 * b + 1]);
+      const int a = 2 * (b & 1);
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* xm = x + m * x_stride + 64 * b;
+        const __m512 t_lo = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xm), (__m512bh)lo);
+        const __m512 t_hi =
+            _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xm + 32), (__m512bh)hi);
+        acc[m][a] = _mm512_fmadd_ps(t_lo, s_lo, acc[m][a]);
+        acc[m][a + 1] = _mm512_fmadd_ps(t_hi, s_hi, acc[m][a + 1]);
+      }
+    }
+  } else {  // a group spans whole runs: one scaling per group
+    constexpr int64_t kRuns = G / 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 t[M];
+      for (int m = 0; m < M; ++m) t[m] = _mm512_setzero_ps();
+      for (int64_t b = g * kRuns; b < (g + 1) * kRuns; ++b) {
+        const __m512i wide = load_run(q + 32 * b);
+        const __m512i lo = low_nibbles_bf16(wide), hi = high_nibbles_bf16(wide);
+        for (int m = 0; m < M; ++m) {
+          const uint16_t* xm = x + m * x_stride + 64 * b;
+          t[m] = _mm512_dpbf16_ps(t[m], (__m512bh)_mm512_loadu_si512(xm), (__m512bh)lo);
+          t[m] = _mm512_dpbf16_ps(t[m], (__m512bh)_mm512_loadu_si512(xm + 32), (__m512bh)hi);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(s32[g]);
+      for (int m = 0; m < M; ++m) acc[m][g & 3] = _mm512_fmadd_ps(t[m], s, acc[m][g & 3]);
+    }
+  }
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const __mmask16 mask = lanes(std::min<int64_t>(16, groups - g0));
+    const __m512 c = _mm512_maskz_load_ps(mask, coef + g0);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * xsum_stride + g0), acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m)
+    r[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+// Floats per row of the per-group sums of staged x (whole vectors).
+inline int64_t xsum_stride(int64_t k) { return (k / 32 + 15) / 16 * 16; }
+
+// Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) staged in buffer as
+// float32 (int8) or bf16 with per-group sums (int4), against weight rows [n_lo, n_hi) in L1-sized tiles.
+template <typename Ops>
+void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi) {
+  using Elem = typename Ops::Elem;
+  const Matrix& mat = p.mats[e];
+  const Elem* x = static_cast<const Elem*>(p.x);
+  const int64_t row_bytes = mat.format() == kFormatInt8 ? p.k : p.k / 2;
+  const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / std::max<int64_t>(row_bytes, 1));
+  if (mat.format() == kFormatInt8) {
+    auto* xs = static_cast<float*>(buffer);
+    const int64_t ps = panel_stride<float>(p.k);
+    for (int64_t s = s0; s < s1; ++s) to_f32<Ops>(x + s * p.x_stride, p.k, xs + (s - s0) * ps);
+    const auto* q = static_cast<const int8_t*>(mat.w);
+    const auto* scales = static_cast<const float*>(mat.scales);
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
+      const int64_t n1 = std::min(n0 + tile, n_hi);
+      for_row_blocks(s0, s1, [&](auto mc, int64_t s) {
+        constexpr int M = decltype(mc)::value;
+        const float* xb = xs + (s - s0) * ps;
+        rows_against<M>(p, e, s, n0, n1,
+                        [&](int64_t n, float* r) { dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, p.k, r); });
+      });
+    }
+    return;
+  }
+  const int64_t group = mat.group_size(), groups = p.k / group;
+  auto* xs = static_cast<uint16_t*>(buffer);
+  const int64_t ps = panel_stride<uint16_t>(p.k), ss = xsum_stride(p.k);
+  float* xsum = reinterpret_cast<float*>(xs + (s1 - s0) * ps);
+  const __m512i ones = _mm512_set1_epi16(0x3F80);  // bf16 1.0
+  for (int64_t s = s0; s < s1; ++s) {
+    uint16_t* row = xs + (s - s0) * ps;
+    to_bf16<Ops>(x + s * p.x_stride, p.k, row);
+    for (int64_t g = 0; g < groups; ++g) {  // sums of the bf16 values the dot products see
+      __m512 t = _mm512_setzero_ps();
+      for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32)
+        t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_loadu_si512(row + kk), (__m512bh)ones);
+      xsum[(s - s0) * ss + g] = _mm512_reduce_add_ps(t);
+    }
+  }
+  const auto* q = static_cast<const uint8_t*>(mat.w);
+  const auto* scales = static_cast<const uint16_t*>(mat.scales);
+  const auto* mins = static_cast<const uint16_t*>(mat.mins);
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
+    const int64_t n1 = std::min(n0 + tile, n_hi);
+    for_row_blocks(s0, s1, [&](auto mc, int64_t s) {
+      constexpr int M = decltype(mc)::value;
+      const uint16_t* xb = xs + (s - s0) * ps;
+      const float* sb = xsum + (s - s0) * ss;
+      rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
+        const uint8_t* qn = q + n * (p.k / 2);
+        const uint16_t* sn = scales + n * groups;
+        const uint16_t* mn = mins ? mins + n * groups : nullptr;
+        switch (group) {
+          case 32: dot_rows_int4<32, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+          case 64: dot_rows_int4<64, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+          default: dot_rows_int4<128, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+        }
+      });
+    });
+  }
+}
+
+// Bytes the decode path stages for up to `rows` rows of a low-bit matrix (float32 rows; bf16 rows and sums).
+inline int64_t quant_staging_bytes(int64_t k, int64_t rows) {
+  return rows * (panel_stride<float>(k) * 4 + xsum_stride(k) * 4);
+}
+
+// ---- Low-bit weights, prefill path ----
+
+// Rows [n0, n0 + nw) of a low-bit matrix in x's dtype, k values apart in dst (computed in float32,
+// rounded once).
+template <typename Ops>
+void dequantize_rows(const Matrix& mat, int64_t k, int64_t n0, int nw, typename Ops::Elem* dst) {
+  for (int j = 0; j < nw; ++j) {
+    const int64_t n = n0 + j;
+    auto* d = dst + j * k;
+    if (mat.format() == kFormatInt8) {
+      const int8_t* q = static_cast<const int8_t*>(mat.w) + n * k;
+      const __m512 s = _mm512_set1_ps(static_cast<const float*>(mat.scales)[n]);
+      for (int64_t kk = 0; kk < k; kk += 16) {
+        const __mmask16 mask = lanes(std::min<int64_t>(16, k - kk));
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + kk)));
+        Ops::store_tail(d + kk, _mm512_mul_ps(v, s), mask);
+      }
+      continue;
+    }
+    const int64_t group = mat.group_size(), groups = k / group;
+    const uint8_t* q = static_cast<const uint8_t*>(mat.w) + n * (k / 2);
+    const uint16_t* scales = static_cast<const uint16_t*>(mat.scales) + n * groups;
+    const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
+    for (int64_t b = 0; b < k / 64; ++b) {
+      for (int h = 0; h < 2; ++h) {  // bytes 16h..16h+15 of the run: values 16h.. (low) and 32+16h.. (high)
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b + 16 * h)));
+        const __m512i halves[2] = {_mm512_and_si512(v, _mm512_set1_epi32(0xF)), _mm512_srli_epi32(v, 4)};
+        for (int half = 0; half < 2; ++half) {
+          const int64_t pos = 64 * b + 32 * half + 16 * h;
+          const float s = _cvtsh_ss(scales[pos / group]);
+          const float low = mins ? _cvtsh_ss(mins[pos / group]) : -8.0f * s;
+          Ops::store16(d + pos,
+                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(halves[half]), _mm512_set1_ps(s), _mm512_set1_ps(low)));
+        }
       }
     }
   }
@@ -326,30 +617,23 @@ using TileResult = float[kTileRows * kPanelRows];
 template <typename Ops>
 void dot_rows_into(const typename Ops::Elem* w, int nw, int64_t k, const typename Ops::Elem* x, int64_t stride,
                    int64_t count, float* r) {
-  for (int64_t i = 0; i < count; i += kRowBlock) {
-    const auto* xi = x + i * stride;
-    const int64_t m = std::min<int64_t>(kRowBlock, count - i);
+  for_row_blocks(0, count, [&](auto mc, int64_t i) {
+    constexpr int M = decltype(mc)::value;
     for (int j = 0; j < nw; ++j) {
-      float d[kRowBlock];
-      switch (m) {
-        case 4: dot_rows<Ops, 4>(w + j * k, xi, stride, k, d); break;
-        case 3: dot_rows<Ops, 3>(w + j * k, xi, stride, k, d); break;
-        case 2: dot_rows<Ops, 2>(w + j * k, xi, stride, k, d); break;
-        default: dot_rows<Ops, 1>(w + j * k, xi, stride, k, d); break;
-      }
-      for (int64_t c = 0; c < m; ++c) r[j * kPanelRows + i + c] = d[c];
+      float d[M];
+      dot_rows<Ops, M>(w + j * k, x + i * stride, stride, k, d);
+      for (int c = 0; c < M; ++c) r[j * kPanelRows + i + c] = d[c];
     }
-  }
+  });
 }
 
-// A panel against weight rows [n0, n0 + nw) of expert e. Full tiles run the packed rows through the
-// register tiles (prefetching `next`, the following tile's rows, if set) and the staged rows through
+// A panel against nw weight rows starting at w (k values apart). Full tiles run the packed rows through
+// the register tiles (prefetching `next`, the following tile's rows, if set) and the staged rows through
 // dot products; a partial tile (nw < kTileRows, at most once per thread) takes dot products throughout.
 template <typename Ops>
-void panel_tile(const Problem& p, int64_t e, const Panel<typename Ops::Elem>& panel, int64_t n0, int nw,
+void panel_tile(const Problem& p, const Panel<typename Ops::Elem>& panel, const typename Ops::Elem* w, int nw,
                 const typename Ops::Elem* next, float* r) {
   using Elem = typename Ops::Elem;
-  const Elem* w = static_cast<const Elem*>(p.w) + (e * p.n + n0) * p.k;
   const int64_t ps = panel_stride<Elem>(p.k);
   if (nw == kTileRows) {
     switch (panel.vec_rows / kLanes) {
@@ -480,27 +764,40 @@ constexpr int64_t kMaxPanels = kChunkRows / kPanelRows + 1;
 // Prefill path for rows [s0, s1) (at most kChunkRows) of a group against weight rows [n_lo, n_hi),
 // kTileRows at a time; every panel passes a tile of weight rows while it is in L1, so each weight is
 // read from memory once per chunk. With a fused activation [n_lo, n_hi) are intermediate rows i, each
-// computed against gate row i and up row n/2 + i.
+// computed against gate row i and up row n/2 + i. Low-bit weight rows are dequantized a tile at a time
+// into scratch (2 * kTileRows rows of k values), once for all the chunk's panels.
 template <typename Ops>
-void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi, void* buffer) {
+void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi, void* buffer,
+               typename Ops::Elem* scratch) {
   using Elem = typename Ops::Elem;
   Panel<Elem> panels[kMaxPanels];
   const int64_t count = prepare_panels<Ops>(p, s0, s1, buffer, panels);
-  const Elem* w = static_cast<const Elem*>(p.w) + e * p.n * p.k;
+  const Matrix& mat = p.mats[e];
+  const Elem* w = mat.quantized() ? nullptr : static_cast<const Elem*>(mat.w);
   const int64_t up = p.glu == kNoGlu ? 0 : p.n / 2;  // offset of the up rows
   alignas(64) TileResult r, ru;
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += kTileRows) {
     const int nw = static_cast<int>(std::min<int64_t>(kTileRows, n_hi - n0));
+    const Elem *w_tile, *w_up_tile;
+    if (w) {
+      w_tile = w + n0 * p.k;
+      w_up_tile = w + (up + n0) * p.k;
+    } else {
+      dequantize_rows<Ops>(mat, p.k, n0, nw, scratch);
+      w_tile = scratch;
+      w_up_tile = scratch + kTileRows * p.k;
+      if (p.glu != kNoGlu) dequantize_rows<Ops>(mat, p.k, up + n0, nw, scratch + kTileRows * p.k);
+    }
     // The first panel pulls in the next tile's weight rows, which the hardware prefetchers, following
-    // 6 rows 4 bytes a step, bring too late.
-    const bool has_next = n0 + 2 * kTileRows <= n_hi;
+    // 6 rows 4 bytes a step, bring too late. (Dequantization reads low-bit rows as one sequential stream.)
+    const bool has_next = w && n0 + 2 * kTileRows <= n_hi;
     for (int64_t c = 0; c < count; ++c) {
       const bool first = c == 0 && has_next;
-      panel_tile<Ops>(p, e, panels[c], n0, nw, first ? w + (n0 + kTileRows) * p.k : nullptr, r);
+      panel_tile<Ops>(p, panels[c], w_tile, nw, first ? w_tile + kTileRows * p.k : nullptr, r);
       if (p.glu == kNoGlu) {
         store_tile<Ops>(p, e, panels[c], n0, nw, r);
       } else {
-        panel_tile<Ops>(p, e, panels[c], up + n0, nw, first ? w + (up + n0 + kTileRows) * p.k : nullptr, ru);
+        panel_tile<Ops>(p, panels[c], w_up_tile, nw, first ? w_up_tile + kTileRows * p.k : nullptr, ru);
         glu_tile<Ops>(p, e, panels[c], n0, nw, r, ru);
       }
     }
@@ -511,28 +808,32 @@ void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo
 // activation); buffer is this thread's staging buffer (see buffer_bytes). Decode-sized groups stream
 // weight rows, unless the activation is fused, which needs the tiles.
 template <typename Ops>
-void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, void* buffer) {
+void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, char* buffer, int64_t scratch_offset) {
+  auto* scratch = reinterpret_cast<typename Ops::Elem*>(buffer + scratch_offset);
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t e = p.experts[g];
     const int64_t end = p.starts[g] + p.counts[g];
     if (p.counts[g] >= kTileMinRows || p.glu != kNoGlu) {
       for (int64_t s0 = p.starts[g]; s0 < end; s0 += kChunkRows)
-        tile_rows<Ops>(p, e, s0, std::min(s0 + kChunkRows, end), n_lo, n_hi, buffer);
+        tile_rows<Ops>(p, e, s0, std::min(s0 + kChunkRows, end), n_lo, n_hi, buffer, scratch);
+    } else if (p.mats[e].quantized()) {
+      stream_quant<Ops>(p, e, buffer, p.starts[g], end, n_lo, n_hi);
     } else {
-      auto* panel = static_cast<typename Ops::Elem*>(buffer);
+      auto* panel = reinterpret_cast<typename Ops::Elem*>(buffer);
       stage_rows<Ops>(p, p.starts[g], end, panel);
       stream_staged<Ops>(p, e, panel, p.starts[g], end, n_lo, n_hi);
     }
   }
 }
 
-// Bytes of one thread's staging buffer: staged x rows for the decode path; packed panels plus the
-// staged rows for the tiles.
+// Bytes of the part of one thread's buffer before the dequantization scratch: staged x rows for the
+// decode path (wider for low-bit weights); packed panels plus the staged rows for the tiles.
 template <typename Ops>
-int64_t buffer_bytes(int64_t k, int64_t max_group_rows, bool tiles) {
+int64_t staging_bytes(int64_t k, int64_t max_group_rows, bool tiles) {
   using Elem = typename Ops::Elem;
   const int64_t row_bytes = panel_stride<Elem>(k) * sizeof(Elem);
-  const int64_t staged = std::min(kPanelRows, max_group_rows) * row_bytes;
+  const int64_t decode_rows = std::min(kPanelRows, max_group_rows);
+  const int64_t staged = std::max(decode_rows * row_bytes, quant_staging_bytes(k, decode_rows));
   const int64_t panels = (std::min(kChunkRows, max_group_rows) + kPanelRows - 1) / kPanelRows;
   const int64_t packed = panels * units_of<Ops>(k) * kPanelRows * 4 + (kLanes - 1) * row_bytes;
   return (std::max(staged, tiles ? packed : 0) + 63) / 64 * 64;
@@ -540,21 +841,24 @@ int64_t buffer_bytes(int64_t k, int64_t max_group_rows, bool tiles) {
 
 // Returns false when the staging buffers cannot be allocated.
 template <typename Ops>
-bool run(const Problem& p, int64_t rows, int64_t max_group_rows, int nthreads) {
+bool run(const Problem& p, int64_t rows, int64_t max_group_rows, bool quantized, int nthreads) {
   const int64_t outputs = p.glu == kNoGlu ? p.n : p.n / 2;  // what the threads split
   const int64_t work = rows * p.n * p.k * static_cast<int64_t>(sizeof(typename Ops::Elem));
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({nthreads, outputs, work / kMinBytesPerThread}));
-  const int64_t bytes = buffer_bytes<Ops>(p.k, max_group_rows, p.glu != kNoGlu || max_group_rows >= kTileMinRows);
+  const bool tiles = p.glu != kNoGlu || max_group_rows >= kTileMinRows;
+  const int64_t scratch_offset = staging_bytes<Ops>(p.k, max_group_rows, tiles);
+  const int64_t scratch = tiles && quantized ? 2 * kTileRows * p.k * sizeof(typename Ops::Elem) : 0;
+  const int64_t bytes = (scratch_offset + scratch + 63) / 64 * 64;
   std::unique_ptr<char, decltype(&std::free)> buffers(static_cast<char*>(std::aligned_alloc(64, nt * bytes)),
                                                       &std::free);
   if (!buffers) return false;
   if (nt == 1) {
-    run_slice<Ops>(p, 0, outputs, buffers.get());
+    run_slice<Ops>(p, 0, outputs, buffers.get(), scratch_offset);
     return true;
   }
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
   for (int64_t t = 0; t < nt; ++t)
-    run_slice<Ops>(p, outputs * t / nt, outputs * (t + 1) / nt, buffers.get() + t * bytes);
+    run_slice<Ops>(p, outputs * t / nt, outputs * (t + 1) / nt, buffers.get() + t * bytes, scratch_offset);
   return true;
 }
 
@@ -573,7 +877,35 @@ enum {
   kOutOfMemory = 6,
   kBadActivation = 7,
   kBadShape = 8,
+  kBadFormat = 9,
 };
+
+// Checks every expert's matrix descriptor against x's dtype and k; sets *quantized if any is low-bit.
+static int check_matrices(const Matrix* mats, int64_t num_experts, int64_t k, int dtype, bool* quantized) {
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const Matrix& m = mats[e];
+    const int64_t g = m.group_size();
+    if (!m.w) return kBadFormat;
+    switch (m.format()) {
+      case kFormatF32:
+      case kFormatBf16:
+        if (m.format() != dtype) return kBadFormat;  // plain weights share x's dtype code
+        break;
+      case kFormatInt8:
+        if (!m.scales) return kBadFormat;
+        *quantized = true;
+        break;
+      case kFormatInt4:
+        if (!m.scales || (g != 32 && g != 64 && g != 128) || k % 64 || k % g || k / g > kMaxInt4Groups)
+          return kBadFormat;
+        *quantized = true;
+        break;
+      default:
+        return kBadFormat;
+    }
+  }
+  return kOk;
+}
 
 // Checks every group against x's rows and the expert count; totals the rows. Returns a status code.
 static int check_groups(int64_t x_rows, int64_t num_experts, const int64_t* group_experts,
@@ -589,11 +921,12 @@ static int check_groups(int64_t x_rows, int64_t num_experts, const int64_t* grou
   return kOk;
 }
 
-// dtype: 0 = float32, 1 = bfloat16. Strides are in elements. x has x_rows rows, out has out_rows.
+// dtype: 0 = float32, 1 = bfloat16 (x). mats: num_experts Matrix descriptors ([E, 4] int64), each an
+// [n, k] matrix. Strides are in elements. x has x_rows rows, out has out_rows.
 // scatter_index / scatter_weight are both null (out[s] = r) or both set (out[index[s]] += weight[s] * r).
 // Every index that will be used is checked before anything is written, so a bad argument returns an
 // error, never an out-of-bounds access.
-int moerun_grouped_gemv(const void* x, int64_t x_rows, int64_t x_stride, const void* w, int64_t num_experts,
+int moerun_grouped_gemv(const void* x, int64_t x_rows, int64_t x_stride, const int64_t* mats, int64_t num_experts,
                         int64_t n, int64_t k, const int64_t* group_experts, const int64_t* group_starts,
                         const int64_t* group_counts, int64_t groups, const float* bias, float* out, int64_t out_rows,
                         int64_t out_stride, const int64_t* scatter_index, const float* scatter_weight, int dtype,
@@ -609,19 +942,24 @@ int moerun_grouped_gemv(const void* x, int64_t x_rows, int64_t x_stride, const v
     for (int64_t g = 0; g < groups; ++g)
       for (int64_t s = group_starts[g]; s < group_starts[g] + group_counts[g]; ++s)
         if (scatter_index[s] < 0 || scatter_index[s] >= out_rows) return kBadScatterIndex;
+  bool quantized = false;
+  const Matrix* matrices = reinterpret_cast<const Matrix*>(mats);
+  const int format_status = check_matrices(matrices, num_experts, k, dtype, &quantized);
+  if (format_status != kOk) return format_status;
   if (rows == 0 || n <= 0) return kOk;
-  Problem p{x, x_stride, w, n, k, group_experts, group_starts, group_counts, groups, bias, out, out_stride};
+  Problem p{x, x_stride, matrices, n, k, group_experts, group_starts, group_counts, groups, bias, out, out_stride};
   p.scatter_index = scatter_index;
   p.scatter_weight = scatter_weight;
-  const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, nthreads) : run<F32>(p, rows, max_group_rows, nthreads);
+  const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, quantized, nthreads)
+                             : run<F32>(p, rows, max_group_rows, quantized, nthreads);
   return ok ? kOk : kOutOfMemory;
 }
 
-// The gate/up projection fused with the gated activation: w is [E, 2I, K], gate rows then up rows;
+// The gate/up projection fused with the gated activation: each matrix is [2I, K], gate rows then up rows;
 // act[s, i] = glu(x[s] . w[e, i] + bias[e, i], x[s] . w[e, I + i] + bias[e, I + i]) for each group's
 // rows s, written in x's dtype to act (act_stride elements apart, at least x_rows rows). glu is a Glu
 // code; alpha and limit parameterise kSwigluClamped.
-int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const void* w, int64_t num_experts,
+int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const int64_t* mats, int64_t num_experts,
                        int64_t two_i, int64_t k, const int64_t* group_experts, const int64_t* group_starts,
                        const int64_t* group_counts, int64_t groups, const float* bias, int glu, float alpha,
                        float limit, void* act, int64_t act_stride, int dtype, int nthreads) {
@@ -632,14 +970,19 @@ int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const vo
   const int status = check_groups(x_rows, num_experts, group_experts, group_starts, group_counts, groups, &rows,
                                   &max_group_rows);
   if (status != kOk) return status;
+  bool quantized = false;
+  const Matrix* matrices = reinterpret_cast<const Matrix*>(mats);
+  const int format_status = check_matrices(matrices, num_experts, k, dtype, &quantized);
+  if (format_status != kOk) return format_status;
   if (rows == 0 || two_i == 0) return kOk;
-  Problem p{x, x_stride, w, two_i, k, group_experts, group_starts, group_counts, groups, bias, nullptr, 0};
+  Problem p{x, x_stride, matrices, two_i, k, group_experts, group_starts, group_counts, groups, bias, nullptr, 0};
   p.glu = glu;
   p.glu_alpha = alpha;
   p.glu_limit = limit;
   p.act = act;
   p.act_stride = act_stride;
-  const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, nthreads) : run<F32>(p, rows, max_group_rows, nthreads);
+  const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, quantized, nthreads)
+                             : run<F32>(p, rows, max_group_rows, quantized, nthreads);
   return ok ? kOk : kOutOfMemory;
 }
 

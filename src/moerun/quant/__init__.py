@@ -1,0 +1,1 @@
+"""Low-bit weights: formats, quantization, per-expert bit-width allocation."""

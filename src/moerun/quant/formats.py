@@ -1,0 +1,251 @@
+"""Weight-only low-bit formats, laid out the way the native kernels read them.
+
+- ``int8``: one symmetric scale per output row. ``qweight`` [..., N, K] int8 in [-127, 127],
+  ``scales`` [..., N] float32; ``w = scale * q``.
+- ``int4``: one scale per group of G values along K (G = 32, 64 or 128). ``qweight`` [..., N, K/2]
+  uint8 with two values per byte, ``scales`` [..., N, K/G] float16, and for the asymmetric variant
+  ``mins`` [..., N, K/G] float16. Symmetric: a stored nibble q in [0, 15] stands for q - 8, so
+  ``w = s * (q - 8)``; asymmetric: ``w = s * q + min``.
+
+Nibble order: in each run of 64 values along K, byte j holds value j in its low nibble and value
+j + 32 in its high nibble. One 32-byte load then splits, with a mask and a shift, into two vectors
+of 32 consecutive values each, the unit of the kernels' bf16 dot products; hence int4 needs K to
+be a multiple of 64 (and of G).
+
+Scales are float16 for int4 (2 bytes per 32 values at G = 32 keeps the format at 4.5 bits per
+weight, as llama.cpp's Q4_0) and float32 for int8 (one per row: negligible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP_SIZES = (32, 64, 128)
+# Values per packed run: see the module docstring.
+NIBBLE_RUN = 64
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one weight matrix is stored.
+
+    Attributes:
+        bits: 16 (keep the model's float dtype), 8 or 4.
+        group_size: int4 values per scale along K (32, 64 or 128); ignored otherwise.
+        symmetric: int4 without a per-group minimum (int8 is always symmetric).
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (16, 8, 4):
+            raise ValueError(f"bits must be 16, 8 or 4, got {self.bits}")
+        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        """Short label: ``bf16``-like ``16``, ``int8``, ``int4-g32``, ``int4-g32-asym``."""
+        if self.bits == 16:
+            return "16"
+        if self.bits == 8:
+            return "int8"
+        return f"int4-g{self.group_size}" + ("" if self.symmetric else "-asym")
+
+    def supports(self, in_features: int) -> bool:
+        """Whether a matrix with K = in_features can take this format."""
+        if self.bits == 4:
+            return in_features % NIBBLE_RUN == 0 and in_features % self.group_size == 0
+        return in_features >= 1
+
+    def nbytes(self, out_features: int, in_features: int, float_bytes: int = 2) -> int:
+        """Bytes of an [N, K] matrix in this format (``float_bytes`` per value at 16 bits)."""
+        n, k = out_features, in_features
+        if self.bits == 16:
+            return n * k * float_bytes
+        if self.bits == 8:
+            return n * k + 4 * n
+        groups = k // self.group_size
+        return n * k // 2 + n * groups * (2 if self.symmetric else 4)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A matrix [N, K], or a stack of them [E, N, K], in a low-bit format (see the module docstring).
+
+    Attributes:
+        format: the storage format (bits 8 or 4).
+        qweight: int8 [..., N, K] or uint8 [..., N, K/2], contiguous.
+        scales: float32 [..., N] (int8) or float16 [..., N, K/G] (int4), contiguous.
+        mins: float16 [..., N, K/G] for asymmetric int4, else None.
+        in_features: K.
+    """
+
+    format: QuantFormat
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical shape [..., N, K]."""
+        return (*self.qweight.shape[:-1], self.in_features)
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed values plus scales (and mins)."""
+        tensors = (self.qweight, self.scales, self.mins)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The storage tensors by name (``qweight``, ``scales`` and, when asymmetric, ``mins``)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.mins is not None:
+            out["mins"] = self.mins
+        return out
+
+    def __getitem__(self, index: int) -> QuantizedWeight:
+        """Matrix ``index`` of a stack [E, N, K] (views, no copy)."""
+        if self.qweight.dim() < 3:
+            raise IndexError("only a stack of matrices [E, N, K] can be indexed")
+        mins = None if self.mins is None else self.mins[index]
+        return QuantizedWeight(self.format, self.qweight[index], self.scales[index], mins, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights as floats: [..., N, K] in ``dtype`` (computed in float32, rounded once)."""
+        if self.bits == 8:
+            return (self.qweight.float() * self.scales.float().unsqueeze(-1)).to(dtype)
+        q = unpack_int4(self.qweight).float()  # [..., N, K] in [0, 15]
+        g = self.format.group_size
+        grouped = q.unflatten(-1, (-1, g))  # [..., N, K/G, G]
+        scales = self.scales.float().unsqueeze(-1)
+        if self.mins is None:
+            w = (grouped - 8.0) * scales
+        else:
+            w = grouped * scales + self.mins.float().unsqueeze(-1)
+        return w.flatten(-2).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 15], [..., K] any integer dtype (K a multiple of 64) -> uint8 [..., K/2] in nibble order."""
+    runs = q.to(torch.uint8).unflatten(-1, (-1, 2, NIBBLE_RUN // 2))  # [..., K/64, 2, 32]
+    return (runs[..., 0, :] | (runs[..., 1, :] << 4)).flatten(-2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] in nibble order -> uint8 [..., K] values in [0, 15]."""
+    runs = packed.unflatten(-1, (-1, NIBBLE_RUN // 2))  # [..., K/64, 32]
+    return torch.stack((runs & 0xF, runs >> 4), dim=-2).flatten(-3)
+
+
+def _check_matrix(w: torch.Tensor, fmt: QuantFormat) -> None:
+    if w.dim() < 2 or not w.dtype.is_floating_point:
+        raise ValueError(f"expected a floating matrix [..., N, K], got {w.dtype} of shape {tuple(w.shape)}")
+    if not fmt.supports(w.shape[-1]):
+        raise ValueError(
+            f"{fmt.name} needs K to be a multiple of {NIBBLE_RUN} and of the group size {fmt.group_size}, "
+            f"got K = {w.shape[-1]}"
+        )
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantize weights that contain NaN or infinity")
+
+
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
+    """Round a matrix [..., N, K] (any float dtype) to ``fmt`` (bits 8 or 4), nearest level per value.
+
+    int8 scales map each row's largest magnitude to 127. Symmetric int4 maps the group's value of
+    largest magnitude to -8 (its sign folded into the scale), so all 16 levels are usable; asymmetric
+    int4 spans [min, max] of the group. Scales (and mins) are rounded to their storage dtype before
+    the values are, so the stored levels are the nearest for the scales actually kept.
+    """
+    if fmt.bits == 16:
+        raise ValueError("16 bits is the unquantized model dtype; nothing to quantize")
+    _check_matrix(w, fmt)
+    w = w.detach().float()
+    if fmt.bits == 8:
+        scales = w.abs().amax(dim=-1) / 127.0  # [..., N]
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        return QuantizedWeight(fmt, q.contiguous(), scales.contiguous(), None, w.shape[-1])
+    groups = w.unflatten(-1, (-1, fmt.group_size))  # [..., N, K/G, G]
+    if fmt.symmetric:
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed
+        scales = (extreme / -8.0).to(torch.float16)
+        safe = torch.where(scales != 0, scales.float(), torch.ones_like(extreme))
+        q = torch.round(groups / safe.unsqueeze(-1)).clamp_(-8, 7) + 8
+        mins = None
+    else:
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15.0).to(torch.float16)
+        mins = low.to(torch.float16)
+        safe = torch.where(scales > 0, scales.float(), torch.ones_like(low))
+        q = torch.round((groups - mins.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, 15)
+        mins = mins.contiguous()
+    return QuantizedWeight(fmt, pack_int4(q.flatten(-2)), scales.contiguous(), mins, w.shape[-1])
+
+
+class ExpertMatrices:
+    """One projection of E experts whose matrices [N, K] each have their own format (mixed precision).
+
+    Args:
+        matrices: E matrices [N, K], each a float tensor (all of one dtype) or a ``QuantizedWeight``;
+            referenced, not copied.
+
+    Raises:
+        ValueError: the list is empty or the matrices differ in shape or float dtype.
+    """
+
+    def __init__(self, matrices: list[torch.Tensor | QuantizedWeight]) -> None:
+        if not matrices:
+            raise ValueError("ExpertMatrices needs at least one matrix")
+        shapes = {tuple(m.shape) for m in matrices}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"expert matrices must all be [N, K] of one shape, got {sorted(shapes)}")
+        dtypes = {m.dtype for m in matrices if isinstance(m, torch.Tensor)}
+        if len(dtypes) > 1:
+            raise ValueError(f"unquantized expert matrices must share one dtype, got {sorted(map(str, dtypes))}")
+        self.matrices = list(matrices)
+        self.float_dtype = next(iter(dtypes)) if dtypes else None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.matrices), *self.matrices[0].shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrices[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(weight_nbytes(m) for m in self.matrices)
+
+    def __getitem__(self, index: int) -> torch.Tensor | QuantizedWeight:
+        return self.matrices[index]
+
+
+Weight = torch.Tensor | QuantizedWeight | ExpertMatrices
+
+
+def weight_nbytes(w: Weight) -> int:
+    """Bytes a weight holds (packed values and scales for low-bit ones)."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return w.nbytes
+
+
+def dequantize_matrix(w: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A matrix (or stack) as floats in ``dtype``; float tensors are cast (no copy when already ``dtype``)."""
+    return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)

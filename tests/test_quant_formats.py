@@ -1,0 +1,91 @@
+"""Low-bit formats: packing, rounding error bounds, sizes and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moerun.quant.formats import (
+    ExpertMatrices,
+    QuantFormat,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+    weight_nbytes,
+)
+
+
+def test_pack_unpack_roundtrip_and_nibble_order():
+    q = torch.randint(0, 16, (3, 5, 128), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 5, 64) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    # byte j of a 64-value run: value j low, value j + 32 high
+    assert packed[0, 0, 0].item() == q[0, 0, 0].item() | q[0, 0, 32].item() << 4
+    assert packed[0, 0, 32].item() == q[0, 0, 64].item() | q[0, 0, 96].item() << 4
+
+
+@pytest.mark.parametrize(
+    "fmt", [QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 128), QuantFormat(4, 64, symmetric=False)]
+)
+def test_rounding_error_is_within_a_step(fmt):
+    """Nearest level: half a step, except symmetric int4's +7 clamp (values of the sign opposite the
+    extreme, whose magnitude may reach 8 steps) may be off by up to a whole step."""
+    w = torch.randn(4, 6, 256) * 0.1
+    q = quantize_weight(w, fmt)
+    err = (q.dequantize() - w).abs()
+    if fmt.bits == 8:
+        step = q.scales.abs()[..., None]
+    else:
+        step = q.scales.float().abs().repeat_interleave(fmt.group_size, dim=-1)
+    # half a step, plus the float16 rounding of the scale (and min) carried over up to 15 levels
+    slack = 16 * 2**-11 * step if fmt.bits == 4 else 1e-6
+    bound = step if fmt.bits == 4 and fmt.symmetric else step / 2
+    assert (err <= bound + slack + 1e-7).all()
+    assert (err <= step / 2 + slack + 1e-7).float().mean() > 0.95
+    assert q.shape == (4, 6, 256)
+    assert q.nbytes == fmt.nbytes(6, 256) * 4
+
+
+def test_symmetric_int4_uses_minus_eight_for_the_extreme():
+    w = torch.zeros(1, 64)
+    w[0, 3] = -1.0
+    w[0, 5] = 0.5
+    q = quantize_weight(w, QuantFormat(4, 64))
+    back = q.dequantize()
+    assert back[0, 3].item() == -1.0 and back[0, 5].item() == 0.5
+    assert torch.equal(unpack_int4(q.qweight)[0, 3], torch.tensor(0, dtype=torch.uint8))  # -8 stored as 0
+
+
+def test_constant_and_zero_groups():
+    w = torch.zeros(2, 64)
+    w[1] = 0.25
+    for fmt in (QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 32, symmetric=False)):
+        assert torch.allclose(quantize_weight(w, fmt).dequantize(), w)
+
+
+def test_sizes_match_the_formats():
+    assert QuantFormat(4, 32).nbytes(10, 128) == 10 * 64 + 10 * 4 * 2  # 4.5 bits per weight
+    assert QuantFormat(4, 32, symmetric=False).nbytes(10, 128) == 10 * 64 + 10 * 4 * 4
+    assert QuantFormat(8).nbytes(10, 128) == 10 * 128 + 40
+    assert QuantFormat(16).nbytes(10, 128) == 10 * 128 * 2
+    mixed = ExpertMatrices(
+        [torch.zeros(4, 64, dtype=torch.bfloat16), quantize_weight(torch.randn(4, 64), QuantFormat(8))]
+    )
+    assert mixed.shape == (2, 4, 64)
+    assert weight_nbytes(mixed) == 4 * 64 * 2 + 4 * 64 + 16
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="bits must be 16, 8 or 4"):
+        QuantFormat(3)
+    with pytest.raises(ValueError, match="group size"):
+        QuantFormat(4, 16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_weight(torch.randn(4, 96), QuantFormat(4, 32))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quantize_weight(torch.full((2, 64), float("nan")), QuantFormat(8))
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_weight(torch.randn(2, 64), QuantFormat(16))
+    with pytest.raises(ValueError, match="one shape"):
+        ExpertMatrices([torch.zeros(4, 64), torch.zeros(4, 128)])
