@@ -317,6 +317,73 @@ def eval_(
         console.print(f"wrote {json_path}")
 
 
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint directory (read only).")],
+    dst: Annotated[Path, typer.Argument(help="New directory for the quantized checkpoint (must not exist).")],
+    bits: Annotated[int, typer.Option(help="Bits of the routed experts and the other large matrices: 8 or 4.")] = 4,
+    group_size: Annotated[int, typer.Option(help="int4 values per scale: 32, 64 or 128.")] = 32,
+    asymmetric: Annotated[bool, typer.Option(help="int4 with a per-group minimum as well as a scale.")] = False,
+    dense_bits: Annotated[
+        int | None, typer.Option(help="Bits of attention, dense MLPs and the output head (default: --bits).")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Bytes for all routed experts ('600MB', '1.5GiB', or '30%' of their float size): each "
+            "expert's format (int4 g128/g64/g32, int8, 16-bit) is then chosen on calibration text."
+        ),
+    ] = None,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="Calibration text file for --memory-budget, repeat for several (default: stdlib modules)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Float dtype kept for embeddings, norms and routers: bf16 or fp32.")
+    ] = "bf16",
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Write a quantized copy of a checkpoint that load, generate, eval and bench read back."""
+    from .models.convert import check_destination, quantize_checkpoint
+    from .models.loader import DTYPES
+    from .models.quantized import QuantConfig
+    from .sizes import format_size
+
+    if not src.expanduser().is_dir():
+        raise UserError(f"model directory {src} does not exist")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if bits not in (8, 4) or (dense_bits is not None and dense_bits not in (16, 8, 4)):
+        raise UserError(f"--bits must be 8 or 4 (and --dense-bits 16, 8 or 4), got {bits} / {dense_bits}")
+    for file in calibration or []:
+        if not file.is_file():
+            raise UserError(f"calibration file {file} does not exist")
+    config = QuantConfig(bits, group_size, not asymmetric, dense_bits)
+    check_destination(src.expanduser(), dst.expanduser())
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:  # fmt: skip
+        task = progress.add_task("loading the model", total=None)
+
+        def step(text: str) -> None:
+            progress.update(task, description=text)
+            progress.console.print(text, highlight=False)
+
+        summary = quantize_checkpoint(
+            src, dst, config, memory_budget=memory_budget, calibration_files=calibration, dtype=dtype,
+            progress=step,
+        )  # fmt: skip
+    counts: dict[str, int] = {}
+    for formats in summary["plan"]["experts"].values():
+        for name in formats:
+            counts[name] = counts.get(name, 0) + 1
+    print(
+        f"wrote {dst}: experts {format_size(summary['float_expert_bytes'])} -> "
+        f"{format_size(summary['expert_bytes'])} ({', '.join(f'{n} x {k}' for k, n in counts.items())}); "
+        f"file {format_size(summary['file_bytes'])}"
+    )
+
+
 def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from .kernels.activation import GluSpec, apply_glu
 from .kernels.experts import ExpertWeights, experts_forward, get_backend
+from .kernels.linear import linear
 from .kernels.onednn import PackedExperts, pack_experts
+from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, quantize_weight
 from .routing import RoutingConfig, make_plan, route
 
 
@@ -78,6 +80,8 @@ class MoELayer(nn.Module):
         self.router_fp32 = router_fp32
         self.backend = backend
         self.packed: PackedExperts | None = None
+        self.dtype = dtype
+        self.expert_formats: list[QuantFormat] | None = None  # set by quantize_experts
         factory = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         self.router_bias = nn.Parameter(torch.zeros(num_experts, **factory)) if router_bias else None
@@ -109,11 +113,49 @@ class MoELayer(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.gate_up.shape[2]
+        return self.router_weight.shape[1]
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up.shape[0]
+        return self.router_weight.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[2]
+
+    def quantize_experts(self, formats: QuantFormat | list[QuantFormat]) -> None:
+        """Replace the routed experts' float weights with low-bit ones, in place (the float copy is freed).
+
+        Args:
+            formats: one format for all experts, or one per expert (mixed precision; 16 bits keeps an
+                expert in the layer's dtype).
+
+        Raises:
+            ValueError: already quantized, a wrong number of formats, or a format the shapes cannot take.
+        """
+        if self.expert_formats is not None:
+            raise ValueError("this layer's experts are already quantized")
+        if isinstance(formats, QuantFormat):
+            formats = [formats] * self.num_experts
+        if len(formats) != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} expert formats, got {len(formats)}")
+        gate_up, down = self.gate_up.detach(), self.down.detach()
+        for name, k in (("gate_up", self.hidden_size), ("down", self.intermediate_size)):
+            for fmt in set(formats):
+                if not fmt.supports(k):
+                    raise ValueError(
+                        f"{fmt.name} cannot store the {name} projection (K = {k}): K must be a multiple of 64"
+                    )
+        self.set_expert_weights(formats, *(_quantize_stack(w, formats) for w in (gate_up, down)))
+
+    def set_expert_weights(self, formats: list[QuantFormat], gate_up: Weight, down: Weight) -> None:
+        """Install low-bit expert weights (from ``quantize_experts`` or a quantized checkpoint)."""
+        for name in ("gate_up", "down"):
+            if name in self._parameters:
+                del self._parameters[name]
+        self.packed = None
+        self.gate_up, self.down = gate_up, down
+        self.expert_formats = list(formats)
 
     def expert_weights(self) -> ExpertWeights:
         """The routed experts as the backends see them."""
@@ -124,7 +166,10 @@ class MoELayer(nn.Module):
 
         Costs memory equal to the expert weights again; decode still reads the plain weights.
         The copy is a snapshot: call again after changing the weights, or ``unpack()`` to drop it.
+        Low-bit experts are not packed (their prefill dequantizes tiles in the native kernel).
         """
+        if self.expert_formats is not None:
+            raise ValueError("prepack is for float experts; these are quantized")
         self.packed = pack_experts(self.gate_up.detach(), self.down.detach())
 
     def unpack(self) -> None:
@@ -140,13 +185,13 @@ class MoELayer(nn.Module):
 
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
         """The always-on shared expert. x: [T, H] -> [T, H]."""
-        out = F.linear(apply_glu(F.linear(x, self.shared_gate_up), self.glu), self.shared_down)
+        out = linear(apply_glu(linear(x, self.shared_gate_up), self.glu), self.shared_down)
         if self.shared_gate_weight is not None:
             out = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * out
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_hidden(x, self.hidden_size, self.gate_up.dtype)
+        check_hidden(x, self.hidden_size, self.dtype)
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         weights, ids = route(self.router_logits(x), self.routing, self.score_bias)  # [T, k] each
@@ -155,3 +200,18 @@ class MoELayer(nn.Module):
         if self.shared_gate_up is not None:
             y = y + self.shared_expert(x)
         return y.reshape(shape)
+
+
+def _quantize_stack(w: torch.Tensor, formats: list[QuantFormat]) -> Weight:
+    """A stack [E, N, K] in per-expert formats: one QuantizedWeight stack when all share a low-bit format,
+    else ExpertMatrices over one stack per format (float experts stay views of ``w``)."""
+    distinct = list(dict.fromkeys(formats))
+    if len(distinct) == 1 and distinct[0].bits != 16:
+        return quantize_weight(w, distinct[0])
+    matrices: list[torch.Tensor | QuantizedWeight | None] = [None] * len(formats)
+    for fmt in distinct:
+        ids = [e for e, f in enumerate(formats) if f == fmt]
+        stack = w[ids].contiguous() if fmt.bits == 16 else quantize_weight(w[ids], fmt)
+        for i, e in enumerate(ids):
+            matrices[e] = stack[i]
+    return ExpertMatrices(matrices)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant.formats import Weight, dequantize_matrix
 from ..routing import RoutingPlan
 from . import native
 from .activation import GluSpec, apply_glu
@@ -39,16 +40,17 @@ class ExpertWeights:
     """The routed experts' weights, in the layout every backend reads.
 
     Attributes:
-        gate_up: [E, 2I, H] gate rows then up rows of each expert.
-        down: [E, H, I].
+        gate_up: [E, 2I, H] gate rows then up rows of each expert: a float tensor, a ``QuantizedWeight``
+            stack or ``ExpertMatrices`` (each expert in its own format).
+        down: [E, H, I], likewise.
         gate_up_bias: [E, 2I] or None.
         down_bias: [E, H] or None.
         glu: the gated activation.
         packed: the same weights packed for oneDNN (prefill GEMMs), or None.
     """
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Weight
+    down: Weight
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     glu: GluSpec = GluSpec()
@@ -66,15 +68,20 @@ class ExpertWeights:
     def intermediate_size(self) -> int:
         return self.down.shape[2]
 
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The weights' dtype when they are a plain float tensor, else None (low-bit or mixed)."""
+        return self.gate_up.dtype if isinstance(self.gate_up, torch.Tensor) else None
+
     def validate(self) -> None:
         """Raise ValueError if the tensors do not fit together."""
-        num_experts, two_i, hidden = self.gate_up.shape if self.gate_up.dim() == 3 else (None, None, None)
+        num_experts, two_i, hidden = self.gate_up.shape if len(self.gate_up.shape) == 3 else (None, None, None)
         if num_experts is None or two_i % 2:
             raise ValueError(f"gate_up must be [experts, 2*intermediate, hidden], got {tuple(self.gate_up.shape)}")
         expected_down = (num_experts, hidden, two_i // 2)
         if tuple(self.down.shape) != expected_down:
             raise ValueError(f"down must be {expected_down} to match gate_up, got {tuple(self.down.shape)}")
-        if self.down.dtype != self.gate_up.dtype:
+        if self.float_dtype is not None and getattr(self.down, "dtype", self.float_dtype) != self.float_dtype:
             raise ValueError(f"down dtype {self.down.dtype} differs from gate_up dtype {self.gate_up.dtype}")
         for name, bias, shape in (
             ("gate_up_bias", self.gate_up_bias, (num_experts, two_i)),
@@ -120,10 +127,10 @@ def experts_reference(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> t
     xs = x.float()[plan.token_index]  # [S, H]
     out = torch.empty(plan.num_slots, w.hidden_size, dtype=torch.float32, device=x.device)
     for e, start, end in _groups(plan):
-        h = xs[start:end] @ w.gate_up[e].float().T  # [n, 2I]
+        h = xs[start:end] @ dequantize_matrix(w.gate_up[e], torch.float32).T  # [n, 2I]
         if w.gate_up_bias is not None:
             h = h + w.gate_up_bias[e].float()
-        o = apply_glu(h, w.glu) @ w.down[e].float().T  # [n, H]
+        o = apply_glu(h, w.glu) @ dequantize_matrix(w.down[e], torch.float32).T  # [n, H]
         if w.down_bias is not None:
             o = o + w.down_bias[e].float()
         out[start:end] = o
@@ -132,28 +139,33 @@ def experts_reference(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> t
 
 def _grouped_mm(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Weight,
     bias: torch.Tensor | None,
     groups: list[tuple[int, int, int]],
     packed: list[torch.Tensor] | None,
 ) -> torch.Tensor:
-    """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> [S, N]."""
+    """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> [S, N].
+
+    Low-bit experts are dequantized to a's dtype one at a time (the pure-torch fallback of the kernel).
+    """
     out = a.new_empty(a.shape[0], weight.shape[1])
     for e, start, end in groups:
         b = None if bias is None else bias[e].to(a.dtype)
         if packed is not None:
             out[start:end] = packed_linear(a[start:end], packed[e], b)
-        elif b is None:
-            torch.mm(a[start:end], weight[e].T, out=out[start:end])
+            continue
+        w = dequantize_matrix(weight[e], a.dtype)
+        if b is None:
+            torch.mm(a[start:end], w.T, out=out[start:end])
         else:
-            torch.addmm(b, a[start:end], weight[e].T, out=out[start:end])
+            torch.addmm(b, a[start:end], w.T, out=out[start:end])
     return out
 
 
 def experts_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
     """One GEMM per non-empty group over contiguous sorted rows (oneDNN-packed weights when present)."""
     groups = _groups(plan)
-    packed = w.packed if w.packed is not None and x.dtype == w.gate_up.dtype else None
+    packed = w.packed if w.packed is not None and x.dtype == w.float_dtype else None
     xs = x.index_select(0, plan.token_index)  # [S, H]
     h = _grouped_mm(xs, w.gate_up, w.gate_up_bias, groups, packed and packed.gate_up)  # [S, 2I]
     out = _grouped_mm(apply_glu(h, w.glu), w.down, w.down_bias, groups, packed and packed.down)  # [S, H]
@@ -186,8 +198,8 @@ def native_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float32)
-        and w.gate_up.is_contiguous()
-        and w.down.is_contiguous()
+        and (not isinstance(w.gate_up, torch.Tensor) or w.gate_up.is_contiguous())
+        and (not isinstance(w.down, torch.Tensor) or w.down.is_contiguous())
         and native.is_available()
     )
 
@@ -235,7 +247,7 @@ def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backen
     Args:
         x: [T, H] bf16 / fp32 / fp16 hidden states.
         plan: the routing plan for these tokens.
-        w: the expert weights (same dtype as x).
+        w: the expert weights (same dtype as x when they are float).
         backend: a key of ``BACKENDS``.
 
     Returns:
@@ -245,8 +257,8 @@ def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backen
     w.validate()
     if x.dim() != 2 or x.shape[1] != w.hidden_size:
         raise ValueError(f"expected hidden states [tokens, {w.hidden_size}], got shape {tuple(x.shape)}")
-    if x.dtype != w.gate_up.dtype:
-        raise ValueError(f"hidden states are {x.dtype} but the expert weights are {w.gate_up.dtype}")
+    if w.float_dtype is not None and x.dtype != w.float_dtype:
+        raise ValueError(f"hidden states are {x.dtype} but the expert weights are {w.float_dtype}")
     if plan.num_tokens != x.shape[0]:
         raise ValueError(f"the routing plan is for {plan.num_tokens} tokens but {x.shape[0]} were given")
     if backend == "native" and not native_supports(x, w):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .hf import SUPPORTED_BLOCKS, patch
+from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_plan, model_nbytes
 
 # config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
 SUPPORTED_MODEL_TYPES = {
@@ -390,6 +391,61 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord]) -> int:
     return ignored
 
 
+def load_exact(targets: dict[str, torch.Tensor], records: dict[str, TensorRecord]) -> int:
+    """Fill ``targets`` from the checkpoint tensors of the same names (a quantized checkpoint, which moerun
+    wrote under its own module names). Float tensors convert to the target dtype; others must match it.
+
+    Returns:
+        the number of checkpoint tensors with no target.
+
+    Raises:
+        CheckpointError: a tensor with the wrong shape or dtype, or targets the checkpoint lacks.
+    """
+    missing = [name for name in targets if name not in records]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"quantized checkpoint is missing tensors the model needs: {shown}")
+    scratch = torch.empty(_SCRATCH_BYTES, dtype=torch.uint8)
+    by_file: dict[Path, list[TensorRecord]] = {}
+    for name, record in records.items():
+        if name in targets:
+            by_file.setdefault(record.file, []).append(record)
+    with torch.no_grad():
+        for file, file_records in by_file.items():
+            with open(file, "rb", buffering=0) as f:
+                for record in sorted(file_records, key=lambda r: r.offset):
+                    dest = targets[record.name]
+                    source = _SAFETENSORS_DTYPES[record.dtype]
+                    if tuple(dest.shape) != record.shape or (
+                        source != dest.dtype and record.dtype not in _FLOAT_SOURCES
+                    ):
+                        raise CheckpointError(
+                            f"tensor {record.name} in {file.name} is {record.dtype} {list(record.shape)}, "
+                            f"expected {dest.dtype} {list(dest.shape)}"
+                        )
+                    f.seek(record.offset)
+                    _read_into(record, f, dest, scratch)
+    return sum(name not in targets for name in records)
+
+
+def read_quant_plan(path: Path) -> dict | None:
+    """The quantization plan of a moerun quantized checkpoint, or None for a float checkpoint."""
+    file = path / QUANT_FILE
+    if not file.is_file():
+        return None
+    try:
+        plan = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(plan, dict) or plan.get("format_version") != QUANT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: unsupported quantized checkpoint format (expected version {QUANT_FORMAT_VERSION})"
+        )
+    if not isinstance(plan.get("experts"), dict) or not isinstance(plan.get("dense"), dict):
+        raise CheckpointError(f"{file} lacks the 'experts' and 'dense' format tables")
+    return plan
+
+
 def _build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The transformers model for ``config`` with uninitialised parameters (computed buffers are real)."""
     from transformers import AutoModelForCausalLM
@@ -488,16 +544,24 @@ def load(
     start = time.perf_counter()
     rss_before = rss_bytes()
     reset_peak_rss()
+    plan = read_quant_plan(path)
     model = _build_empty_model(config, dtype)
-    ignored = load_weights(model, records)
-    _patch_layer_by_layer(model)
+    if plan is None:
+        ignored = load_weights(model, records)
+        _patch_layer_by_layer(model)
+    else:  # moerun wrote it: patch first, give the layers their low-bit layout, fill by name
+        _patch_layer_by_layer(model)
+        try:
+            targets = apply_plan(model, plan)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / QUANT_FILE}: {_one_line(e)}") from None
+        ignored = load_exact(targets, records)
     model.eval()
     if generation_config is not None:
         model.generation_config = generation_config
-    unique = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
     stats = LoadStats(
         seconds=time.perf_counter() - start,
-        model_bytes=sum(t.numel() * t.element_size() for t in unique),
+        model_bytes=model_nbytes(model),
         rss_before_bytes=rss_before,
         peak_rss_bytes=peak_rss_bytes(),
         shards=len({r.file for r in records.values()}),

@@ -47,9 +47,22 @@ class QuantFormat:
         if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
 
+    @classmethod
+    def parse(cls, name: str) -> QuantFormat:
+        """The format a ``name`` label stands for (``16``, ``int8``, ``int4-g32``, ``int4-g64-asym``)."""
+        if name == "16":
+            return cls(16)
+        if name == "int8":
+            return cls(8)
+        parts = name.split("-")
+        if len(parts) in (2, 3) and parts[0] == "int4" and parts[1][:1] == "g" and parts[1][1:].isdigit():
+            if len(parts) == 2 or parts[2] == "asym":
+                return cls(4, int(parts[1][1:]), len(parts) == 2)
+        raise ValueError(f"unknown weight format {name!r}; expected 16, int8, int4-gG or int4-gG-asym")
+
     @property
     def name(self) -> str:
-        """Short label: ``bf16``-like ``16``, ``int8``, ``int4-g32``, ``int4-g32-asym``."""
+        """Short label: ``16`` (the model's float dtype), ``int8``, ``int4-g32``, ``int4-g32-asym``."""
         if self.bits == 16:
             return "16"
         if self.bits == 8:
@@ -110,6 +123,22 @@ class QuantizedWeight:
         tensors = (self.qweight, self.scales, self.mins)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    @classmethod
+    def empty(
+        cls, fmt: QuantFormat, shape: tuple[int, ...], device: torch.device | str | None = None
+    ) -> QuantizedWeight:
+        """Uninitialised storage for a matrix or stack of logical ``shape`` [..., N, K] (to be read into)."""
+        *lead, k = shape
+        if not fmt.supports(k) or fmt.bits == 16:
+            raise ValueError(f"{fmt.name} cannot store a matrix with K = {k}")
+        if fmt.bits == 8:
+            return cls(fmt, torch.empty(*lead, k, dtype=torch.int8, device=device),
+                       torch.empty(*lead, dtype=torch.float32, device=device), None, k)  # fmt: skip
+        groups = (*lead, k // fmt.group_size)
+        mins = None if fmt.symmetric else torch.empty(groups, dtype=torch.float16, device=device)
+        qweight = torch.empty(*lead, k // 2, dtype=torch.uint8, device=device)
+        return cls(fmt, qweight, torch.empty(groups, dtype=torch.float16, device=device), mins, k)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The storage tensors by name (``qweight``, ``scales`` and, when asymmetric, ``mins``)."""
         out = {"qweight": self.qweight, "scales": self.scales}
@@ -137,6 +166,17 @@ class QuantizedWeight:
         else:
             w = grouped * scales + self.mins.float().unsqueeze(-1)
         return w.flatten(-2).to(dtype)
+
+
+def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Matrices [N_i, K] of one format stacked along N (q, k, v into one projection)."""
+    fmt, k = weights[0].format, weights[0].in_features
+    if any(w.format != fmt or w.in_features != k or w.qweight.dim() != 2 for w in weights):
+        raise ValueError("only matrices of one format and K can be concatenated")
+    mins = None if fmt.symmetric or fmt.bits == 8 else torch.cat([w.mins for w in weights])
+    return QuantizedWeight(
+        fmt, torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]), mins, k
+    )
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""Dense projections over float or low-bit weights: ``linear(x, weight, bias)``.
+
+A low-bit matrix runs on the native kernel as a single group of one "expert" (packed reads for one or a
+few rows, dequantized register tiles for many), else is dequantized for torch's GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.formats import QuantizedWeight
+from . import native
+
+_ZERO = torch.zeros(1, dtype=torch.int64)
+
+
+def as_stack(weight: QuantizedWeight) -> QuantizedWeight:
+    """A matrix [N, K] as a stack of one [1, N, K] (views)."""
+    mins = None if weight.mins is None else weight.mins[None]
+    return QuantizedWeight(weight.format, weight.qweight[None], weight.scales[None], mins, weight.in_features)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias [N]) -> [..., N] in x's dtype."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float32) and native.is_available():
+        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+        out = native.grouped_gemv(
+            rows, as_stack(weight), _ZERO, _ZERO, torch.tensor([rows.shape[0]]),
+            bias=None if bias is None else bias[None],
+        )  # fmt: skip
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
+    return F.linear(x, weight.dequantize(x.dtype), bias)

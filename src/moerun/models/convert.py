@@ -1,0 +1,145 @@
+"""``quantize_checkpoint``: a checkpoint directory in, a quantized checkpoint directory out.
+
+The destination is assembled in a temporary sibling directory and renamed into place only when every
+file is written, so an interrupted run leaves no directory that looks like a valid checkpoint; the
+source is only read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..sizes import format_size, parse_size
+from .loader import CheckpointError, LoadedModel, load
+from .mixed import plan_mixed
+from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, plan_metadata, quantize, quantized_tensors
+
+# Files copied from the source checkpoint as they are (the weights are rewritten).
+_COPIED = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)  # fmt: skip
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Refuse a destination equal to or inside the source, or an existing non-empty one."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents:
+        raise ValueError(f"the destination {dst} is the source directory or inside it; choose another")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"the destination {dst} already exists and is not an empty directory")
+
+
+# Default calibration text: standard-library modules from the reference model's training corpus, none of
+# its held-out evaluation files (calibrating on the evaluation text would flatter the mixed allocation).
+DEFAULT_CALIBRATION_MODULES = ("argparse.py", "dataclasses.py", "string.py", "functools.py")
+
+
+def default_calibration_files() -> list[Path]:
+    """This Python's copies of ``DEFAULT_CALIBRATION_MODULES``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [root / name for name in DEFAULT_CALIBRATION_MODULES if (root / name).is_file()]
+    if not files:
+        raise ValueError("no calibration text: pass --calibration FILE")
+    return files
+
+
+def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens: int) -> list[int]:
+    """Tokens for mixed-precision calibration: the given text files, or ``default_calibration_files()``."""
+    from ..eval import join_tokens
+
+    if loaded.tokenizer is None:
+        raise ValueError("mixed precision needs calibration text, and this checkpoint has no tokenizer")
+    texts = []
+    for f in files or default_calibration_files():
+        try:
+            texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:
+            raise ValueError(f"cannot read calibration file {f}: {e.strerror}") from None
+    return join_tokens(texts, loaded.tokenizer)[:max_tokens]
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    config: QuantConfig,
+    *,
+    memory_budget: str | int | None = None,
+    calibration_files: list[Path] | None = None,
+    calibration_tokens_max: int = 4096,
+    dtype: str = "bf16",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Quantize the checkpoint in ``src`` and write it to ``dst`` (see the module docstring).
+
+    Args:
+        src: a Hugging Face MoE checkpoint directory moerun loads.
+        dst: the new directory (must not exist, or be empty; not inside ``src``).
+        config: formats to use.
+        memory_budget: bytes for the routed experts (``"600MB"``, ``"35%"`` of their float size, or an
+            int); with it, each expert's format is chosen by ``plan_mixed`` on calibration text.
+        calibration_files: text files for mixed precision (default: ``default_calibration_files()``).
+        calibration_tokens_max: at most this many calibration tokens.
+        dtype: the float dtype kept for embeddings, norms and routers ("bf16" or "fp32").
+        progress: called with a line of text per step (one per layer quantized).
+
+    Returns:
+        a summary: the plan, bytes of experts before and after, total bytes written.
+
+    Raises:
+        ValueError / CheckpointError: bad arguments, an unreadable source, an impossible budget.
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if not src.is_dir():
+        raise CheckpointError(f"model directory {src} does not exist")
+    check_destination(src, dst)
+    loaded = load(src, dtype=dtype)
+    if getattr(loaded.model, "moerun_quant", None) is not None:
+        raise ValueError(f"{src} is already a quantized checkpoint")
+    model = loaded.model
+    float_expert_bytes = expert_nbytes(model)
+    if memory_budget is not None:
+        budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget, float_expert_bytes)
+        tokens = calibration_tokens(loaded, calibration_files, calibration_tokens_max)
+        if progress:
+            progress(f"calibrating on {len(tokens)} tokens for a {format_size(budget)} expert budget")
+        formats = plan_mixed(
+            model, tokens, budget, window=min(loaded.max_seq_len, 256),
+            progress=progress and (lambda name: progress(f"scored {name}")),
+        )  # fmt: skip
+        config = replace(config, expert_formats=formats)
+    plan = quantize(model, config, progress=progress and (lambda name: progress(f"quantized {name}")))
+    from .. import __version__
+
+    metadata = plan_metadata(plan, __version__)
+    tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        for name in _COPIED:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if progress:
+            progress(f"writing {len(tensors)} tensors")
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "moerun_quant": metadata})
+        (tmp / QUANT_FILE).write_text(metadata)  # last: its presence marks a complete quantized checkpoint
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "plan": plan,
+        "float_expert_bytes": float_expert_bytes,
+        "expert_bytes": expert_nbytes(model),
+        "file_bytes": (dst / "model.safetensors").stat().st_size,
+    }
