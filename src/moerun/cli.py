@@ -38,6 +38,16 @@ def _parse_tokens(text: str) -> list[int]:
     return values
 
 
+def _parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise UserError(f"--bits must be comma-separated values among 16, 8, 4, got {text!r}") from None
+    if not values or any(v not in (16, 8, 4) for v in values):
+        raise UserError(f"--bits must be comma-separated values among 16, 8, 4, got {text!r}")
+    return values
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place when complete."""
     path = path.expanduser()
@@ -78,15 +88,24 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(help="With --model: prompt length (prefill).")] = 512,
     decode_tokens: Annotated[int, typer.Option(help="With --model: greedy decode steps per round.")] = 32,
     rounds: Annotated[int, typer.Option(help="With --model: timed rounds, implementations alternating.")] = 3,
+    bits: Annotated[
+        str, typer.Option(help="Comma-separated weight bits moerun also runs at: 16 (the dtype), 8, 4 (int4 g32).")
+    ] = "16",
+    group_size: Annotated[int, typer.Option(help="With --bits 4: int4 values per scale (32, 64 or 128).")] = 32,
 ) -> None:
     """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers."""
     from .perf.bench import DTYPES, IMPLS, PRESETS, record_dicts, run_bench
     from .perf.roofline import load_or_measure_roofline
 
+    bit_widths = _parse_bits(bits)
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, got {group_size}")
     if model is not None:
         if preset:
             raise UserError("--preset times one layer and --model a whole model; give one of them")
-        _bench_model(model, dtype, threads, impl, json_path, prompt_tokens, decode_tokens, rounds)
+        _bench_model(
+            model, dtype, threads, impl, json_path, prompt_tokens, decode_tokens, rounds, bit_widths, group_size
+        )
         return
     presets = list(PRESETS) if preset == ["all"] else preset or ["olmoe-1b-7b"]
     unknown = [p for p in presets if p not in PRESETS]
@@ -122,7 +141,8 @@ def bench(
         task = progress.add_task("building layer", total=total)
         done_cases: set[tuple[str, int]] = set()
         for record in run_bench(
-            presets, token_counts, dtype, threads, roofline, impls, budget_s=budget,
+            presets, token_counts, dtype, threads, roofline, impls, bits=bit_widths, group_size=group_size,
+            budget_s=budget,
             on_step=lambda text: progress.update(task, description=text),
         ):  # fmt: skip
             records.append(record)
@@ -140,16 +160,22 @@ def bench(
 def print_bench_table(records: list) -> None:
     """The bench table on stdout, with speed-up over transformers' grouped_mm where both ran."""
     base = {(r.preset, r.tokens): r.median_ms for r in records if r.impl == "hf-grouped_mm"}
+    ours = {(r.preset, r.tokens): r.median_ms for r in records if r.impl == "moerun"}
+    low_bit = any(r.impl.startswith("moerun-int") for r in records)
     table = Table(title="MoE layer, median of alternating runs")
     columns = ("preset", "dtype", "tokens", "impl", "ms", "tokens/s", "GB/s", "GFLOP/s", "roofline", "vs grouped_mm")
+    columns += ("vs moerun",) if low_bit else ()
     for column in columns:
         table.add_column(column, justify="left" if column in ("preset", "impl", "dtype") else "right")
     for r in records:
         ref = base.get((r.preset, r.tokens))
+        mine = ours.get((r.preset, r.tokens))
+        vs_moerun = ("" if mine is None else f"{mine / r.median_ms:.2f}x",) if low_bit else ()
         table.add_row(
             r.preset, r.dtype, str(r.tokens), r.impl, f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}",
             f"{r.gbps:.1f}", f"{r.gflops:.0f}", f"{r.roofline_fraction:.0%}",
             "" if ref is None else f"{ref / r.median_ms:.2f}x",
+            *vs_moerun,
         )  # fmt: skip
     out = Console()
     if not out.is_terminal:  # redirected output: never wrap the table's cells
@@ -166,6 +192,8 @@ def _bench_model(
     prompt_tokens: int,
     decode_tokens: int,
     rounds: int,
+    bits: tuple[int, ...] = (16,),
+    group_size: int = 32,
 ) -> None:
     """`moerun bench --model`: validate the options, run the whole-model bench with progress, report."""
     from .perf.bench import DTYPES
@@ -191,7 +219,8 @@ def _bench_model(
         task = progress.add_task("starting")
         records = list(
             run_model_bench(
-                model, dtype, threads, impls, prompt_tokens, decode_tokens, rounds,
+                model, dtype, threads, impls, prompt_tokens, decode_tokens, rounds, bits=bits,
+                group_size=group_size,
                 on_step=lambda text: progress.update(task, description=text),
             )
         )  # fmt: skip

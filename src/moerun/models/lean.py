@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
+from ..kernels.linear import as_stack, linear
+from ..quant.formats import QuantizedWeight, concat_rows
 from .hf import SUPPORTED_BLOCKS, PatchedMoEBlock, layer_from_hf_block
 
 # model_type -> how q and k are RMS-normalised before RoPE: over all heads at once, per head, or not at all.
@@ -211,18 +213,18 @@ class Matvec:
         use_native: run on the native kernel (falls back to F.linear where it cannot).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_native: bool) -> None:
-        self.weight = weight.detach()
+    def __init__(self, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, use_native: bool) -> None:
+        quantized = isinstance(weight, QuantizedWeight)
+        self.weight = weight if quantized else weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.native = (
             use_native
             and native.is_available()
-            and weight.is_cpu
-            and weight.dtype in (torch.bfloat16, torch.float32)
-            and weight.is_contiguous()
+            and weight.device.type == "cpu"
+            and (quantized or (weight.dtype in (torch.bfloat16, torch.float32) and weight.is_contiguous()))
         )
         if self.native:
-            self._weight3 = self.weight.unsqueeze(0)  # [1, N, K]: one "expert"
+            self._weight3 = as_stack(weight) if quantized else self.weight.unsqueeze(0)  # [1, N, K]: one "expert"
             self._bias2 = None if bias is None else self.bias.float().unsqueeze(0)  # [1, N], N floats
             self._group = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))  # expert, start
             self._count = torch.ones(1, dtype=torch.int64)
@@ -231,11 +233,15 @@ class Matvec:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> x @ W.T (+ b) [T, N] in x's dtype (prefill)."""
+        return linear(x, self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x: [1, K] in the weight's dtype; out: [1, N] float32 with unit stride along N. Returns out."""
         if self.native:
             return native.grouped_gemv(x, self._weight3, *self._group, self._count, bias=self._bias2, out=out)
-        return out.copy_(F.linear(x, self.weight, self.bias))
+        return out.copy_(linear(x, self.weight, self.bias))
 
 
 @dataclass
@@ -366,7 +372,9 @@ class LeanRunner:
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         biases = [proj.bias for proj in projections]
         with torch.no_grad():
-            qkv_weight = torch.cat([proj.weight for proj in projections])  # [(Hq + 2 Hkv) D, H]
+            weights = [proj.weight for proj in projections]
+            quantized = all(isinstance(w, QuantizedWeight) for w in weights)
+            qkv_weight = concat_rows(weights) if quantized else torch.cat(weights)  # [(Hq + 2 Hkv) D, H]
             qkv_bias = None if biases[0] is None else torch.cat(biases)
         norms = [None, None] if self.qk_norm is None else [attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]
         return LeanLayer(
@@ -431,7 +439,7 @@ class LeanRunner:
         h = self.embed[input_ids]  # [T, H]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, self.eps)
-            qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)  # [T, (Hq + 2 Hkv) D]
+            qkv = layer.qkv.rows(x)  # [T, (Hq + 2 Hkv) D]
             q, k, v = qkv.split(self._qkv_sizes, dim=1)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
             q, k = self._norm_qk(layer, q, k)
             if self.clip_qkv is not None:
@@ -449,7 +457,7 @@ class LeanRunner:
                 is_causal=mask is None, scale=self.scaling, enable_gqa=hq != hkv,
             )  # [1, Hq, T, D]  # fmt: skip
             attn = attn[0].transpose(0, 1).reshape(num_tokens, hq * d)  # [T, Hq*D]
-            h = h + F.linear(attn, layer.o.weight, layer.o.bias)
+            h = h + layer.o.rows(attn)
             h = h + layer.mlp(rms_norm(h, layer.post_norm, self.eps))
         self.length = end
         logits = torch.empty(1, self.lm_head.out_features, dtype=torch.float32)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..layer import MoELayer
 from ..models.hf import layer_from_hf_block
+from ..quant.formats import QuantFormat, weight_nbytes
 from ..routing import make_plan, route
 from .roofline import Roofline
 
@@ -144,11 +145,12 @@ def work_of(layer: MoELayer, x: torch.Tensor) -> tuple[int, int]:
     tokens, hidden = x.shape
     weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
     plan = make_plan(ids, weights, layer.num_experts)
-    itemsize = layer.gate_up.dtype.itemsize
-    per_expert = 3 * hidden * layer.down.shape[2]
+    itemsize = layer.dtype.itemsize
+    per_expert = 3 * hidden * layer.intermediate_size
+    expert_bytes = (weight_nbytes(layer.gate_up) + weight_nbytes(layer.down)) / layer.num_experts  # packed if low-bit
     shared = 0 if layer.shared_down is None else 3 * hidden * layer.shared_down.shape[1]
     router = layer.router_weight.numel()
-    touched = (plan.num_groups * per_expert + shared + router) * itemsize
+    touched = int(plan.num_groups * expert_bytes) + (shared + router) * itemsize
     flops = 2 * (plan.num_slots * per_expert + tokens * (shared + router))
     return touched, flops
 
@@ -197,11 +199,17 @@ def run_bench(
     threads: int,
     roofline: Roofline,
     impls: tuple[str, ...] = IMPLS,
+    bits: tuple[int, ...] = (16,),
+    group_size: int = 32,
     min_reps: int = 5,
     budget_s: float = 3.0,
     on_step: Callable[[str], None] | None = None,
 ) -> Iterator[Record]:
-    """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish."""
+    """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish.
+
+    ``bits`` 8 and 4 add moerun on the same experts quantized (``moerun-int8``, ``moerun-int4`` with groups
+    of ``group_size``).
+    """
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(threads)
     read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
@@ -215,6 +223,10 @@ def run_bench(
         if prepacked:
             packed_layer = layer_from_hf_block(block)  # shares the plain weights with `layer`
             packed_layer.prepack()
+        quantized = {}
+        for b in (b for b in bits if b != 16):
+            quantized[f"moerun-int{b}"] = layer_from_hf_block(block)
+            quantized[f"moerun-int{b}"].quantize_experts(QuantFormat(b, group_size))
         for count in tokens:
             if on_step:
                 on_step(f"{name} {dtype_name} {count} tokens")
@@ -229,18 +241,21 @@ def run_bench(
                 "moerun-prepacked": lambda x=x, layer=packed_layer: layer(x),
                 "hf-eager": lambda: run_hf("eager"),
                 "hf-grouped_mm": lambda: run_hf("grouped_mm"),
+                **{k: (lambda x=x, layer=q: layer(x)) for k, q in quantized.items()},
             }
             with torch.inference_mode():
-                touched, flops = work_of(layer, x.reshape(count, -1))
-                medians = _time_alternating({**{k: fns[k] for k in impls}, _READ_PROBE: read}, min_reps, budget_s)
+                work = {k: work_of(quantized.get(k, layer), x.reshape(count, -1)) for k in (*impls, *quantized)}
+                timed = {k: fns[k] for k in (*impls, *quantized)}
+                medians = _time_alternating({**timed, _READ_PROBE: read}, min_reps, budget_s)
             # The host's bandwidth drifts by tens of percent over minutes, so the bandwidth roofline of
             # this case is the read probe timed in the same round robin as the implementations.
             case_roofline = replace(roofline, read_gbps=read_buffer.numel() * 4 / medians.pop(_READ_PROBE) / 1e9)
             for impl, seconds in medians.items():
+                touched, flops = work[impl]
                 yield Record(
                     preset=name,
                     dtype=dtype_name,
-                    bits=dtype.itemsize * 8,
+                    bits=int(impl.removeprefix("moerun-int")) if impl in quantized else dtype.itemsize * 8,
                     tokens=count,
                     impl=impl,
                     threads=threads,

@@ -14,6 +14,7 @@ Shape legend: P prompt tokens, N decode tokens, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +26,10 @@ from torch import nn
 
 from ..generate import HFRunner
 from ..layer import MoELayer
-from ..models.hf import SUPPORTED_BLOCKS
+from ..models.hf import SUPPORTED_BLOCKS, patch
 from ..models.lean import LeanRunner, Runner
+from ..models.quantized import QuantConfig, low_bit_weights, moe_layers, quantize
+from ..quant.formats import weight_nbytes
 from .bench import DTYPES, available_memory_bytes
 
 IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
@@ -207,13 +210,30 @@ def make_runners(
     return runners, notes
 
 
-def decode_bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: all parameters, but one embedding row and top-k of each block's experts.
+def quantized_copy(model: nn.Module, bits: int, group_size: int = 32) -> nn.Module:
+    """A moerun-patched copy of ``model`` with experts and dense matrices at ``bits`` (int4: ``group_size``)."""
+    quantized = copy.deepcopy(model)
+    if not moe_layers(quantized):
+        patch(quantized)
+    quantize(quantized, QuantConfig(bits=bits, group_size=group_size))
+    return quantized
 
-    The lm head is read whole (tied or not). The KV cache is left out.
+
+def decode_bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: all weights, but one embedding row and top-k of each block's experts.
+
+    The lm head is read whole (tied or not). Low-bit weights count their packed bytes and scales. The KV
+    cache is left out.
     """
     embed = model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    total += sum(weight_nbytes(w) for w in low_bit_weights(model))
+    for layer in moe_layers(model).values():
+        if layer.expert_formats is not None:  # float experts are parameters, counted above
+            routed = weight_nbytes(layer.gate_up) + weight_nbytes(layer.down)
+        else:
+            routed = (layer.gate_up.numel() + layer.down.numel()) * layer.gate_up.element_size()
+        total -= routed * (layer.num_experts - layer.routing.top_k) // layer.num_experts
     total += embed.shape[1] * embed.element_size()  # the token's row
     if model.get_output_embeddings().weight is embed:  # tied: parameters() listed it once, as the embedding
         total += embed.numel() * embed.element_size()
@@ -279,6 +299,8 @@ def run_model_bench(
     rounds: int = 3,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
+    bits: tuple[int, ...] = (16,),
+    group_size: int = 32,
 ) -> Iterator[ModelRecord]:
     """Measure each impl on one model, alternating round by round after one warm-up round; yields records.
 
@@ -287,6 +309,8 @@ def run_model_bench(
         dtype_name: a key of ``DTYPES``.
         threads: torch (and native kernel) threads.
         impls: a subset of ``IMPLS``.
+        bits: moerun also runs quantized copies of the model at these bits (8, 4; 16 is the model itself).
+        group_size: int4 group size of those copies.
         prompt_tokens: P, the prompt length (random token ids, seeded).
         decode_tokens: N, greedy decode steps per round.
         rounds: timed rounds (the medians are reported).
@@ -307,6 +331,14 @@ def run_model_bench(
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
     timer = MoETimer()
     runners, notes = make_runners(model, impls, prompt_tokens + decode_tokens, timer)
+    models = dict.fromkeys(runners, model)
+    for b in (b for b in bits if b != 16):
+        step(f"quantizing {model_spec} to {b} bits")
+        quantized = quantized_copy(model, b, group_size)
+        label = f"moerun-int{b}"
+        runners[label] = make_runners(quantized, ("moerun",), prompt_tokens + decode_tokens, timer)[0]["moerun"]
+        models[label] = quantized
+    impls = tuple(runners)
     read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
     samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
     read_seconds = []
@@ -321,8 +353,8 @@ def run_model_bench(
         read_buffer.sum()
         read_seconds.append(time.perf_counter() - start)
     read_gbps = _READ_PROBE_BYTES / statistics.median(read_seconds[1:]) / 1e9
-    bytes_per_token = decode_bytes_per_token(model)
     for impl in impls:
+        bytes_per_token = decode_bytes_per_token(models[impl])
         runs = samples[impl]
         med = {key: statistics.median(s[key] for s in runs) for key in ("ttft", "decode")}
         decode_per_s = decode_tokens / med["decode"]
@@ -330,7 +362,7 @@ def run_model_bench(
             model=model_spec,
             impl=impl,
             dtype=dtype_name,
-            bits=dtype.itemsize * 8,
+            bits=int(impl.removeprefix("moerun-int")) if impl.startswith("moerun-int") else dtype.itemsize * 8,
             threads=threads,
             prompt_tokens=prompt_tokens,
             decode_tokens=decode_tokens,

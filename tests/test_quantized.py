@@ -1,0 +1,142 @@
+"""Quantized models: moerun.quantize against dequantized float weights, checkpoints that load back exactly,
+mixed precision under a budget, the lean runner, and the quantize command's refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moerun
+from families import FAMILIES
+from moerun import cli
+from moerun.models import convert
+from moerun.models.convert import quantize_checkpoint
+from moerun.models.lean import make_lean_runner
+from moerun.models.loader import default_model_dir
+from moerun.models.quantized import QuantConfig, QuantLinear, expert_nbytes, moe_layers, quantize
+from moerun.quant.formats import QuantFormat, quantize_weight
+from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
+
+REFERENCE = default_model_dir()
+
+
+def _round_trip_weights(model: nn.Module, fmt: QuantFormat) -> None:
+    """Replace every weight quantize() touches by its quantized-then-dequantized float value, in place."""
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            for w in (layer.gate_up, layer.down, layer.shared_gate_up, layer.shared_down):
+                if w is not None:
+                    w.copy_(quantize_weight(w, fmt).dequantize(w.dtype))
+        for m in model.modules():
+            if type(m) is nn.Linear:
+                m.weight.copy_(quantize_weight(m.weight, fmt).dequantize(m.weight.dtype))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_model_matches_dequantized_weights(family, tmp_path):
+    path = save_checkpoint(family, tmp_path / family)
+    quantized = moerun.load(path, dtype="fp32").model
+    reference = moerun.load(path, dtype="fp32").model
+    plan = quantize(quantized, QuantConfig(bits=8))
+    _round_trip_weights(reference, QuantFormat(8))
+    assert any(isinstance(m, QuantLinear) for m in quantized.modules())
+    assert all(f == "int8" for formats in plan["experts"].values() for f in formats)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = quantized(ids).logits, reference(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("q") / "int4"
+    quantize_checkpoint(REFERENCE, dst, QuantConfig(bits=4, group_size=64, symmetric=False), dtype="fp32")
+    return dst
+
+
+def test_checkpoint_loads_back_exactly(int4_dir, tmp_path):
+    in_memory = moerun.load(REFERENCE, dtype="fp32").model
+    quantize(in_memory, QuantConfig(bits=4, group_size=64, symmetric=False))
+    loaded = moerun.load(int4_dir, dtype="fp32")
+    assert loaded.model.moerun_quant["experts"]["model.layers.0.mlp.layer"] == ["int4-g64-asym"] * 8
+    assert loaded.stats.model_bytes < 0.5 * moerun.load(REFERENCE, dtype="fp32").stats.model_bytes
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, in_memory(ids).logits)
+    # the lean runner reads the same low-bit weights; its one-row products round x to bf16 for int4 (the
+    # documented decode path), which moves fp32 logits by a few 1e-3
+    runner = make_lean_runner(loaded.model)
+    logits = runner.prefill(ids[0, :-1])
+    with torch.no_grad():
+        full = loaded.model(ids).logits[0]
+    torch.testing.assert_close(logits, full[-2], rtol=0, atol=3e-2)
+    torch.testing.assert_close(runner.decode(int(ids[0, -1])), full[-1], rtol=0, atol=3e-2)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file())).hexdigest()
+
+
+def test_source_untouched_and_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(REFERENCE, src)
+    before = _digest(src)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_file", fail)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, tmp_path / "dst", QuantConfig(bits=8))
+    assert not (tmp_path / "dst").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial directory left behind
+    assert _digest(src) == before
+
+
+def test_mixed_precision_stays_within_budget(tmp_path):
+    uniform = moerun.load(REFERENCE).model
+    quantize(uniform, QuantConfig(bits=4))
+    budget = expert_nbytes(uniform)
+    summary = quantize_checkpoint(REFERENCE, tmp_path / "mixed", QuantConfig(bits=4), memory_budget=budget)
+    assert summary["expert_bytes"] <= budget
+    formats = {f for fs in summary["plan"]["experts"].values() for f in fs}
+    assert len(formats) > 1  # the allocator traded group sizes / bits between experts
+    loaded = moerun.load(tmp_path / "mixed")
+    assert expert_nbytes(loaded.model) == summary["expert_bytes"]
+    assert moerun.evaluate(loaded, ["def add(a, b):\n    return a + b\n"]).perplexity < 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{src}", "{src}/inside"], "inside"),
+        (["{src}", "{existing}"], "already exists"),
+        (["{src}", "{dst}", "--bits", "3"], "--bits must be 8 or 4"),
+        (["{src}", "{dst}", "--group-size", "16"], "group size"),
+        (["{src}", "{dst}", "--memory-budget", "1KB"], "below the smallest possible allocation"),
+        (["{src}", "{dst}", "--memory-budget", "lots"], "lots"),
+        (["{missing}", "{dst}"], "does not exist"),
+    ],
+)
+def test_quantize_command_refusals(args, message, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    names = {"src": REFERENCE, "dst": tmp_path / "dst", "existing": existing, "missing": tmp_path / "nope"}
+    code = cli.main(["quantize", *(a.format(**names) for a in args)])
+    assert code == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "dst").exists()
+    assert (existing / "keep.txt").read_text() == "user data"
+
+
+def test_quantize_command_writes_a_checkpoint(tmp_path, capsys):
+    assert cli.main(["quantize", str(REFERENCE), str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert "32 x int8" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(tmp_path / "q8")]) == 0
+    assert "perplexity" in capsys.readouterr().out
