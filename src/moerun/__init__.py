@@ -11,6 +11,8 @@ from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
 from .layer import MoELayer
 from .models.hf import layer_from_hf_block, patch, register_experts_implementation
 from .models.loader import CheckpointError, LoadedModel, LoadStats, load
+from .models.quantized import QuantConfig, quantize
+from .quant.formats import QuantFormat, QuantizedWeight
 from .routing import ROUTING_MODES, RoutingConfig, RoutingPlan, make_plan, route
 
 __version__ = "0.1.0"
@@ -29,6 +31,9 @@ __all__ = [
     "LoadStats",
     "LoadedModel",
     "MoELayer",
+    "QuantConfig",
+    "QuantFormat",
+    "QuantizedWeight",
     "RoutingConfig",
     "RoutingPlan",
     "Runner",
@@ -40,6 +45,7 @@ __all__ = [
     "load",
     "make_plan",
     "patch",
+    "quantize",
     "register_experts_implementation",
     "route",
 ]
