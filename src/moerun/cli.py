@@ -373,13 +373,11 @@ def quantize(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     """Write a quantized copy of a checkpoint that load, generate, eval and bench read back."""
-    from .models.convert import check_destination, quantize_checkpoint
+    from .models.convert import quantize_checkpoint
     from .models.loader import DTYPES
     from .models.quantized import QuantConfig
     from .sizes import format_size
 
-    if not src.expanduser().is_dir():
-        raise UserError(f"model directory {src} does not exist")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if bits not in (8, 4) or (dense_bits is not None and dense_bits not in (16, 8, 4)):
@@ -388,7 +386,6 @@ def quantize(
         if not file.is_file():
             raise UserError(f"calibration file {file} does not exist")
     config = QuantConfig(bits, group_size, not asymmetric, dense_bits)
-    check_destination(src.expanduser(), dst.expanduser())
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip

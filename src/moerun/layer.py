@@ -5,6 +5,8 @@ Shape legend: T tokens, H hidden, E experts, I expert intermediate, Is shared-ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,16 +204,28 @@ class MoELayer(nn.Module):
         return y.reshape(shape)
 
 
-def _quantize_stack(w: torch.Tensor, formats: list[QuantFormat]) -> Weight:
-    """A stack [E, N, K] in per-expert formats: one QuantizedWeight stack when all share a low-bit format,
-    else ExpertMatrices over one stack per format (float experts stay views of ``w``)."""
+def experts_from_stacks(
+    formats: list[QuantFormat], make_stack: Callable[[QuantFormat, list[int]], torch.Tensor | QuantizedWeight]
+) -> Weight:
+    """Expert weights [E, N, K] in per-expert formats, from ``make_stack(format, expert ids)`` -> a stack of
+    those experts: the stack itself when all share one low-bit format, else ExpertMatrices over its rows."""
     distinct = list(dict.fromkeys(formats))
     if len(distinct) == 1 and distinct[0].bits != 16:
-        return quantize_weight(w, distinct[0])
+        return make_stack(distinct[0], list(range(len(formats))))
     matrices: list[torch.Tensor | QuantizedWeight | None] = [None] * len(formats)
     for fmt in distinct:
         ids = [e for e, f in enumerate(formats) if f == fmt]
-        stack = w[ids].contiguous() if fmt.bits == 16 else quantize_weight(w[ids], fmt)
+        stack = make_stack(fmt, ids)
         for i, e in enumerate(ids):
             matrices[e] = stack[i]
     return ExpertMatrices(matrices)
+
+
+def _quantize_stack(w: torch.Tensor, formats: list[QuantFormat]) -> Weight:
+    """A float stack [E, N, K] in per-expert formats (16-bit experts are copied out of ``w``)."""
+
+    def make_stack(fmt: QuantFormat, ids: list[int]) -> torch.Tensor | QuantizedWeight:
+        chosen = w if len(ids) == w.shape[0] else w[ids]
+        return chosen.contiguous() if fmt.bits == 16 else quantize_weight(chosen, fmt)
+
+    return experts_from_stacks(formats, make_stack)

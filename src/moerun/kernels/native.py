@@ -136,14 +136,12 @@ def _matrix_row(m: torch.Tensor | QuantizedWeight) -> list[int]:
     return [m.qweight.data_ptr(), m.scales.data_ptr(), mins, _FORMAT_CODES[m.bits] | m.format.group_size << 8]
 
 
-def _table_key(weight: Weight) -> tuple:
-    """What a weight's descriptor table depends on: its storage addresses, shapes and formats."""
+def _table_key(weight: torch.Tensor | QuantizedWeight) -> tuple:
+    """What a stack's descriptor table depends on: its storage addresses, shape and format."""
     if isinstance(weight, torch.Tensor):
         return ("t", weight.data_ptr(), tuple(weight.shape), weight.dtype)
-    if isinstance(weight, QuantizedWeight):
-        mins = None if weight.mins is None else weight.mins.data_ptr()
-        return ("q", weight.qweight.data_ptr(), weight.scales.data_ptr(), mins, weight.shape, weight.format)
-    return ("m", id(weight), *(tuple(_matrix_row(m)) for m in weight.matrices))
+    mins = None if weight.mins is None else weight.mins.data_ptr()
+    return ("q", weight.qweight.data_ptr(), weight.scales.data_ptr(), mins, weight.shape, weight.format)
 
 
 # Descriptor tables by _table_key: the same storage always gives the same table, so a stale entry (memory

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..kernels.linear import linear
-from ..layer import MoELayer
-from ..quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
+from ..layer import MoELayer, experts_from_stacks
+from ..quant.formats import QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
 
 QUANT_FILE = "moerun_quant.json"
 QUANT_FORMAT_VERSION = 1
@@ -182,23 +182,19 @@ def _empty_experts(
     formats: list[QuantFormat], shape: tuple[int, int, int], dtype: torch.dtype
 ) -> tuple[Weight, dict[str, torch.Tensor]]:
     """Uninitialised expert weights laid out as ``_expert_storage`` names them, and that storage."""
-    _, n, k = shape
-    distinct = list(dict.fromkeys(formats))
-    if len(distinct) == 1 and distinct[0].bits != 16:
-        weight = QuantizedWeight.empty(distinct[0], shape)
-        return weight, weight.tensors()
-    matrices: list[torch.Tensor | QuantizedWeight | None] = [None] * len(formats)
-    storage = {}
-    for fmt in distinct:
-        ids = [e for e, f in enumerate(formats) if f == fmt]
+    num_experts, n, k = shape
+    storage: dict[str, torch.Tensor] = {}
+
+    def make_stack(fmt: QuantFormat, ids: list[int]) -> torch.Tensor | QuantizedWeight:
         if fmt.bits == 16:
             stack = storage["16"] = torch.empty(len(ids), n, k, dtype=dtype)
-        else:
-            stack = QuantizedWeight.empty(fmt, (len(ids), n, k))
-            storage.update({f"{fmt.name}.{key}": t for key, t in stack.tensors().items()})
-        for i, e in enumerate(ids):
-            matrices[e] = stack[i]
-    return ExpertMatrices(matrices), storage
+            return stack
+        stack = QuantizedWeight.empty(fmt, (len(ids), n, k))
+        prefix = "" if len(ids) == num_experts else f"{fmt.name}."  # one format: the stack is the weight
+        storage.update({prefix + key: t for key, t in stack.tensors().items()})
+        return stack
+
+    return experts_from_stacks(formats, make_stack), storage
 
 
 def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -204,6 +204,16 @@ inline void for_row_blocks(int64_t s0, int64_t s1, F f) {
   }
 }
 
+// The decode path's loop: weight rows [n_lo, n_hi) in tiles of `tile` rows (re-read from L1 by each row
+// block), each tile against the row blocks of [s0, s1): f(std::integral_constant<int, M>{}, s, n0, n1).
+template <typename F>
+inline void for_weight_tiles(int64_t n_lo, int64_t n_hi, int64_t tile, int64_t s0, int64_t s1, F f) {
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
+    const int64_t n1 = std::min(n0 + tile, n_hi);
+    for_row_blocks(s0, s1, [&](auto m, int64_t s) { f(m, s, n0, n1); });
+  }
+}
+
 // Weight rows [n0, n1) of expert e against M x rows (original rows [s, s+M)): dot(n, r) fills r[M] with
 // row n's products, then each result gets the bias and is stored or scattered.
 template <int M, typename Dot>
@@ -355,12 +365,9 @@ void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel,
   using Elem = typename Ops::Elem;
   const int64_t ps = panel_stride<Elem>(p.k);
   const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / (std::max<int64_t>(p.k, 1) * sizeof(Elem)));
-  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
-    const int64_t n1 = std::min(n0 + tile, n_hi);
-    for_row_blocks(s0, s1, [&](auto m, int64_t s) {
-      row_block<Ops, decltype(m)::value>(p, e, panel + (s - s0) * ps, ps, s, n0, n1);
-    });
-  }
+  for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto m, int64_t s, int64_t n0, int64_t n1) {
+    row_block<Ops, decltype(m)::value>(p, e, panel + (s - s0) * ps, ps, s, n0, n1);
+  });
 }
 
 // ---- Low-bit weights, decode path ----
@@ -506,15 +513,12 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
     for (int64_t s = s0; s < s1; ++s) to_f32<Ops>(x + s * p.x_stride, p.k, xs + (s - s0) * ps);
     const auto* q = static_cast<const int8_t*>(mat.w);
     const auto* scales = static_cast<const float*>(mat.scales);
-    for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
-      const int64_t n1 = std::min(n0 + tile, n_hi);
-      for_row_blocks(s0, s1, [&](auto mc, int64_t s) {
-        constexpr int M = decltype(mc)::value;
-        const float* xb = xs + (s - s0) * ps;
-        rows_against<M>(p, e, s, n0, n1,
-                        [&](int64_t n, float* r) { dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, p.k, r); });
-      });
-    }
+    for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto mc, int64_t s, int64_t n0, int64_t n1) {
+      constexpr int M = decltype(mc)::value;
+      const float* xb = xs + (s - s0) * ps;
+      rows_against<M>(p, e, s, n0, n1,
+                      [&](int64_t n, float* r) { dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, p.k, r); });
+    });
     return;
   }
   const int64_t group = mat.group_size(), groups = p.k / group;
@@ -535,24 +539,21 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
   const auto* q = static_cast<const uint8_t*>(mat.w);
   const auto* scales = static_cast<const uint16_t*>(mat.scales);
   const auto* mins = static_cast<const uint16_t*>(mat.mins);
-  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
-    const int64_t n1 = std::min(n0 + tile, n_hi);
-    for_row_blocks(s0, s1, [&](auto mc, int64_t s) {
-      constexpr int M = decltype(mc)::value;
-      const uint16_t* xb = xs + (s - s0) * ps;
-      const float* sb = xsum + (s - s0) * ss;
-      rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
-        const uint8_t* qn = q + n * (p.k / 2);
-        const uint16_t* sn = scales + n * groups;
-        const uint16_t* mn = mins ? mins + n * groups : nullptr;
-        switch (group) {
-          case 32: dot_rows_int4<32, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-          case 64: dot_rows_int4<64, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-          default: dot_rows_int4<128, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-        }
-      });
+  for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto mc, int64_t s, int64_t n0, int64_t n1) {
+    constexpr int M = decltype(mc)::value;
+    const uint16_t* xb = xs + (s - s0) * ps;
+    const float* sb = xsum + (s - s0) * ss;
+    rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
+      const uint8_t* qn = q + n * (p.k / 2);
+      const uint16_t* sn = scales + n * groups;
+      const uint16_t* mn = mins ? mins + n * groups : nullptr;
+      switch (group) {
+        case 32: dot_rows_int4<32, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+        case 64: dot_rows_int4<64, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+        default: dot_rows_int4<128, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
+      }
     });
-  }
+  });
 }
 
 // Bytes the decode path stages for up to `rows` rows of a low-bit matrix (float32 rows; bf16 rows and sums).
