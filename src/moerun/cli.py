@@ -346,6 +346,88 @@ def eval_(
         console.print(f"wrote {json_path}")
 
 
+@app.command("routing-stats")
+def routing_stats_(
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
+    ] = None,
+    text: Annotated[
+        list[Path] | None,
+        typer.Option(help="Text file to route, repeat for several (default: the reference held-out files)."),
+    ] = None,
+    cache_size: Annotated[
+        list[int] | None,
+        typer.Option(help="Experts cached per layer, repeat for several (default: top_k, 2x and 4x, at most E)."),
+    ] = None,
+    segment: Annotated[int, typer.Option(help="Tokens of routing the cache sees ahead (SCH's m).")] = 16,
+    max_tokens: Annotated[int | None, typer.Option(help="Route at most this many tokens of the text.")] = None,
+    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Per-layer expert activation shares and the best hit rate of an expert cache (SCH, arXiv 2505.16056)."""
+    from .eval import default_eval_files, join_tokens
+    from .offload.routing_stats import collect_routing, default_cache_sizes, moe_layers, routing_stats
+
+    files = text or default_eval_files()
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"text file {file} does not exist")
+    if cache_size and min(cache_size) < 1:
+        raise UserError(f"--cache-size must be >= 1 expert, got {min(cache_size)}")
+    for name, value in (("--segment", segment), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if json_path is not None and not json_path.expanduser().parent.is_dir():
+        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="routing statistics")
+    layers = moe_layers(loaded.model)
+    num_experts, top_k = layers[0].num_experts, layers[0].routing.top_k
+    sizes = list(dict.fromkeys(cache_size or default_cache_sizes(top_k, num_experts)))
+    if max(sizes) > num_experts:
+        raise UserError(f"--cache-size {max(sizes)} is more than the {num_experts} experts of a layer")
+    ids = join_tokens([file.read_text(errors="replace") for file in files], loaded.tokenizer)[:max_tokens]
+    if not ids:
+        raise UserError("the text files hold no tokens")
+    with console.status(f"routing {len(ids):,} tokens..."):
+        selected = collect_routing(loaded, ids)
+    with console.status("simulating the expert caches..."):
+        stats = routing_stats(selected, num_experts, sizes, segment)
+    print_routing_table(stats)
+    if json_path is not None:
+        record = {**stats.to_dict(), "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files]}
+        write_json_atomic(json_path, record)
+        console.print(f"wrote {json_path}")
+
+
+def print_routing_table(stats) -> None:
+    """The routing-stats table on stdout: one row per MoE layer, then their mean."""
+    table = Table(
+        title=f"{stats.tokens:,} tokens, {stats.num_experts} experts, top-{stats.top_k}; "
+        f"SCH with {stats.segment} tokens of look-ahead"
+    )
+    k = stats.top_k
+    sch_columns = [f"SCH C={c}" + (f" ({c // k}k)" if c % k == 0 else "") for c in stats.cache_sizes]
+    for column in ("layer", "most used (share)", "min share", "max share", "eff. experts", *sch_columns):
+        table.add_column(column, justify="left" if column in ("layer", "most used (share)") else "right")
+    rows = []
+    for s in stats.layers:
+        top = sorted(range(len(s.shares)), key=lambda e: -s.shares[e])[:3]
+        most_used = ", ".join(f"{e}: {s.shares[e]:.0%}" for e in top)
+        rows.append((str(s.layer), most_used, min(s.shares), max(s.shares), s.effective_experts, *s.sch.values()))
+    means = [sum(row[i] for row in rows) / len(rows) for i in range(2, len(rows[0]))]
+    for row in [*rows, ("all layers", "", *means)]:
+        low, high, effective, *sch = row[2:]
+        style = "bold" if row[0] == "all layers" else None
+        cells = (f"{low:.1%}", f"{high:.1%}", f"{effective:.2f}", *(f"{v:.1%}" for v in sch))
+        table.add_row(*row[:2], *cells, style=style)
+    out = Console()
+    if not out.is_terminal:  # redirected output: never wrap the table's cells
+        out.width = 160
+    out.print(table)
+
+
 @app.command()
 def quantize(
     src: Annotated[Path, typer.Argument(help="Source checkpoint directory (read only).")],

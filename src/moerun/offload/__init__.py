@@ -1,0 +1,1 @@
+"""Models larger than memory: expert cache, prefetching, routing statistics."""
