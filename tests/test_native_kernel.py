@@ -264,14 +264,14 @@ QUANT_FORMATS = [
 
 def quantized_reference(x, qweight: QuantizedWeight, experts, starts, counts, bias=None) -> torch.Tensor:
     """Dequantize-then-matmul in float64, with the roundings the kernel documents: prefill groups (>= 8
-    rows) see the weights rounded to x's dtype, int4 decode groups see x rounded to bf16."""
+    rows) see the weights rounded to x's dtype, decode groups see x rounded to bf16."""
     out = torch.zeros(x.shape[0], qweight.shape[1], dtype=torch.float64)
     for e, s, c in zip(experts.tolist(), starts.tolist(), counts.tolist(), strict=True):
         w = qweight[e].dequantize(torch.float32)
         xs = x[s : s + c]
         if c >= 8:
             w = w.to(x.dtype)
-        elif qweight.bits == 4:
+        else:
             xs = xs.to(torch.bfloat16)
         out[s : s + c] = xs.double() @ w.double().T
         if bias is not None:
@@ -281,7 +281,7 @@ def quantized_reference(x, qweight: QuantizedWeight, experts, starts, counts, bi
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("counts", [[1], [3, 1, 5], [9, 2, 11, 70]], ids=lambda c: "counts" + "-".join(map(str, c)))
-@pytest.mark.parametrize("k", [128, 384])
+@pytest.mark.parametrize("k", [128, 384, 2176])  # 2176: whole blocks of 16 int4 groups and a partial one
 @pytest.mark.parametrize("fmt", QUANT_FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_quantized_matches_dequantized_reference(dtype, fmt, k, counts, threads):
@@ -293,10 +293,12 @@ def test_quantized_matches_dequantized_reference(dtype, fmt, k, counts, threads)
     assert_close(out, expected, torch.bfloat16)
 
 
-def test_quantized_int8_any_k_and_fused_glu():
-    """int8 takes any K (masked tails); grouped_glu dequantizes gate and up tiles."""
-    x, weight, experts, starts, counts_t, _ = make_problem(torch.bfloat16, 100, 26, [2, 9, 20], seed=3)
-    qweight = quantize_weight(weight, QuantFormat(8))
+@pytest.mark.parametrize(("fmt", "k"), [(QuantFormat(8), 100), (QuantFormat(4, 32), 576)], ids=["int8", "int4"])
+def test_quantized_any_k_and_fused_glu(fmt, k):
+    """int8 takes any K (masked tails); grouped_glu dequantizes gate and up tiles (13 up rows start inside
+    an int4 row tile)."""
+    x, weight, experts, starts, counts_t, _ = make_problem(torch.bfloat16, k, 26, [2, 9, 20], seed=3)
+    qweight = quantize_weight(weight, fmt)
     assert_close(
         native.grouped_gemv(x, qweight, experts, starts, counts_t),
         quantized_reference(x, qweight, experts, starts, counts_t),

@@ -8,6 +8,7 @@ import torch
 from moerun.quant.formats import (
     ExpertMatrices,
     QuantFormat,
+    concat_rows,
     pack_int4,
     quantize_weight,
     unpack_int4,
@@ -15,14 +16,35 @@ from moerun.quant.formats import (
 )
 
 
-def test_pack_unpack_roundtrip_and_nibble_order():
-    q = torch.randint(0, 16, (3, 5, 128), dtype=torch.uint8)
-    packed = pack_int4(q)
-    assert packed.shape == (3, 5, 64) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_int4(packed), q)
-    # byte j of a 64-value run: value j low, value j + 32 high
-    assert packed[0, 0, 0].item() == q[0, 0, 0].item() | q[0, 0, 32].item() << 4
-    assert packed[0, 0, 32].item() == q[0, 0, 64].item() | q[0, 0, 96].item() << 4
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("n", [1, 4, 7])
+@pytest.mark.parametrize("k", [128, 2176])  # 2176: whole blocks of 16 groups and a partial one
+def test_pack_unpack_roundtrip(group_size, n, k):
+    q = torch.randint(0, 16, (3, n, k), dtype=torch.uint8)
+    packed = pack_int4(q, group_size)
+    assert packed.shape == (3, n, k // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, group_size), q)
+    assert torch.equal(unpack_int4(pack_int4(q[1], group_size), group_size), q[1])
+
+
+def test_int4_layout():
+    """Row tiles of 4, blocks of 16 groups, chunks of 8 values: word 2i + t of a row's chunk c holds
+    values 8c + 2j + t of group i in nibble j."""
+    q = torch.randint(0, 16, (6, 576), dtype=torch.uint8)  # 18 groups of 32: a block of 16, then 2
+    flat = pack_int4(q, 32).flatten()
+
+    def word(offset: int) -> int:
+        return flat[offset].item() | flat[offset + 1].item() << 8
+
+    def nibbles(row: int, group: int, c: int, t: int) -> int:
+        return sum(q[row, 32 * group + 8 * c + 2 * j + t].item() << 4 * j for j in range(4))
+
+    # tile 0 (rows 0-3), block 0: chunk c, row r at (4 c + r) * 64 bytes; word 2i + t at 2 (2i + t)
+    assert word((4 * 1 + 2) * 64 + 2 * (2 * 5 + 1)) == nibbles(row=2, group=5, c=1, t=1)
+    # tile 0, block 1 (2 groups, 8 bytes per row chunk) after block 0's 4 * 16 * 16 bytes
+    assert word(4 * 256 + (4 * 3 + 1) * 8 + 2 * (2 * 1 + 0)) == nibbles(row=1, group=17, c=3, t=0)
+    # tile 1 holds rows 4-5 only, from byte 4 * 288
+    assert word(4 * 288 + (2 * 0 + 1) * 64 + 2 * 3) == nibbles(row=5, group=1, c=0, t=1)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +76,7 @@ def test_symmetric_int4_uses_minus_eight_for_the_extreme():
     q = quantize_weight(w, QuantFormat(4, 64))
     back = q.dequantize()
     assert back[0, 3].item() == -1.0 and back[0, 5].item() == 0.5
-    assert torch.equal(unpack_int4(q.qweight)[0, 3], torch.tensor(0, dtype=torch.uint8))  # -8 stored as 0
+    assert torch.equal(unpack_int4(q.qweight, 64)[0, 3], torch.tensor(0, dtype=torch.uint8))  # -8 stored as 0
 
 
 def test_constant_and_zero_groups():
@@ -89,3 +111,13 @@ def test_refusals():
         quantize_weight(torch.randn(2, 64), QuantFormat(16))
     with pytest.raises(ValueError, match="one shape"):
         ExpertMatrices([torch.zeros(4, 64), torch.zeros(4, 128)])
+
+
+@pytest.mark.parametrize("rows", [(8, 4), (6, 5, 3)])
+@pytest.mark.parametrize("fmt", [QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 64, symmetric=False)])
+def test_concat_rows_equals_quantizing_the_stacked_matrix(rows, fmt):
+    """Rows of int4 matrices whose row count is not a multiple of the row tile are re-tiled."""
+    parts = [torch.randn(n, 128) for n in rows]
+    joined = concat_rows([quantize_weight(w, fmt) for w in parts])
+    whole = quantize_weight(torch.cat(parts), fmt)
+    assert torch.equal(joined.qweight, whole.qweight) and torch.equal(joined.dequantize(), whole.dequantize())

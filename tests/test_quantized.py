@@ -39,17 +39,27 @@ def _round_trip_weights(model: nn.Module, fmt: QuantFormat) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_model_matches_dequantized_weights(family, tmp_path):
+    """Every MoE layer and linear quantize() replaced computes what the float module does with the
+    round-tripped weights. Module by module, because a whole model's routing can flip on near-ties: the
+    decode path's products round x to bf16, which moves outputs by up to ~1e-2 of their scale."""
     path = save_checkpoint(family, tmp_path / family)
     quantized = moerun.load(path, dtype="fp32").model
     reference = moerun.load(path, dtype="fp32").model
     plan = quantize(quantized, QuantConfig(bits=8))
     _round_trip_weights(reference, QuantFormat(8))
-    assert any(isinstance(m, QuantLinear) for m in quantized.modules())
     assert all(f == "int8" for formats in plan["experts"].values() for f in formats)
-    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    floats = dict(reference.named_modules())
+    linears = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    assert linears
+    widths = {**{n: m.hidden_size for n, m in moe_layers(quantized).items()},
+              **{n: floats[n].in_features for n in linears}}  # fmt: skip
+    modules = dict(quantized.named_modules())
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        got, want = quantized(ids).logits, reference(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for name, width in widths.items():
+            x = torch.randn(5, width, generator=gen)
+            got, want = modules[name](x), floats[name](x)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.fixture(scope="module")

@@ -438,8 +438,10 @@ def read_quant_plan(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {_one_line(e)}") from None
     if not isinstance(plan, dict) or plan.get("format_version") != QUANT_FORMAT_VERSION:
+        found = plan.get("format_version") if isinstance(plan, dict) else None
         raise CheckpointError(
-            f"{file}: unsupported quantized checkpoint format (expected version {QUANT_FORMAT_VERSION})"
+            f"{file}: quantized checkpoint format version {found}, this moerun reads version "
+            f"{QUANT_FORMAT_VERSION}; quantize the float checkpoint again with this moerun"
         )
     if not isinstance(plan.get("experts"), dict) or not isinstance(plan.get("dense"), dict):
         raise CheckpointError(f"{file} lacks the 'experts' and 'dense' format tables")

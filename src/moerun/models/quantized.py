@@ -26,7 +26,7 @@ from ..layer import MoELayer, experts_from_stacks
 from ..quant.formats import QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
 
 QUANT_FILE = "moerun_quant.json"
-QUANT_FORMAT_VERSION = 1
+QUANT_FORMAT_VERSION = 2  # 2: int4 in row tiles and blocks of 16 groups
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,15 @@
   ``mins`` [..., N, K/G] float16. Symmetric: a stored nibble q in [0, 15] stands for q - 8, so
   ``w = s * (q - 8)``; asymmetric: ``w = s * q + min``.
 
-Nibble order: in each run of 64 values along K, byte j holds value j in its low nibble and value
-j + 32 in its high nibble. One 32-byte load then splits, with a mask and a shift, into two vectors
-of 32 consecutive values each, the unit of the kernels' bf16 dot products; hence int4 needs K to
-be a multiple of 64 (and of G).
+Int4 layout (what the decode kernel streams; pack_int4 and unpack_int4 define it): rows go in tiles of
+4 (the last tile may be shorter), and each tile occupies its rows' bytes of ``qweight`` as one stream, so
+one pass over memory feeds 4 rows and each vector of x loaded serves all 4. Along K, a tile is cut into
+blocks of 16 groups (the last block may have fewer, ``ng``), and a block into chunks of 8 values per group;
+for each chunk, each row of the tile in turn stores ``2 ng`` 16-bit words, word ``2 i + t`` (group i of the
+block) holding in its nibbles j = 0..3 the group's values ``8 c + 2 j + t`` of chunk c. A 64-byte load
+then splits, by shifts and one mask, into 4 vectors whose 32-bit lanes are value pairs of the 16 groups:
+each lane of a dot-product accumulator sees one group only, so one multiply by a vector of 16 scales per
+block applies every group's scale.
 
 Scales are float16 for int4 (2 bytes per 32 values at G = 32 keeps the format at 4.5 bits per
 weight, as llama.cpp's Q4_0) and float32 for int8 (one per row: negligible).
@@ -23,8 +28,12 @@ from dataclasses import dataclass
 import torch
 
 INT4_GROUP_SIZES = (32, 64, 128)
-# Values per packed run: see the module docstring.
+# K of an int4 matrix is a multiple of this (and of the group size).
 NIBBLE_RUN = 64
+# Int4 layout (see the module docstring): rows per tile, groups per block, values per group per chunk.
+INT4_ROW_TILE = 4
+INT4_BLOCK_GROUPS = 16
+INT4_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ class QuantizedWeight:
         """The weights as floats: [..., N, K] in ``dtype`` (computed in float32, rounded once)."""
         if self.bits == 8:
             return (self.qweight.float() * self.scales.float().unsqueeze(-1)).to(dtype)
-        q = unpack_int4(self.qweight).float()  # [..., N, K] in [0, 15]
+        q = unpack_int4(self.qweight, self.format.group_size).float()  # [..., N, K] in [0, 15]
         g = self.format.group_size
         grouped = q.unflatten(-1, (-1, g))  # [..., N, K/G, G]
         scales = self.scales.float().unsqueeze(-1)
@@ -174,21 +183,74 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
     if any(w.format != fmt or w.in_features != k or w.qweight.dim() != 2 for w in weights):
         raise ValueError("only matrices of one format and K can be concatenated")
     mins = None if fmt.symmetric or fmt.bits == 8 else torch.cat([w.mins for w in weights])
-    return QuantizedWeight(
-        fmt, torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]), mins, k
-    )
+    qweight = torch.cat([w.qweight for w in weights])
+    if fmt.bits == 4 and any(w.qweight.shape[0] % INT4_ROW_TILE for w in weights[:-1]):
+        # a short last row tile inside the result: the rows after it form new tiles
+        values = torch.cat([unpack_int4(w.qweight, fmt.group_size) for w in weights])
+        qweight = pack_int4(values, fmt.group_size)
+    return QuantizedWeight(fmt, qweight, torch.cat([w.scales for w in weights]), mins, k)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 15], [..., K] any integer dtype (K a multiple of 64) -> uint8 [..., K/2] in nibble order."""
-    runs = q.to(torch.uint8).unflatten(-1, (-1, 2, NIBBLE_RUN // 2))  # [..., K/64, 2, 32]
-    return (runs[..., 0, :] | (runs[..., 1, :] << 4)).flatten(-2).contiguous()
+def _int4_regions(n: int, k: int, group_size: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The layout's regions of an [n, k] matrix: (row0, rows, col0, cols, rows per tile, groups per block),
+    in which every tile has the same rows and every block the same groups (at most 2 x 2 regions)."""
+    row_split = n - n % INT4_ROW_TILE
+    col_split = k - k % (INT4_BLOCK_GROUPS * group_size)
+    rows = [(0, row_split, INT4_ROW_TILE), (row_split, n - row_split, n - row_split)]
+    cols = [(0, col_split, INT4_BLOCK_GROUPS), (col_split, k - col_split, (k - col_split) // group_size)]
+    return [(r0, nr, c0, nc, rt, ng) for r0, nr, rt in rows for c0, nc, ng in cols if nr and nc]
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] in nibble order -> uint8 [..., K] values in [0, 15]."""
-    runs = packed.unflatten(-1, (-1, NIBBLE_RUN // 2))  # [..., K/64, 32]
-    return torch.stack((runs & 0xF, runs >> 4), dim=-2).flatten(-3)
+def _region_view(q: torch.Tensor, rt: int, ng: int, group_size: int) -> torch.Tensor:
+    """Values [..., rows, cols] of one region as [..., tiles, rt, blocks, ng, chunks, jh, jl, t], value
+    ``8 c + 2 (2 jh + jl) + t`` of group i in block b of row r of tile T."""
+    *lead, rows, cols = q.shape
+    return q.reshape(*lead, rows // rt, rt, cols // (ng * group_size), ng, group_size // INT4_CHUNK, 2, 2, 2)
+
+
+# Region dims [..., tiles, rt, blocks, ng, chunks, jh, jl, t] -> stored order [..., tiles, blocks, chunks,
+# rt, ng, t, jh, jl]: byte (2 (2 i + t) + jh) of a row's chunk holds nibbles j = 2 jh (low) and 2 jh + 1.
+def _stored_order(lead: int) -> tuple[int, ...]:
+    return (*range(lead), lead, lead + 2, lead + 4, lead + 1, lead + 3, lead + 7, lead + 5, lead + 6)
+
+
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Values in [0, 15], [..., N, K] any integer dtype (K a multiple of 64 and of ``group_size``) ->
+    uint8 [..., N, K/2] in the int4 layout (module docstring)."""
+    *lead, n, k = q.shape
+    q = q.to(torch.uint8)
+    tiles = []  # per row region: [..., tiles, bytes of each tile]
+    for r0, nr, c0, nc, rt, ng in _int4_regions(n, k, group_size):
+        region = _region_view(q[..., r0 : r0 + nr, c0 : c0 + nc], rt, ng, group_size)
+        nibbles = region.permute(_stored_order(len(lead)))
+        stored = (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(*lead, nr // rt, -1)
+        if c0 == 0:
+            tiles.append([stored])
+        else:
+            tiles[-1].append(stored)
+    rows = [torch.cat(parts, dim=-1).reshape(*lead, -1, k // 2) for parts in tiles]
+    return torch.cat(rows, dim=-2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 [..., N, K/2] in the int4 layout -> uint8 [..., N, K] values in [0, 15]."""
+    *lead, n, half = packed.shape
+    k = 2 * half
+    out = torch.empty(*lead, n, k, dtype=torch.uint8, device=packed.device)
+    order = _stored_order(len(lead))
+    inverse = tuple(order.index(d) for d in range(len(order)))
+    offsets: dict[int, int] = {}  # bytes of each row region's tiles consumed so far
+    for r0, nr, c0, nc, rt, ng in _int4_regions(n, k, group_size):
+        tiles = packed[..., r0 : r0 + nr, :].reshape(*lead, nr // rt, rt * half)
+        start = offsets.get(r0, 0)
+        stored = tiles[..., start : start + rt * nc // 2]
+        offsets[r0] = start + rt * nc // 2
+        blocks, chunks = nc // (ng * group_size), group_size // INT4_CHUNK
+        stored = stored.reshape(*lead, nr // rt, blocks, chunks, rt, ng, 2, 2)
+        nibbles = torch.stack((stored & 0xF, stored >> 4), dim=-1)  # the stored order, jl last
+        region = nibbles.permute(inverse)  # [..., tiles, rt, blocks, ng, chunks, jh, jl, t]
+        out[..., r0 : r0 + nr, c0 : c0 + nc] = region.reshape(*lead, nr, nc)
+    return out
 
 
 def _check_matrix(w: torch.Tensor, fmt: QuantFormat) -> None:
@@ -234,7 +296,7 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
         safe = torch.where(scales > 0, scales.float(), torch.ones_like(low))
         q = torch.round((groups - mins.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, 15)
         mins = mins.contiguous()
-    return QuantizedWeight(fmt, pack_int4(q.flatten(-2)), scales.contiguous(), mins, w.shape[-1])
+    return QuantizedWeight(fmt, pack_int4(q.flatten(-2), fmt.group_size), scales.contiguous(), mins, w.shape[-1])
 
 
 class ExpertMatrices:

@@ -25,12 +25,13 @@
 //
 // Weights may also be low-bit (moerun/quant/formats.py): each expert's matrix is described by its own
 // Matrix entry (pointer, format, scales), so experts of one call may differ in format and need not be
-// stacked in one allocation. Decode-sized groups read the packed weights directly (int8: widened to
-// float32 FMAs; int4: nibbles OR-ed into the bf16 bit pattern of 128 + q, so one mask or shift turns 32
-// of them into a bf16 vector for dot products, with the 128 and the zero point taken out once per group
-// from precomputed sums of x). Prefill-sized groups dequantize each register tile's weight rows into an
-// L1-resident scratch in x's dtype and run the same tiles as plain weights: the cost is amortised over
-// the group's rows.
+// stacked in one allocation. Decode-sized groups read the packed weights directly and feed bf16 dot
+// products with x rounded to bf16: nibbles OR-ed into the bf16 bit pattern of 128 + q are exact bf16
+// values, so one mask or shift turns 32 of them into a vector (int8: two nibbles per weight), and the
+// offsets are taken out afterwards from sums of x. int4 matrices are stored in tiles of 4 rows so that one
+// sequential stream feeds 4 rows per x vector loaded (see the int4 layout below). Prefill-sized groups
+// dequantize each register tile's weight rows into an L1-resident scratch in x's dtype and run the same
+// tiles as plain weights: the cost is amortised over the group's rows.
 //
 // Plain C ABI over raw pointers: loaded with ctypes, no torch or Python headers needed.
 
@@ -48,6 +49,8 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+
+
 
 namespace {
 
@@ -120,8 +123,8 @@ enum Format { kFormatF32 = 0, kFormatBf16 = 1, kFormatInt8 = 2, kFormatInt4 = 3 
 // One expert's [n, k] weight matrix, as 4 int64 words from Python:
 // - kFormatF32 / kFormatBf16: w rows of k values; scales and mins unused.
 // - kFormatInt8: w int8 rows of k values; scales: n float32.
-// - kFormatInt4: w uint8 rows of k/2 bytes in nibble order; scales (and, asymmetric, mins): n rows of
-//   k / group_size float16.
+// - kFormatInt4: w uint8, n * k/2 bytes in the int4 layout (row tiles); scales (and, asymmetric, mins):
+//   n rows of k / group_size float16.
 // meta = format | group_size << 8.
 struct Matrix {
   const void* w;
@@ -214,21 +217,26 @@ inline void for_weight_tiles(int64_t n_lo, int64_t n_hi, int64_t tile, int64_t s
   }
 }
 
+// Row n's results r[M] for x rows [s, s + M) of a group with expert e, plus the bias, stored or scattered.
+template <int M>
+inline void store_results(const Problem& p, int64_t e, int64_t s, int64_t n, float* r) {
+  if (p.bias)
+    for (int m = 0; m < M; ++m) r[m] += p.bias[e * p.n + n];
+  if (p.scatter_index) {
+    for (int m = 0; m < M; ++m) p.out[p.scatter_index[s + m] * p.out_stride + n] += p.scatter_weight[s + m] * r[m];
+  } else {
+    for (int m = 0; m < M; ++m) p.out[(s + m) * p.out_stride + n] = r[m];
+  }
+}
+
 // Weight rows [n0, n1) of expert e against M x rows (original rows [s, s+M)): dot(n, r) fills r[M] with
-// row n's products, then each result gets the bias and is stored or scattered.
+// row n's products.
 template <int M, typename Dot>
 inline void rows_against(const Problem& p, int64_t e, int64_t s, int64_t n0, int64_t n1, Dot dot) {
-  const float* bias = p.bias ? p.bias + e * p.n : nullptr;
   for (int64_t n = n0; n < n1; ++n) {
     float r[M];
     dot(n, r);
-    if (bias)
-      for (int m = 0; m < M; ++m) r[m] += bias[n];
-    if (p.scatter_index) {
-      for (int m = 0; m < M; ++m) p.out[p.scatter_index[s + m] * p.out_stride + n] += p.scatter_weight[s + m] * r[m];
-    } else {
-      for (int m = 0; m < M; ++m) p.out[(s + m) * p.out_stride + n] = r[m];
-    }
+    store_results<M>(p, e, s, n, r);
   }
 }
 
@@ -372,13 +380,6 @@ void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel,
 
 // ---- Low-bit weights, decode path ----
 
-// n values of x (bf16 or float32) as float32.
-template <typename Ops>
-void to_f32(const typename Ops::Elem* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; i += 16) _mm512_mask_storeu_ps(dst + i, lanes(std::min<int64_t>(16, n - i)),
-                                                            Ops::load16_f32(src + i, lanes(std::min<int64_t>(16, n - i))));
-}
-
 // n values of x as bf16, rounded to nearest even.
 template <typename Ops>
 void to_bf16(const typename Ops::Elem* src, int64_t n, uint16_t* dst) {
@@ -392,181 +393,297 @@ void to_bf16(const typename Ops::Elem* src, int64_t n, uint16_t* dst) {
   }
 }
 
-// r[m] = scale * dot(q, x[m]) for an int8 row q of k values and M float32 rows of x.
+// The sum of n bf16 values, as the dot products see them (exact products with 1.0, float32 sums).
+inline float bf16_sum(const uint16_t* x, int64_t n) {
+  __m512 t = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32) {
+    const __mmask32 mask = n - i >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (n - i)) - 1);
+    t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i), (__m512bh)_mm512_set1_epi16(0x3F80));
+  }
+  return _mm512_reduce_add_ps(t);
+}
+
+// r[m] = scale * dot(q, x[m]) for an int8 row q of k values and M bf16 rows of x with sums xsum[m].
+// u = q + 128 = 16 hi + lo in nibbles, and 128 + hi, 128 + lo are exact bf16 (see nibble_bf16), so two
+// bf16 dot products per 32 weights give A = sum (128 + hi) x and B = sum (128 + lo) x, and
+// sum q x = 16 A + B - 2304 sum x. Widening to float32 FMAs instead costs 3 vector ops per 16 weights.
 template <int M>
-inline void dot_rows_int8(const int8_t* q, float scale, const float* x, int64_t x_stride, int64_t k, float* r) {
-  __m512 acc[M][2];
-  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t kk = 0;
-  for (; kk + 32 <= k; kk += 32) {
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk))));
-    const __m512 w1 =
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kk + 16))));
+inline void dot_rows_int8(const int8_t* q, float scale, const uint16_t* x, int64_t x_stride, const float* xsum,
+                          int64_t k, float* r) {
+  const __m512i low_mask = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const __m512i high_bias = _mm512_set1_epi16(0x4308);  // bias, and the top bit of u flipped back from q's
+  __m512 hi[M], lo[M];
+  for (int m = 0; m < M; ++m) hi[m] = lo[m] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    // Past k the weights read as q = 0 and x as 0: the products vanish.
+    const __mmask32 mask = k - kk >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (k - kk)) - 1);
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, q + kk));
+    const __m512bh h = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(w, 4), high_bias);
+    const __m512bh l = (__m512bh)_mm512_ternarylogic_epi32(w, low_mask, bias, 0xEA);  // a & b | c
     for (int m = 0; m < M; ++m) {
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * x_stride + kk), acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * x_stride + kk + 16), acc[m][1]);
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + kk);
+      hi[m] = _mm512_dpbf16_ps(hi[m], xv, h);
+      lo[m] = _mm512_dpbf16_ps(lo[m], xv, l);
     }
   }
-  for (; kk < k; kk += 16) {
-    const __mmask16 mask = lanes(std::min<int64_t>(16, k - kk));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + kk)));
-    for (int m = 0; m < M; ++m)
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + m * x_stride + kk), acc[m][0]);
+  for (int m = 0; m < M; ++m) {
+    const float a = _mm512_reduce_add_ps(hi[m]), b = _mm512_reduce_add_ps(lo[m]);
+    r[m] = scale * (16.0f * a + b - 2304.0f * xsum[m]);
   }
-  for (int m = 0; m < M; ++m) r[m] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
-// The bf16 bit patterns of 128 + q for the 32 low (or high) nibbles q of 32 bytes widened to 16 bits:
-// 128 = 0x4300 leaves the low 7 mantissa bits free, so OR-ing q in is exact.
-inline __m512i low_nibbles_bf16(__m512i wide) {
-  return _mm512_ternarylogic_epi32(wide, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);  // a & b | c
-}
-inline __m512i high_nibbles_bf16(__m512i wide) {
-  return _mm512_or_si512(_mm512_srli_epi16(wide, 4), _mm512_set1_epi16(0x4300));
-}
-inline __m512i load_run(const uint8_t* q) {
-  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+// ---- int4 layout (moerun/quant/formats.py): row tiles of kInt4Tile rows stored as one stream; along K,
+// blocks of 16 groups (the last may have fewer), each cut into chunks of 8 values per group. For each
+// chunk, each row of the tile stores 2 ng 16-bit words (ng groups in the block), word 2i + t holding in
+// nibble j value 8c + 2j + t of group i. A row's chunk thus yields 4 vectors whose 32-bit lane i is a
+// value pair of group i: dot-product lanes never mix groups, and one multiply by the block's 16 scales
+// applies them all. x is permuted to match once per call (stage_int4_x). ----
+
+constexpr int64_t kInt4Tile = 4;
+constexpr int64_t kBlockGroups = 16;
+
+// Bytes of the int4 tile holding row n of an [n_rows, k] matrix, and that tile's row count.
+inline int64_t int4_tile_offset(int64_t n, int64_t k) { return n / kInt4Tile * kInt4Tile * (k / 2); }
+inline int64_t int4_tile_rows(int64_t n, int64_t n_rows) {
+  return std::min(kInt4Tile, n_rows - n / kInt4Tile * kInt4Tile);
 }
 
-// Most groups per int4 row: the row's scales are widened to float32 on the stack once.
-constexpr int64_t kMaxInt4Groups = 2048;
+// 32-bit units (value pairs) of x staged in the permuted order for group size g: blocks of g/2 vectors
+// of 16 units, the last block padded with zeros.
+inline int64_t int4_x_units(int64_t k, int64_t g) { return (k / g + kBlockGroups - 1) / kBlockGroups * kBlockGroups * g / 2; }
 
-// r[m] = dot(w, x[m]) for an int4 row (k/2 bytes in nibble order, float16 scales and optional mins per
-// group of G values) and M bf16 rows of x whose per-group sums are xsum[m * xsum_stride + g].
-// Each group's dot product of x with 128 + q is scaled once, into one of 4 accumulators per row (one
-// chain would be bound by FMA latency, not bandwidth); then
-// sum_g (min_g - 128 s_g) xsum_g removes the offset and adds the zero point (min_g = -8 s_g if symmetric).
-template <int G, int M>
-inline void dot_rows_int4(const uint8_t* q, const uint16_t* scales, const uint16_t* mins, const uint16_t* x,
-                          int64_t x_stride, const float* xsum, int64_t xsum_stride, int64_t k, float* r) {
-  const int64_t groups = k / G;
-  alignas(64) float s32[kMaxInt4Groups], coef[kMaxInt4Groups];
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
-    const __mmask16 mask = lanes(std::min<int64_t>(16, groups - g0));
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g0));
-    const __m512 low = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + g0))
-                            : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
-    _mm512_store_ps(s32 + g0, s);
-    _mm512_store_ps(coef + g0, _mm512_fnmadd_ps(s, _mm512_set1_ps(128.0f), low));
-  }
-  __m512 acc[M][4];
-  for (int m = 0; m < M; ++m)
-    for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
-  if constexpr (G == 32) {  // the low nibbles of a run are one group, the high nibbles the next
-    for (int64_t b = 0; b < k / 64; ++b) {
-      const __m512i wide = load_run(q + 32 * b);
-      const __m512i lo = low_nibbles_bf16(wide), hi = high_nibbles_bf16(wide);
-      const __m512 s_lo = _mm512_set1_ps(s32[2 * b]), s_hi = _mm512_set1_ps(s32[2 * b + 1]);
-      const int a = 2 * (b & 1);
-      for (int m = 0; m < M; ++m) {
-        const uint16_t* xm = x + m * x_stride + 64 * b;
-        const __m512 t_lo = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xm), (__m512bh)lo);
-        const __m512 t_hi =
-            _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xm + 32), (__m512bh)hi);
-        acc[m][a] = _mm512_fmadd_ps(t_lo, s_lo, acc[m][a]);
-        acc[m][a + 1] = _mm512_fmadd_ps(t_hi, s_hi, acc[m][a + 1]);
-      }
+// One x row of k bf16 values, permuted: unit u of group 16b + i goes to xp[(b * g/2 + u) * 16 + i]; a
+// 16 x 16 transpose for every 16 units of a whole block, one unit at a time in the last partial block.
+inline void permute_int4_x(const uint16_t* x, int64_t k, int64_t g, uint32_t* xp) {
+  const int64_t groups = k / g, whole = groups / kBlockGroups, half = g / 2;
+  const uint32_t* xu = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t b = 0; b < whole; ++b)
+    for (int64_t u0 = 0; u0 < half; u0 += kLanes) {
+      __m512i in[kLanes], out[kLanes];
+      for (int i = 0; i < kLanes; ++i) in[i] = _mm512_loadu_si512(xu + (b * kBlockGroups + i) * half + u0);
+      transpose16(in, out);
+      for (int u = 0; u < kLanes; ++u) _mm512_storeu_si512(xp + (b * half + u0 + u) * kLanes, out[u]);
     }
-  } else {  // a group spans whole runs: one scaling per group
-    constexpr int64_t kRuns = G / 64;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 t[M];
-      for (int m = 0; m < M; ++m) t[m] = _mm512_setzero_ps();
-      for (int64_t b = g * kRuns; b < (g + 1) * kRuns; ++b) {
-        const __m512i wide = load_run(q + 32 * b);
-        const __m512i lo = low_nibbles_bf16(wide), hi = high_nibbles_bf16(wide);
+  if (whole == (groups + kBlockGroups - 1) / kBlockGroups) return;
+  uint32_t* tail = xp + whole * half * kLanes;
+  std::memset(tail, 0, half * kLanes * sizeof(uint32_t));
+  for (int64_t i = 0; i < groups - whole * kBlockGroups; ++i)
+    for (int64_t u = 0; u < half; ++u) tail[u * kLanes + i] = xu[(whole * kBlockGroups + i) * half + u];
+}
+
+// 32 words of a row's chunk (2 ng of them; the rest read as zero).
+inline __m512i load_int4_chunk(const uint8_t* q, __mmask32 words) {
+  return words == 0xFFFFFFFFu ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi16(words, q);
+}
+
+// The bf16 bit patterns of 128 + nibble j of every word: 128 = 0x4300 leaves the low 7 mantissa bits
+// free, so OR-ing a nibble in is exact.
+template <int J>
+inline __m512i nibble_bf16(__m512i w) {
+  const __m512i bias = _mm512_set1_epi16(0x4300);
+  if constexpr (J == 3) return _mm512_or_si512(_mm512_srli_epi16(w, 12), bias);
+  const __m512i v = J == 0 ? w : _mm512_srli_epi16(w, 4 * J);
+  return _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), bias, 0xEA);  // a & b | c
+}
+
+// r[j * M + m] = dot(row j of an int4 row tile of RT rows, x row m), for G-value groups. q: the tile;
+// scales (and mins): row 0's, `groups` per row; xp: M permuted bf16 x rows xp_stride units apart; xsum:
+// their per-group sums, xsum_stride apart. Each block's dot products of x with 128 + q, one lane per
+// group, take the scales in one multiply; sum_g (min_g - 128 s_g) xsum_g removes the offset and adds
+// the zero point (min_g = -8 s_g when symmetric). With one x row, two accumulators per weight row keep
+// enough dot-product chains in flight; with two, one each leaves room for the 8 x vectors.
+template <int G, int M, int RT>
+inline void dot_tile_int4(const uint8_t* q, const uint16_t* scales, const uint16_t* mins, int64_t groups,
+                          const uint32_t* xp, int64_t xp_stride, const float* xsum, int64_t xsum_stride, float* r) {
+  constexpr int A = M == 1 ? 2 : 1;
+  __m512 tot[RT][M];
+  for (int j = 0; j < RT; ++j)
+    for (int m = 0; m < M; ++m) tot[j][m] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
+    const int64_t ng = std::min(kBlockGroups, groups - g0);
+    const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
+    const uint32_t* xb = xp + g0 * (G / 2);
+    __m512 acc[RT][M][A];
+    for (int j = 0; j < RT; ++j)
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < A; ++a) acc[j][m][a] = _mm512_setzero_ps();
+    for (int c = 0; c < G / 8; ++c) {
+      __m512bh xv[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int v = 0; v < 4; ++v) xv[m][v] = (__m512bh)_mm512_load_si512(xb + m * xp_stride + (4 * c + v) * kLanes);
+      for (int j = 0; j < RT; ++j) {
+        const __m512i w = load_int4_chunk(q, words);
+        q += 4 * ng;
+        const __m512bh v0 = (__m512bh)nibble_bf16<0>(w), v1 = (__m512bh)nibble_bf16<1>(w);
+        const __m512bh v2 = (__m512bh)nibble_bf16<2>(w), v3 = (__m512bh)nibble_bf16<3>(w);
         for (int m = 0; m < M; ++m) {
-          const uint16_t* xm = x + m * x_stride + 64 * b;
-          t[m] = _mm512_dpbf16_ps(t[m], (__m512bh)_mm512_loadu_si512(xm), (__m512bh)lo);
-          t[m] = _mm512_dpbf16_ps(t[m], (__m512bh)_mm512_loadu_si512(xm + 32), (__m512bh)hi);
+          acc[j][m][0] = _mm512_dpbf16_ps(acc[j][m][0], xv[m][0], v0);
+          acc[j][m][A - 1] = _mm512_dpbf16_ps(acc[j][m][A - 1], xv[m][1], v1);
+          acc[j][m][0] = _mm512_dpbf16_ps(acc[j][m][0], xv[m][2], v2);
+          acc[j][m][A - 1] = _mm512_dpbf16_ps(acc[j][m][A - 1], xv[m][3], v3);
         }
       }
-      const __m512 s = _mm512_set1_ps(s32[g]);
-      for (int m = 0; m < M; ++m) acc[m][g & 3] = _mm512_fmadd_ps(t[m], s, acc[m][g & 3]);
+    }
+    const __mmask16 mask = lanes(ng);
+    for (int j = 0; j < RT; ++j) {
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + j * groups + g0));
+      const __m512 low = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + j * groups + g0))
+                              : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
+      const __m512 coef = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.0f), low);
+      for (int m = 0; m < M; ++m) {
+        const __m512 d = A == 1 ? acc[j][m][0] : _mm512_add_ps(acc[j][m][0], acc[j][m][A - 1]);
+        tot[j][m] = _mm512_fmadd_ps(d, s, tot[j][m]);
+        tot[j][m] = _mm512_fmadd_ps(coef, _mm512_maskz_loadu_ps(mask, xsum + m * xsum_stride + g0), tot[j][m]);
+      }
     }
   }
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
-    const __mmask16 mask = lanes(std::min<int64_t>(16, groups - g0));
-    const __m512 c = _mm512_maskz_load_ps(mask, coef + g0);
-    for (int m = 0; m < M; ++m)
-      acc[m][0] = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(mask, xsum + m * xsum_stride + g0), acc[m][0]);
-  }
-  for (int m = 0; m < M; ++m)
-    r[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+  for (int j = 0; j < RT; ++j)
+    for (int m = 0; m < M; ++m) r[j * M + m] = _mm512_reduce_add_ps(tot[j][m]);
 }
 
 // Floats per row of the per-group sums of staged x (whole vectors).
 inline int64_t xsum_stride(int64_t k) { return (k / 32 + 15) / 16 * 16; }
 
+// Units per staged int4 x row, for any group size.
+inline int64_t int4_x_stride(int64_t k) {
+  return (std::max({int4_x_units(k, 32), int4_x_units(k, 64), int4_x_units(k, 128)}) + kLanes - 1) / kLanes * kLanes;
+}
+
+// Int4 rows [n0, n1) (whole tiles, or up to the matrix's last row) of expert e against M staged x rows
+// (original rows [s, s + M)).
+template <int G, int M>
+void int4_rows_against(const Problem& p, int64_t e, int64_t s, int64_t n0, int64_t n1, const uint32_t* xp,
+                       int64_t xp_stride, const float* xsum, int64_t xsum_stride) {
+  const Matrix& mat = p.mats[e];
+  const int64_t groups = p.k / G;
+  const auto* q = static_cast<const uint8_t*>(mat.w);
+  const auto* scales = static_cast<const uint16_t*>(mat.scales);
+  const auto* mins = static_cast<const uint16_t*>(mat.mins);
+  for (int64_t n = n0; n < n1; n += kInt4Tile) {
+    float r[kInt4Tile * M];
+    const uint8_t* qt = q + int4_tile_offset(n, p.k);
+    const uint16_t* st = scales + n * groups;
+    const uint16_t* mt = mins ? mins + n * groups : nullptr;
+    const int64_t rt = int4_tile_rows(n, p.n);
+    switch (rt) {
+      case 4: dot_tile_int4<G, M, 4>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
+      case 3: dot_tile_int4<G, M, 3>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
+      case 2: dot_tile_int4<G, M, 2>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
+      default: dot_tile_int4<G, M, 1>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
+    }
+    for (int64_t j = 0; j < rt; ++j) store_results<M>(p, e, s, n + j, r + j * M);
+  }
+}
+
 // Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) staged in buffer as
-// float32 (int8) or bf16 with per-group sums (int4), against weight rows [n_lo, n_hi) in L1-sized tiles.
+// bf16 with their sums (int8), or bf16 permuted for the int4 layout with per-group sums, against weight rows
+// [n_lo, n_hi) in L1-sized tiles.
 template <typename Ops>
 void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi) {
   using Elem = typename Ops::Elem;
   const Matrix& mat = p.mats[e];
   const Elem* x = static_cast<const Elem*>(p.x);
-  const int64_t row_bytes = mat.format() == kFormatInt8 ? p.k : p.k / 2;
-  const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / std::max<int64_t>(row_bytes, 1));
   if (mat.format() == kFormatInt8) {
-    auto* xs = static_cast<float*>(buffer);
-    const int64_t ps = panel_stride<float>(p.k);
-    for (int64_t s = s0; s < s1; ++s) to_f32<Ops>(x + s * p.x_stride, p.k, xs + (s - s0) * ps);
+    const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / std::max<int64_t>(p.k, 1));
+    auto* xs = static_cast<uint16_t*>(buffer);
+    const int64_t ps = panel_stride<uint16_t>(p.k);
+    float* xsum = reinterpret_cast<float*>(xs + (s1 - s0) * ps);
+    for (int64_t s = s0; s < s1; ++s) {
+      uint16_t* row = xs + (s - s0) * ps;
+      to_bf16<Ops>(x + s * p.x_stride, p.k, row);
+      xsum[s - s0] = bf16_sum(row, p.k);
+    }
     const auto* q = static_cast<const int8_t*>(mat.w);
     const auto* scales = static_cast<const float*>(mat.scales);
     for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto mc, int64_t s, int64_t n0, int64_t n1) {
       constexpr int M = decltype(mc)::value;
-      const float* xb = xs + (s - s0) * ps;
-      rows_against<M>(p, e, s, n0, n1,
-                      [&](int64_t n, float* r) { dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, p.k, r); });
+      const uint16_t* xb = xs + (s - s0) * ps;
+      rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
+        dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, xsum + (s - s0), p.k, r);
+      });
     });
     return;
   }
   const int64_t group = mat.group_size(), groups = p.k / group;
-  auto* xs = static_cast<uint16_t*>(buffer);
-  const int64_t ps = panel_stride<uint16_t>(p.k), ss = xsum_stride(p.k);
-  float* xsum = reinterpret_cast<float*>(xs + (s1 - s0) * ps);
-  const __m512i ones = _mm512_set1_epi16(0x3F80);  // bf16 1.0
+  const int64_t xs_stride = int4_x_stride(p.k), ss = xsum_stride(p.k);
+  auto* xp = static_cast<uint32_t*>(buffer);
+  float* xsum = reinterpret_cast<float*>(xp + (s1 - s0) * xs_stride);
+  auto* row = reinterpret_cast<uint16_t*>(xsum + (s1 - s0) * ss);  // one bf16 row of x
   for (int64_t s = s0; s < s1; ++s) {
-    uint16_t* row = xs + (s - s0) * ps;
     to_bf16<Ops>(x + s * p.x_stride, p.k, row);
-    for (int64_t g = 0; g < groups; ++g) {  // sums of the bf16 values the dot products see
-      __m512 t = _mm512_setzero_ps();
-      for (int64_t kk = g * group; kk < (g + 1) * group; kk += 32)
-        t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_loadu_si512(row + kk), (__m512bh)ones);
-      xsum[(s - s0) * ss + g] = _mm512_reduce_add_ps(t);
+    permute_int4_x(row, p.k, group, xp + (s - s0) * xs_stride);
+    for (int64_t g = 0; g < groups; ++g) xsum[(s - s0) * ss + g] = bf16_sum(row + g * group, group);
+  }
+  // Weight tiles of whole row tiles, re-read from L1 by each pair of x rows.
+  const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / (kInt4Tile * p.k / 2)) * kInt4Tile;
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
+    const int64_t n1 = std::min(n0 + tile, n_hi);
+    for (int64_t s = s0; s < s1; s += 2) {
+      const uint32_t* xb = xp + (s - s0) * xs_stride;
+      const float* sb = xsum + (s - s0) * ss;
+      const bool pair = s + 1 < s1;
+      switch (group * 2 + pair) {
+        case 64: int4_rows_against<32, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+        case 65: int4_rows_against<32, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+        case 128: int4_rows_against<64, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+        case 129: int4_rows_against<64, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+        case 256: int4_rows_against<128, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+        default: int4_rows_against<128, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
+      }
     }
   }
-  const auto* q = static_cast<const uint8_t*>(mat.w);
-  const auto* scales = static_cast<const uint16_t*>(mat.scales);
-  const auto* mins = static_cast<const uint16_t*>(mat.mins);
-  for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto mc, int64_t s, int64_t n0, int64_t n1) {
-    constexpr int M = decltype(mc)::value;
-    const uint16_t* xb = xs + (s - s0) * ps;
-    const float* sb = xsum + (s - s0) * ss;
-    rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
-      const uint8_t* qn = q + n * (p.k / 2);
-      const uint16_t* sn = scales + n * groups;
-      const uint16_t* mn = mins ? mins + n * groups : nullptr;
-      switch (group) {
-        case 32: dot_rows_int4<32, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-        case 64: dot_rows_int4<64, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-        default: dot_rows_int4<128, M>(qn, sn, mn, xb, ps, sb, ss, p.k, r); break;
-      }
-    });
-  });
 }
 
-// Bytes the decode path stages for up to `rows` rows of a low-bit matrix (float32 rows; bf16 rows and sums).
+// Bytes the decode path stages for up to `rows` rows of a low-bit matrix: bf16 rows and sums (int8), or
+// permuted bf16 rows with their group sums and one bf16 row (int4).
 inline int64_t quant_staging_bytes(int64_t k, int64_t rows) {
-  return rows * (panel_stride<float>(k) * 4 + xsum_stride(k) * 4);
+  const int64_t int8 = rows * (panel_stride<uint16_t>(k) * 2 + 4);
+  const int64_t int4 = rows * (int4_x_stride(k) + xsum_stride(k)) * 4 + k * 2;
+  return std::max(int8, int4);
 }
 
 // ---- Low-bit weights, prefill path ----
 
-// Rows [n0, n0 + nw) of a low-bit matrix in x's dtype, k values apart in dst (computed in float32,
-// rounded once).
+// Row n of an [n_rows, k] int4 matrix (G-value groups) in x's dtype (computed in float32, rounded once).
+// Each block's chunks give G/2 vectors whose lane i is a value pair of group i; 16 x 16 transposes turn
+// them into 16 consecutive pairs of one group.
+template <typename Ops, int G>
+void dequantize_int4_row(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n, typename Ops::Elem* dst) {
+  const int64_t groups = k / G, rt = int4_tile_rows(n, n_rows), r = n % kInt4Tile;
+  const uint8_t* q = static_cast<const uint8_t*>(mat.w) + int4_tile_offset(n, k);
+  const uint16_t* scales = static_cast<const uint16_t*>(mat.scales) + n * groups;
+  const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
+  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
+    const int64_t ng = std::min(kBlockGroups, groups - g0);
+    const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
+    __m512i pairs[G / 2];  // pairs[u] lane i: values 2u, 2u + 1 of group g0 + i
+    for (int c = 0; c < G / 8; ++c) {
+      const __m512i w = load_int4_chunk(q + (c * rt + r) * 4 * ng, words);
+      for (int j = 0; j < 4; ++j)
+        pairs[4 * c + j] = _mm512_and_si512(_mm512_srli_epi16(w, 4 * j), _mm512_set1_epi16(0x000F));
+    }
+    q += rt * ng * G / 2;
+    for (int u0 = 0; u0 < G / 2; u0 += kLanes) {
+      __m512i values[kLanes];  // values[i]: 32 values of group g0 + i from value 2 u0, as 16-bit words
+      transpose16(pairs + u0, values);
+      for (int64_t i = 0; i < ng; ++i) {
+        const float sc = _cvtsh_ss(scales[g0 + i]);
+        const __m512 s = _mm512_set1_ps(sc);
+        const __m512 low = _mm512_set1_ps(mins ? _cvtsh_ss(mins[g0 + i]) : -8.0f * sc);
+        for (int h = 0; h < 2; ++h) {
+          const __m512i v = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(values[i], 1)
+                                                     : _mm512_castsi512_si256(values[i]));
+          Ops::store16(dst + (g0 + i) * G + 2 * u0 + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, low));
+        }
+      }
+    }
+  }
+}
+
+// Rows [n0, n0 + nw) of an [n_rows, k] low-bit matrix in x's dtype, k values apart in dst (computed in
+// float32, rounded once).
 template <typename Ops>
-void dequantize_rows(const Matrix& mat, int64_t k, int64_t n0, int nw, typename Ops::Elem* dst) {
+void dequantize_rows(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n0, int nw, typename Ops::Elem* dst) {
   for (int j = 0; j < nw; ++j) {
     const int64_t n = n0 + j;
     auto* d = dst + j * k;
@@ -580,22 +697,10 @@ void dequantize_rows(const Matrix& mat, int64_t k, int64_t n0, int nw, typename 
       }
       continue;
     }
-    const int64_t group = mat.group_size(), groups = k / group;
-    const uint8_t* q = static_cast<const uint8_t*>(mat.w) + n * (k / 2);
-    const uint16_t* scales = static_cast<const uint16_t*>(mat.scales) + n * groups;
-    const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
-    for (int64_t b = 0; b < k / 64; ++b) {
-      for (int h = 0; h < 2; ++h) {  // bytes 16h..16h+15 of the run: values 16h.. (low) and 32+16h.. (high)
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * b + 16 * h)));
-        const __m512i halves[2] = {_mm512_and_si512(v, _mm512_set1_epi32(0xF)), _mm512_srli_epi32(v, 4)};
-        for (int half = 0; half < 2; ++half) {
-          const int64_t pos = 64 * b + 32 * half + 16 * h;
-          const float s = _cvtsh_ss(scales[pos / group]);
-          const float low = mins ? _cvtsh_ss(mins[pos / group]) : -8.0f * s;
-          Ops::store16(d + pos,
-                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(halves[half]), _mm512_set1_ps(s), _mm512_set1_ps(low)));
-        }
-      }
+    switch (mat.group_size()) {
+      case 32: dequantize_int4_row<Ops, 32>(mat, n_rows, k, n, d); break;
+      case 64: dequantize_int4_row<Ops, 64>(mat, n_rows, k, n, d); break;
+      default: dequantize_int4_row<Ops, 128>(mat, n_rows, k, n, d); break;
     }
   }
 }
@@ -784,10 +889,10 @@ void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo
       w_tile = w + n0 * p.k;
       w_up_tile = w + (up + n0) * p.k;
     } else {
-      dequantize_rows<Ops>(mat, p.k, n0, nw, scratch);
+      dequantize_rows<Ops>(mat, p.n, p.k, n0, nw, scratch);
       w_tile = scratch;
       w_up_tile = scratch + kTileRows * p.k;
-      if (p.glu != kNoGlu) dequantize_rows<Ops>(mat, p.k, up + n0, nw, scratch + kTileRows * p.k);
+      if (p.glu != kNoGlu) dequantize_rows<Ops>(mat, p.n, p.k, up + n0, nw, scratch + kTileRows * p.k);
     }
     // The first panel pulls in the next tile's weight rows, which the hardware prefetchers, following
     // 6 rows 4 bytes a step, bring too late. (Dequantization reads low-bit rows as one sequential stream.)
@@ -857,9 +962,11 @@ bool run(const Problem& p, int64_t rows, int64_t max_group_rows, bool quantized,
     run_slice<Ops>(p, 0, outputs, buffers.get(), scratch_offset);
     return true;
   }
+  // The decode path reads low-bit weights a whole int4 row tile at a time, so slices start at one.
+  const int64_t align = quantized && p.glu == kNoGlu ? kInt4Tile : 1;
+  const auto bound = [&](int64_t t) { return t == nt ? outputs : outputs * t / nt / align * align; };
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int64_t t = 0; t < nt; ++t)
-    run_slice<Ops>(p, outputs * t / nt, outputs * (t + 1) / nt, buffers.get() + t * bytes, scratch_offset);
+  for (int64_t t = 0; t < nt; ++t) run_slice<Ops>(p, bound(t), bound(t + 1), buffers.get() + t * bytes, scratch_offset);
   return true;
 }
 
@@ -897,7 +1004,7 @@ static int check_matrices(const Matrix* mats, int64_t num_experts, int64_t k, in
         *quantized = true;
         break;
       case kFormatInt4:
-        if (!m.scales || (g != 32 && g != 64 && g != 128) || k % 64 || k % g || k / g > kMaxInt4Groups)
+        if (!m.scales || (g != 32 && g != 64 && g != 128) || k % 64 || k % g)
           return kBadFormat;
         *quantized = true;
         break;
