@@ -24,6 +24,20 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+# Options of every command that loads a model (generate, eval, bench --model).
+MemoryBudget = Annotated[
+    str | None,
+    typer.Option(
+        help="Keep routed experts in the checkpoint and cache at most this much of them: '6GB', '512MiB' "
+        "or '40%' of their bytes."
+    ),
+]
+CachePolicy = Annotated[str, typer.Option(help="With --memory-budget: expert eviction policy, lfu or lru.")]
+Prefetch = Annotated[
+    bool, typer.Option(help="With --memory-budget: read each next layer's predicted experts in the background.")
+]
+
+
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
@@ -282,12 +296,18 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    memory_budget: MemoryBudget = None,
+    cache_policy: CachePolicy = "lfu",
+    prefetch: Prefetch = True,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
     from .generate import generate as run_generation
 
-    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="a text prompt")
+    loaded = _load_model(
+        model, dtype, threads, needs_tokenizer_for="a text prompt", memory_budget=memory_budget,
+        cache_policy=cache_policy, prefetch=prefetch,
+    )  # fmt: skip
 
     def write(token) -> None:
         sys.stdout.write(token.text)
@@ -305,6 +325,8 @@ def generate(
         highlight=False,
         soft_wrap=True,
     )
+    if loaded.cache is not None:
+        print_cache_report(loaded.cache.report())
 
 
 @app.command("eval")
@@ -320,6 +342,9 @@ def eval_(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     context: Annotated[int | None, typer.Option(help="Window length in tokens (default: the model's context).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    memory_budget: MemoryBudget = None,
+    cache_policy: CachePolicy = "lfu",
+    prefetch: Prefetch = True,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     """Perplexity and tokens/s of a model on text files."""
@@ -331,7 +356,10 @@ def eval_(
             raise UserError(f"text file {file} does not exist")
     if json_path is not None and not json_path.expanduser().parent.is_dir():
         raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
-    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="evaluation")
+    loaded = _load_model(
+        model, dtype, threads, needs_tokenizer_for="evaluation", memory_budget=memory_budget,
+        cache_policy=cache_policy, prefetch=prefetch,
+    )  # fmt: skip
     texts = [file.read_text(errors="replace") for file in files]
     with console.status(f"scoring {len(files)} file(s)..."):
         result = evaluate(loaded, texts, context=context)
@@ -340,8 +368,12 @@ def eval_(
         f"in {len(files)} file(s), context {result.context}; "
         f"{result.seconds:.2f} s, {result.tokens_per_s:,.0f} tokens/s"
     )
+    if loaded.cache is not None:
+        print_cache_report(loaded.cache.report())
     if json_path is not None:
         record = {**result.to_dict(), "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files]}
+        if loaded.cache is not None:
+            record["expert_cache"] = loaded.cache.report()
         write_json_atomic(json_path, record)
         console.print(f"wrote {json_path}")
 
@@ -496,19 +528,30 @@ def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _load_model(model: Path | None, dtype: str, threads: int | None, needs_tokenizer_for: str):
+def _load_model(
+    model: Path | None,
+    dtype: str,
+    threads: int | None,
+    needs_tokenizer_for: str,
+    memory_budget: str | None = None,
+    cache_policy: str = "lfu",
+    prefetch: bool = True,
+):
     """moerun.load with the CLI's option checks and a one-line report of what loading cost."""
     from .models.loader import DTYPES, SUPPORTED_MODEL_TYPES, default_model_dir, has_tokenizer, load
+    from .offload.cache import POLICIES
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if cache_policy not in POLICIES:
+        raise UserError(f"unknown --cache-policy {cache_policy!r}; choose from {', '.join(POLICIES)}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     path = default_model_dir() if model is None else model.expanduser()
     if path.is_dir() and not has_tokenizer(path):  # checked before the weights are read; load() reports the rest
         raise UserError(f"{path} has no tokenizer files; {needs_tokenizer_for} needs one")
     with console.status("loading the model..."):
-        loaded = load(path, dtype, threads)
+        loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch)
     s = loaded.stats
     added = s.peak_rss_bytes - s.rss_before_bytes
     console.print(
@@ -518,7 +561,37 @@ def _load_model(model: Path | None, dtype: str, threads: int | None, needs_token
         highlight=False,
         soft_wrap=True,
     )
+    if loaded.cache is not None:
+        c = loaded.cache
+        console.print(
+            f"routed experts stay in {loaded.path}: cache of {_format_bytes(c.budget_bytes)} ({c.num_slots} experts), "
+            f"policy {c.policy.name}, prefetch {'on' if prefetch else 'off'}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return loaded
+
+
+def print_cache_report(report: dict) -> None:
+    """Per-layer expert cache statistics (``ExpertCache.report()``) as a table on stderr."""
+    table = Table(title="expert cache")
+    for column in ("MoE layer", "accesses", "hit rate", "prefetch hits", "read", "stalled s", "prediction"):
+        table.add_column(column, justify="right")
+    for i, layer in enumerate(report["layers"]):
+        predicted = f"{layer['prediction_accuracy']:.0%}" if layer["predicted"] else ""
+        table.add_row(
+            str(i), str(layer["accesses"]), f"{layer['hit_rate']:.1%}", str(layer["prefetch_hits"]),
+            _format_bytes(layer["bytes_read"]), f"{layer['stall_s']:.3f}", predicted,
+        )  # fmt: skip
+    console.print(table)
+    accuracy = report["prediction_accuracy"]
+    console.print(
+        f"hit rate {report['hit_rate']:.1%}; read {_format_bytes(report['bytes_read'])} from storage at "
+        f"{report['storage_gbps']:.2f} GB/s; stalled {report['stall_s']:.2f} s"
+        + ("" if accuracy is None else f"; next-layer prediction {accuracy:.1%} right"),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from .kernels.experts import ExpertWeights, experts_forward, get_backend
 from .kernels.linear import linear
 from .kernels.onednn import PackedExperts, pack_experts
 from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, quantize_weight
-from .routing import RoutingConfig, make_plan, route
+from .routing import RoutingConfig, RoutingPlan, make_plan, route
 
 
 def check_hidden(x: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
@@ -84,6 +84,8 @@ class MoELayer(nn.Module):
         self.packed: PackedExperts | None = None
         self.dtype = dtype
         self.expert_formats: list[QuantFormat] | None = None  # set by quantize_experts
+        # Runs the routed experts instead of the resident weights (moerun.offload sets it): (x, plan) -> [T, H].
+        self.offload: Callable[[torch.Tensor, RoutingPlan], torch.Tensor] | None = None
         factory = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         self.router_bias = nn.Parameter(torch.zeros(num_experts, **factory)) if router_bias else None
@@ -198,7 +200,10 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])  # [T, H]
         weights, ids = route(self.router_logits(x), self.routing, self.score_bias)  # [T, k] each
         plan = make_plan(ids, weights, self.num_experts)
-        y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]
+        if self.offload is None:
+            y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]
+        else:
+            y = self.offload(x, plan)
         if self.shared_gate_up is not None:
             y = y + self.shared_expert(x)
         return y.reshape(shape)

@@ -172,20 +172,31 @@ def experts_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch
     return combine(out, plan)
 
 
-def experts_native(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+def fuses_glu(plan: RoutingPlan, w: ExpertWeights) -> bool:
+    """Whether ``experts_native`` fuses the gated activation into the gate/up projection for this plan."""
+    return native.fuses_glu(w.glu) and plan.num_slots >= FUSED_GLU_MIN_ROWS_PER_GROUP * plan.num_groups
+
+
+def experts_native(
+    x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, out: torch.Tensor | None = None, fused: bool | None = None
+) -> torch.Tensor:
     """The AVX-512 grouped kernel; the down projection scatters straight into token order.
 
     Prefill-sized plans fuse the gated activation into the gate/up projection, so the [S, 2I] float32
     gate/up output is never materialised.
+
+    ``out`` ([T, H] float32) accumulates the result instead of a fresh zero tensor, and ``fused`` overrides
+    the fusion choice: running a plan's groups in consecutive parts into one ``out``, each part fused as the
+    whole plan would be (``fuses_glu``), adds exactly what one call would (the expert offload does this).
     """
     xs = x.index_select(0, plan.token_index)  # [S, H]
     group_args = (plan.group_experts, plan.group_starts, plan.group_counts)
-    if native.fuses_glu(w.glu) and plan.num_slots >= FUSED_GLU_MIN_ROWS_PER_GROUP * plan.num_groups:
+    if fuses_glu(plan, w) if fused is None else fused:
         act = native.grouped_glu(xs, w.gate_up, *group_args, glu=w.glu, bias=w.gate_up_bias)  # [S, I]
     else:
         h = native.grouped_gemv(xs, w.gate_up, *group_args, bias=w.gate_up_bias)  # [S, 2I] fp32
         act = apply_glu(h, w.glu).to(x.dtype)  # [S, I]
-    y = torch.zeros(plan.num_tokens, w.hidden_size, dtype=torch.float32, device=x.device)
+    y = torch.zeros(plan.num_tokens, w.hidden_size, dtype=torch.float32, device=x.device) if out is None else out
     native.grouped_gemv(
         act, w.down, *group_args, bias=w.down_bias, out=y,
         scatter_index=plan.token_index, scatter_weight=plan.weights,

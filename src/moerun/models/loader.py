@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..offload.cache import ExpertCache
+from ..offload.offloaded import offload_experts
 from .hf import SUPPORTED_BLOCKS, patch
-from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_plan, model_nbytes
+from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_plan, model_nbytes, moe_layers
 
 # config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
 SUPPORTED_MODEL_TYPES = {
@@ -72,6 +74,8 @@ _SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this siz
 # [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]. Mixtral names the projections
 # w1 (gate), w3 (up), w2 (down) under block_sparse_moe instead of mlp.
 _EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
+# transformers' fused expert stacks: what a memory budget leaves in the checkpoint.
+_FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 _EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -121,13 +125,14 @@ class LoadStats:
 @dataclass
 class LoadedModel:
     """A loaded checkpoint: the model (eval mode, MoE blocks patched), its tokenizer (None if the directory
-    has no tokenizer files), config and load statistics."""
+    has no tokenizer files), config, load statistics and, with a memory budget, the expert cache."""
 
     model: nn.Module
     tokenizer: object | None
     config: object
     stats: LoadStats
     path: Path
+    cache: ExpertCache | None = None  # the expert cache when loaded with a memory budget
 
     @property
     def max_seq_len(self) -> int:
@@ -344,10 +349,11 @@ def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tenso
             converted.copy_(raw.view(source_dtype))
 
 
-def load_weights(model: nn.Module, records: dict[str, TensorRecord]) -> int:
+def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: frozenset[str] = frozenset()) -> int:
     """Fill every parameter and persistent buffer of ``model`` from the checkpoint's tensors, in place.
 
     Reads file by file in offset order. Returns the number of checkpoint tensors the model has no place for.
+    Model tensors named in ``skip`` are left unfilled (their checkpoint tensors are not read).
 
     Raises:
         CheckpointError: a tensor with the wrong shape or a non-float dtype, or model tensors left unfilled.
@@ -371,6 +377,8 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord]) -> int:
                         ignored += 1
                         continue
                     target, dest = placed
+                    if target in skip:
+                        continue
                     if tuple(dest.shape) != record.shape:
                         raise CheckpointError(
                             f"tensor {record.name} in {file.name} has shape {list(record.shape)}, "
@@ -384,7 +392,11 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord]) -> int:
                     f.seek(record.offset)
                     _read_into(record, f, dest, scratch)
                     filled[id(targets[target])] += dest.numel()
-    missing = [names_of[key][0] for key, count in filled.items() if count < targets[names_of[key][0]].numel()]
+    missing = [
+        names_of[key][0]
+        for key, count in filled.items()
+        if count < targets[names_of[key][0]].numel() and names_of[key][0] not in skip
+    ]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing tensors the model needs: {shown}")
@@ -512,7 +524,12 @@ def _read_generation_config(path: Path):
 
 
 def load(
-    path: str | Path | None = None, dtype: torch.dtype | str = torch.bfloat16, threads: int | None = None
+    path: str | Path | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    threads: int | None = None,
+    memory_budget: str | int | None = None,
+    cache_policy: str = "lfu",
+    prefetch: bool = True,
 ) -> LoadedModel:
     """Load a Hugging Face MoE checkpoint directory, ready to run through moerun.
 
@@ -521,6 +538,11 @@ def load(
             reference model.
         dtype: parameter dtype: torch.bfloat16 / torch.float32 or "bf16" / "fp32".
         threads: CPU threads for torch (default: leave torch's setting).
+        memory_budget: keep the routed experts in the checkpoint's files and run them through an expert
+            cache of this many bytes (an int, or "6GB", "512MiB", "40%" of the experts' bytes); the rest
+            of the model is resident. See :mod:`moerun.offload`.
+        cache_policy: with a memory budget, the eviction policy: ``lfu`` or ``lru``.
+        prefetch: with a memory budget, read each next layer's predicted experts in the background.
 
     Returns:
         a :class:`LoadedModel`; its ``model`` is a transformers CausalLM in eval mode with every MoE block
@@ -548,8 +570,21 @@ def load(
     reset_peak_rss()
     plan = read_quant_plan(path)
     model = _build_empty_model(config, dtype)
+    destinations = []  # with a memory budget: (file, offset, dtype, storage filled) per checkpoint tensor
     if plan is None:
-        ignored = load_weights(model, records)
+        skip = frozenset()
+        if memory_budget is not None:
+            if config.model_type == "gpt_oss":
+                raise CheckpointError(
+                    "a memory budget needs GPT-OSS experts in moerun's layout: run moerun quantize first"
+                )
+            targets = model.state_dict(keep_vars=True)
+            skip = frozenset(name for name in targets if name.endswith(_FUSED_EXPERT_SUFFIXES))
+            for record in records.values():
+                placed = _placement(record.name, targets)
+                if placed is not None and placed[0] in skip:
+                    destinations.append((record.file, record.offset, _SAFETENSORS_DTYPES[record.dtype], placed[1]))
+        ignored = load_weights(model, records, skip)
         _patch_layer_by_layer(model)
     else:  # moerun wrote it: patch first, give the layers their low-bit layout, fill by name
         _patch_layer_by_layer(model)
@@ -557,7 +592,20 @@ def load(
             targets = apply_plan(model, plan)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / QUANT_FILE}: {_one_line(e)}") from None
-        ignored = load_exact(targets, records)
+        if memory_budget is not None:
+            named = [name for name in records if name in targets]
+            destinations = [(records[n].file, records[n].offset, _SAFETENSORS_DTYPES[records[n].dtype], targets[n])
+                            for n in named]  # fmt: skip
+    cache = None
+    if memory_budget is not None:
+        try:
+            cache = offload_experts(list(moe_layers(model).values()), destinations, memory_budget, cache_policy,
+                                    prefetch)  # fmt: skip
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: {_one_line(e)}") from None
+    if plan is not None:  # experts left in the checkpoint are not read
+        consumed = {named[i] for i in cache.store.consumed} if cache is not None else set()
+        ignored = load_exact({n: t for n, t in targets.items() if n not in consumed}, records) - len(consumed)
     model.eval()
     if generation_config is not None:
         model.generation_config = generation_config
@@ -570,4 +618,4 @@ def load(
         tensors=len(records),
         ignored_tensors=ignored,
     )
-    return LoadedModel(model, tokenizer, model.config, stats, path)
+    return LoadedModel(model, tokenizer, model.config, stats, path, cache)

@@ -1,0 +1,270 @@
+"""A byte-budgeted cache of experts read from the checkpoint, with eviction policies and prefetching.
+
+The budget buys a fixed number of slots, each big enough for any expert (exactly one expert's bytes when
+all experts share a format). Slots are one allocation that is touched only as experts are read into it,
+so resident memory grows with what was loaded, up to the budget. Keys are (MoE layer, expert).
+
+Policies decide which resident expert makes room:
+- ``lru``: the least recently used.
+- ``lfu``: the least frequently used, with frequencies that decay by half every ``half_life`` accesses
+  (old popularity fades), ties to the least recent. Decoding walks the layers in a loop; when the cache
+  is smaller than the loop's working set, LRU evicts exactly the experts the next token needs, while
+  frequency keeps each layer's popular experts.
+
+Prefetching runs reads on one background thread: ``prefetch`` queues experts predicted for a layer
+(see :mod:`moerun.offload.offloaded`), ``acquire`` waits for any still in flight. Experts acquired for the
+layer being computed are pinned until released, so a prefetch never evicts them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .store import ExpertStore
+
+Key = tuple[int, int]  # (MoE layer, expert)
+
+
+class LRUPolicy:
+    """Evict the least recently used expert."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def access(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def victim(self, resident: set[Key], exclude: set[Key]) -> Key | None:
+        candidates = resident - exclude
+        never_used = candidates.difference(self._order)  # prefetched and not used yet: the oldest
+        if never_used:
+            return min(never_used)
+        return next((k for k in self._order if k in candidates), None)
+
+
+class LFUPolicy:
+    """Evict the least frequently used expert; counts halve every ``half_life`` accesses."""
+
+    name = "lfu"
+
+    def __init__(self, half_life: int = 4096) -> None:
+        self.half_life = half_life
+        self._count: dict[Key, float] = {}
+        self._last: dict[Key, int] = {}
+        self._clock = 0
+
+    def access(self, key: Key) -> None:
+        self._clock += 1
+        if self._clock % self.half_life == 0:
+            self._count = {k: c / 2 for k, c in self._count.items()}
+        self._count[key] = self._count.get(key, 0.0) + 1.0
+        self._last[key] = self._clock
+
+    def victim(self, resident: set[Key], exclude: set[Key]) -> Key | None:
+        candidates = [k for k in resident if k not in exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda k: (self._count.get(k, 0.0), self._last.get(k, 0)))
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+def make_policy(name: str) -> LRUPolicy | LFUPolicy:
+    """A fresh eviction policy by name (``lru`` or ``lfu``)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r}; choose from {', '.join(POLICIES)}")
+    return POLICIES[name]()
+
+
+@dataclass
+class LayerCacheStats:
+    """Counters of one MoE layer's expert accesses."""
+
+    accesses: int = 0
+    hits: int = 0  # resident (or already in flight) when needed
+    prefetch_hits: int = 0  # of the hits, experts a prefetch brought in
+    bytes_read: int = 0  # demand and prefetch reads of this layer's experts
+    stall_s: float = 0.0  # time the forward pass waited for this layer's reads
+    predicted: int = 0  # experts the cross-layer prediction named for this layer
+    predicted_used: int = 0  # of those, experts the layer then selected
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def prediction_accuracy(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate, "prediction_accuracy": self.prediction_accuracy}
+
+
+class ExpertCache:
+    """Experts of an :class:`ExpertStore` in ``num_slots`` slots.
+
+    Args:
+        store: where the experts are read from.
+        num_slots: experts held at once (at least one layer's selected experts: see ``offload``).
+        policy: eviction policy name.
+        prefetch: start a background thread for ``prefetch``.
+    """
+
+    def __init__(self, store: ExpertStore, num_slots: int, policy: str = "lru", prefetch: bool = False) -> None:
+        if num_slots < 1:
+            raise ValueError(f"the cache needs at least one slot, got {num_slots}")
+        self.store = store
+        self.num_slots = num_slots
+        self.slot_nbytes = store.slot_nbytes()
+        self.policy = make_policy(policy)
+        self._arena = torch.empty(num_slots, self.slot_nbytes, dtype=torch.uint8)
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._slot: dict[Key, int] = {}  # resident or loading
+        self._loading: dict[Key, Future] = {}
+        self._prefetched: set[Key] = set()  # brought in by a prefetch, not used yet
+        self._pinned: set[Key] = set()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="moerun-prefetch") if prefetch else None
+        self.stats = [LayerCacheStats() for _ in range(store.num_layers)]
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.num_slots * self.slot_nbytes
+
+    def resident(self) -> set[Key]:
+        with self._lock:
+            return {k for k in self._slot if k not in self._loading}
+
+    def _take_slot(self, exclude: set[Key]) -> int | None:
+        """A free slot, evicting by policy if needed (caller holds the lock); None if all are pinned."""
+        if self._free:
+            return self._free.pop()
+        candidates = {k for k in self._slot if k not in self._loading}
+        victim = self.policy.victim(candidates, exclude | self._pinned)
+        if victim is None:
+            return None
+        self._prefetched.discard(victim)
+        return self._slot.pop(victim)
+
+    def _load(self, key: Key, slot: int) -> None:
+        layer, expert = key
+        nbytes = self.store.read(layer, expert, self._arena[slot])
+        with self._lock:
+            self.stats[layer].bytes_read += nbytes
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start reading these experts of ``layer`` in the background (no-op without a prefetch thread)."""
+        if self._executor is None:
+            return
+        with self._lock:
+            wanted = {(layer, e) for e in experts}
+            for key in wanted:
+                if key in self._slot:
+                    continue
+                slot = self._take_slot(exclude=wanted)
+                if slot is None:
+                    return
+                self._slot[key] = slot
+                self._prefetched.add(key)
+                self._loading[key] = self._executor.submit(self._load_async, key, slot)
+
+    def _load_async(self, key: Key, slot: int) -> None:
+        try:
+            self._load(key, slot)
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+
+    def acquire(self, layer: int, experts: list[int]) -> list[torch.Tensor]:
+        """Make these experts of ``layer`` resident and pin them; returns their slots (uint8 views).
+
+        Raises:
+            ValueError: more experts than slots.
+        """
+        if len(experts) > self.num_slots:
+            raise ValueError(f"{len(experts)} experts cannot be held in {self.num_slots} slots")
+        stats = self.stats[layer]
+        keys = [(layer, e) for e in experts]
+        waits: list[Future] = []
+        misses: list[tuple[Key, int]] = []
+        start = time.perf_counter()
+        with self._lock:
+            self._pinned.update(keys)
+            for key in keys:
+                self.policy.access(key)
+                stats.accesses += 1
+                if key in self._slot:
+                    stats.hits += 1
+                    if key in self._prefetched:
+                        stats.prefetch_hits += 1
+                        self._prefetched.discard(key)
+                    if key in self._loading:
+                        waits.append(self._loading[key])
+                    continue
+                slot = self._take_slot(exclude=set(keys))
+                while slot is None:  # every other slot is being prefetched: wait for one
+                    in_flight = next(iter(self._loading.values()))
+                    self._lock.release()
+                    try:
+                        in_flight.result()
+                    finally:
+                        self._lock.acquire()
+                    slot = self._take_slot(exclude=set(keys))
+                self._slot[key] = slot
+                misses.append((key, slot))
+        for key, slot in misses:
+            self._load(key, slot)
+        for future in waits:
+            future.result()
+        stats.stall_s += time.perf_counter() - start
+        with self._lock:
+            return [self._arena[self._slot[k]] for k in keys]
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        """Unpin experts acquired for a layer's computation."""
+        with self._lock:
+            self._pinned.difference_update((layer, e) for e in experts)
+
+    def wait(self) -> None:
+        """Wait for every prefetch in flight."""
+        with self._lock:
+            futures = list(self._loading.values())
+        for future in futures:
+            future.result()
+
+    def report(self) -> dict:
+        """Per-layer statistics and totals, as JSON-ready numbers."""
+        layers = [s.to_dict() for s in self.stats]
+        accesses = sum(s.accesses for s in self.stats)
+        predicted = sum(s.predicted for s in self.stats)
+        return {
+            "budget_bytes": self.budget_bytes,
+            "slots": self.num_slots,
+            "policy": self.policy.name,
+            "prefetch": self._executor is not None,
+            "hit_rate": sum(s.hits for s in self.stats) / accesses if accesses else 0.0,
+            "bytes_read": self.store.stats.bytes,
+            "stall_s": sum(s.stall_s for s in self.stats),
+            "storage_gbps": self.store.stats.gbps,
+            "prediction_accuracy": sum(s.predicted_used for s in self.stats) / predicted if predicted else None,
+            "layers": layers,
+        }
+
+    def reset_stats(self) -> None:
+        self.stats = [LayerCacheStats() for _ in range(self.store.num_layers)]
+        self.store.stats.__init__()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,165 @@
+"""MoE layers whose routed experts come from an :class:`ExpertCache` instead of resident weights.
+
+Each layer computes its routing as usual, then takes its selected experts from the cache, at most a
+cache's worth at a time: groups run in consecutive parts that accumulate into one float32 output, each
+part with the fusion choice of the whole plan, so the native kernel adds exactly what the resident layer's
+single call adds (bit for bit). A layer also predicts the next layer's experts (Fate's cross-layer gate:
+the next router applied to this layer's input) and has the cache read them in the background while it
+computes; the next layer scores the prediction against its real selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kernels.experts import ExpertWeights, experts_forward, experts_native, fuses_glu, native_supports
+from ..layer import MoELayer
+from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
+from ..routing import RoutingPlan, route
+from ..sizes import format_size, parse_size
+from .cache import ExpertCache
+from .store import ExpertLayout, ExpertStore, matrix_like, matrix_parts
+
+
+class OffloadedExperts:
+    """The routed experts of MoE layer ``index``, read through ``cache`` (a layer's ``offload`` hook).
+
+    Args:
+        cache: the model's expert cache.
+        index: this layer's position among the model's MoE layers.
+        layer: the layer (routing config, biases, activation).
+        next_layer: the next MoE layer and its hook, to prefetch for; None for the last or without prefetch.
+    """
+
+    def __init__(
+        self,
+        cache: ExpertCache,
+        index: int,
+        layer: MoELayer,
+        next_layer: tuple[MoELayer, OffloadedExperts] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.index = index
+        self.layer = layer
+        self.next_layer = next_layer
+        self.layouts: list[ExpertLayout] = cache.store.layouts[index]
+        self.expected: set[int] | None = None  # experts the previous layer predicted for this one
+
+    def _predict_next(self, x: torch.Tensor) -> None:
+        layer, hook = self.next_layer
+        weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
+        predicted = sorted(set(ids.flatten().tolist()))
+        hook.expected = set(predicted)
+        # Many tokens (prefill) select most experts: reading them all ahead would only evict this layer's.
+        if len(predicted) <= self.cache.num_slots // 2:
+            self.cache.prefetch(self.index + 1, predicted)
+
+    def __call__(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """The experts' combined output [T, H] in x's dtype for x [T, H] routed by ``plan``."""
+        experts = plan.group_experts.tolist()
+        stats = self.cache.stats[self.index]
+        if self.expected is not None:
+            stats.predicted += len(self.expected)
+            stats.predicted_used += len(self.expected.intersection(experts))
+            self.expected = None
+        if self.next_layer is not None:
+            self._predict_next(x)
+        layer = self.layer
+        out = None
+        fused = None
+        for first in range(0, len(experts), self.cache.num_slots):
+            part = list(range(first, min(first + self.cache.num_slots, len(experts))))
+            ids = [experts[g] for g in part]
+            slots = self.cache.acquire(self.index, ids)
+            try:
+                matrices = [self.layouts[e].matrices(slot) for e, slot in zip(ids, slots, strict=True)]
+                index = torch.tensor(ids)
+                w = ExpertWeights(
+                    ExpertMatrices([m[0] for m in matrices]),
+                    ExpertMatrices([m[1] for m in matrices]),
+                    None if layer.gate_up_bias is None else layer.gate_up_bias[index],
+                    None if layer.down_bias is None else layer.down_bias[index],
+                    layer.glu,
+                )
+                sub = replace(
+                    plan,
+                    group_experts=torch.arange(len(part)),
+                    group_starts=plan.group_starts[first : first + len(part)],
+                    group_counts=plan.group_counts[first : first + len(part)],
+                )
+                if len(part) == len(experts):  # one part: exactly the resident layer's call
+                    return experts_forward(x, sub, w, layer.backend)
+                if not native_supports(x, w):
+                    y = experts_forward(x, sub, w, layer.backend).float()
+                    out = y if out is None else out.add_(y)
+                    continue
+                if out is None:
+                    out = torch.zeros(plan.num_tokens, layer.hidden_size, dtype=torch.float32)
+                    fused = fuses_glu(plan, w)
+                experts_native(x, sub, w, out=out, fused=fused)
+            finally:
+                self.cache.release(self.index, ids)
+        return out.to(x.dtype)
+
+
+def _meta_like(weight: Weight) -> Weight:
+    """A weight of the same shape, dtype and format with no storage (offloaded experts are never resident)."""
+    if isinstance(weight, ExpertMatrices):
+        return ExpertMatrices([_meta_like(m) for m in weight.matrices])
+    if isinstance(weight, QuantizedWeight):
+        parts = [t.to("meta") for t in matrix_parts(weight)]
+        return matrix_like(weight, parts)
+    meta = weight.detach().to("meta")
+    return nn.Parameter(meta, requires_grad=False) if isinstance(weight, nn.Parameter) else meta
+
+
+def offload_experts(
+    layers: list[MoELayer],
+    destinations: list[tuple[Path, int, torch.dtype, torch.Tensor]],
+    memory_budget: str | int,
+    policy: str = "lfu",
+    prefetch: bool = True,
+    drop_page_cache: bool = True,
+) -> ExpertCache:
+    """Leave the routed experts of ``layers`` in the checkpoint and run them through an expert cache.
+
+    Args:
+        layers: the model's MoE layers in order, with their (uninitialised, untouched) expert storage.
+        destinations: every checkpoint tensor as (file, offset, stored dtype, model storage it fills).
+        memory_budget: cache bytes: an int, or a size such as "6GB", "512MiB", or "40%" of the experts' bytes.
+        policy: eviction policy, ``lru`` or ``lfu``.
+        prefetch: predict each next layer's experts and read them in the background.
+        drop_page_cache: drop what is read from the OS page cache (reads then really come from storage).
+
+    Returns:
+        the cache (its ``stats`` per layer, its ``store.stats`` for storage reads); the layers' expert
+        storage is released and their ``offload`` hooks set.
+
+    Raises:
+        ValueError: a budget below one layer's selected experts (the message names the minimum), or a
+            checkpoint that does not hold every expert.
+    """
+    store = ExpertStore(layers, destinations, drop_page_cache)
+    expert_bytes = sum(store.expert_nbytes(li, e) for li, layer in enumerate(layers) for e in range(layer.num_experts))
+    budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget, expert_bytes)
+    slot = store.slot_nbytes()
+    needed = max(layer.routing.top_k for layer in layers)
+    if budget < needed * slot:
+        raise ValueError(
+            f"memory budget {format_size(budget)} is below one layer's selected experts: at least "
+            f"{format_size(needed * slot)} ({needed} experts of {format_size(slot)}) are needed"
+        )
+    total_experts = sum(layer.num_experts for layer in layers)
+    cache = ExpertCache(store, min(budget // slot, total_experts), policy, prefetch)
+    hooks: list[OffloadedExperts] = []
+    for index in reversed(range(len(layers))):
+        following = (layers[index + 1], hooks[0]) if prefetch and index + 1 < len(layers) else None
+        hooks.insert(0, OffloadedExperts(cache, index, layers[index], following))
+    for layer, hook in zip(layers, hooks, strict=True):
+        layer.offload = hook
+        layer.gate_up, layer.down = _meta_like(layer.gate_up), _meta_like(layer.down)
+    return cache

@@ -1,0 +1,235 @@
+"""Where each routed expert's bytes lie in a checkpoint's files, and reading one expert into a cache slot.
+
+An expert of a layer is a handful of contiguous tensors ("parts"): its gate/up and down matrices, each a
+float matrix or a low-bit one (packed values, scales, mins). The model is built as for a resident load,
+with uninitialised storage that is never touched; each checkpoint tensor is matched with the storage it
+would fill, and the byte ranges of that storage belonging to each expert's parts become file ranges
+("pieces"). This covers every layout the loader reads (one tensor per expert and projection, fused
+[E, 2I, H] stacks, moerun's per-format low-bit stacks) without naming any of them here.
+
+A slot holds one expert: its parts one after another, each 64-byte aligned. Reads use ``os.preadv``
+straight into the slot (or through a scratch buffer when the checkpoint's float dtype differs from the
+model's). With ``drop_page_cache`` every range read is dropped from the OS page cache right after
+(``posix_fadvise(DONTNEED)``), so each miss really reads storage; the store times its reads to report the
+storage bandwidth.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..layer import MoELayer
+from ..quant.formats import QuantizedWeight
+
+_ALIGN = 64
+
+
+def matrix_parts(matrix: torch.Tensor | QuantizedWeight) -> list[torch.Tensor]:
+    """The contiguous tensors a matrix is stored in (itself, or packed values, scales and mins)."""
+    return [matrix] if isinstance(matrix, torch.Tensor) else list(matrix.tensors().values())
+
+
+def matrix_like(template: torch.Tensor | QuantizedWeight, parts: list[torch.Tensor]) -> torch.Tensor | QuantizedWeight:
+    """A matrix of ``template``'s format and shape over other storage ``parts`` (as ``matrix_parts`` lists)."""
+    if isinstance(template, torch.Tensor):
+        return parts[0]
+    mins = parts[2] if template.mins is not None else None
+    return QuantizedWeight(template.format, parts[0], parts[1], mins, template.in_features)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of a checkpoint file that fills elements [start, start + count) of one part."""
+
+    file: Path
+    offset: int
+    part: int
+    start: int
+    count: int
+    dtype: torch.dtype  # as stored in the file
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The parts of one expert as laid out in a slot: gate/up parts first, then down parts."""
+
+    templates: tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]  # gate_up, down
+    shapes: tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+    offsets: tuple[int, ...]  # byte offset of each part in the slot
+    nbytes: int  # slot bytes used
+
+    @classmethod
+    def of(cls, gate_up: torch.Tensor | QuantizedWeight, down: torch.Tensor | QuantizedWeight) -> ExpertLayout:
+        parts = matrix_parts(gate_up) + matrix_parts(down)
+        offsets, at = [], 0
+        for t in parts:
+            offsets.append(at)
+            at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        shapes = tuple((t.dtype, tuple(t.shape)) for t in parts)
+        return cls((gate_up, down), shapes, tuple(offsets), at)
+
+    def views(self, slot: torch.Tensor) -> list[torch.Tensor]:
+        """The parts as tensors over a uint8 slot."""
+        out = []
+        for (dtype, shape), offset in zip(self.shapes, self.offsets, strict=True):
+            count = max(1, int(torch.Size(shape).numel()))
+            out.append(slot[offset : offset + count * dtype.itemsize].view(dtype).view(shape))
+        return out
+
+    def matrices(self, slot: torch.Tensor) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]:
+        """(gate_up, down) of the expert held in ``slot``."""
+        views = self.views(slot)
+        split = len(matrix_parts(self.templates[0]))
+        return matrix_like(self.templates[0], views[:split]), matrix_like(self.templates[1], views[split:])
+
+
+@dataclass
+class ReadStats:
+    """Bytes read from the checkpoint and the time the reads took (all threads)."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    reads: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class ExpertStore:
+    """The routed experts of a model, left in its checkpoint files.
+
+    Args:
+        layers: the model's MoE layers in order, built with their final (possibly low-bit) layout over
+            storage that the store only inspects (addresses), never reads.
+        destinations: (file, offset, stored dtype, destination tensor) for every checkpoint tensor, the
+            destination being the model storage it would fill (elementwise, same numel).
+        drop_page_cache: drop each range read from the OS page cache, so that reads hit storage.
+
+    Raises:
+        ValueError: some expert's storage is not covered by the checkpoint.
+    """
+
+    def __init__(
+        self,
+        layers: list[MoELayer],
+        destinations: list[tuple[Path, int, torch.dtype, torch.Tensor]],
+        drop_page_cache: bool = True,
+    ) -> None:
+        self.drop_page_cache = drop_page_cache
+        self.layouts: list[list[ExpertLayout]] = []
+        self.pieces: list[list[list[Piece]]] = []
+        ranges = []  # (start address, end address, layer, expert, part, itemsize)
+        for li, layer in enumerate(layers):
+            layouts, pieces = [], []
+            for e in range(layer.num_experts):
+                gate_up, down = layer.gate_up[e], layer.down[e]
+                layouts.append(ExpertLayout.of(gate_up, down))
+                pieces.append([])
+                for pi, part in enumerate(matrix_parts(gate_up) + matrix_parts(down)):
+                    start = part.data_ptr()
+                    ranges.append((start, start + part.numel() * part.element_size(), li, e, pi, part.element_size()))
+            self.layouts.append(layouts)
+            self.pieces.append(pieces)
+        ranges.sort()
+        starts = [r[0] for r in ranges]
+        self.consumed: set[int] = set()  # indices of the destinations that hold expert bytes
+        for index, (file, offset, stored, dest) in enumerate(destinations):
+            lo, hi = dest.data_ptr(), dest.data_ptr() + dest.numel() * dest.element_size()
+            i = max(0, bisect.bisect_right(starts, lo) - 1)
+            while i < len(ranges) and ranges[i][0] < hi:
+                r0, r1, li, e, pi, size = ranges[i]
+                a, b = max(lo, r0), min(hi, r1)
+                if a < b:
+                    first = (a - lo) // size  # element index within the destination
+                    piece = Piece(file, offset + first * stored.itemsize, pi, (a - r0) // size, (b - a) // size, stored)
+                    self.pieces[li][e].append(piece)
+                    self.consumed.add(index)
+                i += 1
+        for li, layer_pieces in enumerate(self.pieces):
+            for e, expert_pieces in enumerate(layer_pieces):
+                covered = sum(p.count for p in expert_pieces)
+                needed = sum(int(torch.Size(s).numel()) for _, s in self.layouts[li][e].shapes)
+                if covered != needed:
+                    raise ValueError(f"the checkpoint does not hold all of expert {e} of MoE layer {li}")
+                expert_pieces.sort(key=lambda p: (p.file, p.offset))
+        self.stats = ReadStats()
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layouts)
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        """Slot bytes expert ``expert`` of MoE layer ``layer`` needs."""
+        return self.layouts[layer][expert].nbytes
+
+    def slot_nbytes(self) -> int:
+        """Bytes of a slot that can hold any expert."""
+        return max(lay.nbytes for layouts in self.layouts for lay in layouts)
+
+    def file_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes of the checkpoint an expert's read covers."""
+        return sum(p.nbytes for p in self.pieces[layer][expert])
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def read(self, layer: int, expert: int, slot: torch.Tensor) -> int:
+        """Read expert ``expert`` of MoE layer ``layer`` into ``slot`` (uint8, at least its nbytes).
+
+        Returns:
+            bytes read from the checkpoint.
+        """
+        layout = self.layouts[layer][expert]
+        views = layout.views(slot)
+        start = time.perf_counter()
+        total = 0
+        for piece in self.pieces[layer][expert]:
+            fd = self._fd(piece.file)
+            dest = views[piece.part].view(-1)[piece.start : piece.start + piece.count]
+            if piece.dtype == dest.dtype:
+                buffer = dest.view(torch.uint8)
+            else:
+                buffer = torch.empty(piece.nbytes, dtype=torch.uint8)
+            got = os.preadv(fd, [memoryview(buffer.numpy())], piece.offset)
+            if got != piece.nbytes:
+                raise OSError(f"{piece.file} is truncated: expert {expert} of MoE layer {layer} could not be read")
+            if piece.dtype != dest.dtype:
+                dest.copy_(buffer.view(piece.dtype))
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
+            total += got
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.stats.bytes += total
+            self.stats.seconds += seconds
+            self.stats.reads += 1
+        return total
+
+    def drop_files_from_page_cache(self) -> None:
+        """Evict every file the experts live in from the OS page cache (before a measured run)."""
+        for file in {p.file for layer in self.pieces for expert in layer for p in expert}:
+            fd = self._fd(file)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
