@@ -400,7 +400,8 @@ def routing_stats_(
 ) -> None:
     """Per-layer expert activation shares and the best hit rate of an expert cache (SCH, arXiv 2505.16056)."""
     from .eval import default_eval_files, join_tokens
-    from .offload.routing_stats import collect_routing, default_cache_sizes, moe_layers, routing_stats
+    from .models.quantized import moe_layers
+    from .offload.routing_stats import collect_routing, default_cache_sizes, routing_stats
 
     files = text or default_eval_files()
     for file in files:
@@ -414,7 +415,7 @@ def routing_stats_(
     if json_path is not None and not json_path.expanduser().parent.is_dir():
         raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
     loaded = _load_model(model, dtype, threads, needs_tokenizer_for="routing statistics")
-    layers = moe_layers(loaded.model)
+    layers = list(moe_layers(loaded.model).values())
     num_experts, top_k = layers[0].num_experts, layers[0].routing.top_k
     sizes = list(dict.fromkeys(cache_size or default_cache_sizes(top_k, num_experts)))
     if max(sizes) > num_experts:

@@ -37,14 +37,10 @@ from torch import nn
 
 from ..layer import MoELayer
 from ..models.loader import LoadedModel
+from ..models.quantized import moe_layers
 from ..routing import route
 
 DEFAULT_SEGMENT = 16  # tokens of look-ahead, the middle of the paper's {4, 16, 64, 256}
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The model's moerun MoE layers, in forward order (as ``moerun.load`` or ``moerun.patch`` installs them)."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def collect_routing(
@@ -70,7 +66,7 @@ def collect_routing(
     """
     if isinstance(model, LoadedModel):
         model = model.model
-    layers = moe_layers(model)
+    layers = list(moe_layers(model).values())
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moerun MoE layers; load it with moerun.load or patch it")
     ids = torch.as_tensor(token_ids, dtype=torch.int64).flatten()  # [T]

@@ -1,0 +1,191 @@
+"""Expert offload: bit-exact against the resident model, the minimum budget, eviction policies, statistics,
+page-cache dropping, prefetching and the CLI options."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import moerun
+from families import FAMILIES
+from moerun import cli
+from moerun.models.convert import quantize_checkpoint
+from moerun.models.lean import make_lean_runner
+from moerun.models.loader import CheckpointError, default_model_dir
+from moerun.models.quantized import QuantConfig
+from moerun.offload.cache import LFUPolicy, LRUPolicy, make_policy
+from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
+
+REFERENCE = default_model_dir()
+IDS = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(loaded, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def resident() -> dict[str, torch.Tensor]:
+    return {dtype: logits(moerun.load(REFERENCE, dtype)) for dtype in ("fp32", "bf16")}
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("q") / "int4"
+    quantize_checkpoint(REFERENCE, dst, QuantConfig(bits=4, group_size=32), dtype="fp32")
+    return dst
+
+
+def expert_bytes(dtype: str) -> int:
+    """One reference-model expert (gate, up and down [512, 128]) in bytes."""
+    return 3 * 512 * 128 * (4 if dtype == "fp32" else 2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("budget", "policy", "prefetch"),
+    [("min", "lru", False), ("min", "lfu", True), ("30%", "lru", True), ("50%", "lfu", False), ("100%", "lfu", True)],
+)
+def test_offloaded_logits_equal_resident_bit_for_bit(resident, dtype, budget, policy, prefetch):
+    """Down to one layer's selected experts (2 slots): prefill runs a layer's 8 experts in parts."""
+    if budget == "min":
+        budget = 2 * expert_bytes(dtype)
+    loaded = moerun.load(REFERENCE, dtype, memory_budget=budget, cache_policy=policy, prefetch=prefetch)
+    assert torch.equal(logits(loaded), resident[dtype])
+    assert torch.equal(logits(loaded), resident[dtype])  # again, now with a warm cache
+    loaded.cache.close()
+
+
+def test_quantized_checkpoint_offloaded_equals_resident(int4_dir):
+    want = logits(moerun.load(int4_dir, "fp32"))
+    loaded = moerun.load(int4_dir, "fp32", memory_budget="25%")
+    assert loaded.cache.num_slots == 8  # a quarter of 4 layers x 8 experts
+    assert torch.equal(logits(loaded), want)
+
+
+def test_lean_runner_decodes_the_same_tokens_offloaded():
+    prompt = IDS[0, :8]
+    results = []
+    for budget in (None, "30%"):
+        loaded = moerun.load(REFERENCE, "fp32", memory_budget=budget)
+        runner = make_lean_runner(loaded.model)
+        out = [runner.prefill(prompt)]
+        for _ in range(6):
+            out.append(runner.decode(int(out[-1].argmax())))
+        results.append(torch.stack(out))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
+def test_every_family_offloads_exactly(family, tmp_path):
+    path = save_checkpoint(family, tmp_path / family)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+    want = logits(moerun.load(path, "fp32"), ids)
+    loaded = moerun.load(path, "fp32", memory_budget="40%")
+    assert torch.equal(logits(loaded, ids), want)
+
+
+def test_gpt_oss_float_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint("gpt_oss", tmp_path / "gpt_oss")
+    with pytest.raises(CheckpointError, match="moerun quantize"):
+        moerun.load(path, "fp32", memory_budget="50%")
+
+
+def test_budget_below_one_layers_experts_is_refused_naming_the_minimum():
+    minimum = 2 * expert_bytes("fp32")
+    with pytest.raises(CheckpointError, match=r"at least 1\.5 MiB \(2 experts of 768\.0 KiB\)"):
+        moerun.load(REFERENCE, "fp32", memory_budget=minimum - 1)
+    assert moerun.load(REFERENCE, "fp32", memory_budget=minimum).cache.num_slots == 2
+    with pytest.raises(CheckpointError, match="cannot read"):
+        moerun.load(REFERENCE, "fp32", memory_budget="lots")
+
+
+def test_budget_beyond_all_experts_holds_each_once():
+    loaded = moerun.load(REFERENCE, "bf16", memory_budget="10GB")
+    assert loaded.cache.num_slots == 32
+
+
+def test_statistics_add_up():
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", cache_policy="lru", prefetch=False)
+    logits(loaded)
+    logits(loaded)
+    report = loaded.cache.report()
+    layers = report["layers"]
+    # each pass needs each layer's distinct selected experts once; the second finds half the model resident
+    assert all(layer["accesses"] % 2 == 0 and 2 <= layer["accesses"] <= 16 for layer in layers)
+    misses = sum(layer["accesses"] - layer["hits"] for layer in layers)
+    assert report["bytes_read"] == misses * loaded.cache.store.file_nbytes(0, 0)  # bf16 in the file
+    assert loaded.cache.store.stats.reads == misses
+    assert all(layer["prefetch_hits"] == 0 and layer["predicted"] == 0 for layer in layers)
+    assert report["stall_s"] > 0 and report["storage_gbps"] > 0
+
+
+def test_prefetch_predicts_the_next_layer_and_is_scored():
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=True)
+    runner = make_lean_runner(loaded.model)
+    token = runner.prefill(IDS[0, :4]).argmax()
+    for _ in range(8):
+        token = runner.decode(int(token)).argmax()
+    loaded.cache.wait()
+    report = loaded.cache.report()
+    assert report["layers"][0]["predicted"] == 0  # nothing predicts the first layer
+    assert all(layer["predicted"] >= 16 for layer in report["layers"][1:])  # 2 per decoded token
+    assert 0.0 < report["prediction_accuracy"] <= 1.0
+    assert sum(layer["prefetch_hits"] for layer in report["layers"]) > 0
+
+
+def test_reads_drop_their_pages_from_the_page_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=False)
+    logits(loaded)
+    assert calls and all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in calls)
+    assert sum(length for _, length, _ in calls) == loaded.cache.report()["bytes_read"]
+
+
+def test_lru_evicts_the_least_recent_and_never_used_first():
+    policy = LRUPolicy()
+    for key in [(0, 1), (0, 2), (0, 1)]:
+        policy.access(key)
+    resident = {(0, 1), (0, 2), (1, 5)}
+    assert policy.victim(resident, exclude=set()) == (1, 5)  # prefetched, never used
+    assert policy.victim({(0, 1), (0, 2)}, exclude=set()) == (0, 2)
+    assert policy.victim({(0, 1), (0, 2)}, exclude={(0, 2)}) == (0, 1)
+    assert policy.victim({(0, 1)}, exclude={(0, 1)}) is None
+
+
+def test_lfu_evicts_the_least_frequent_and_forgets_slowly():
+    policy = LFUPolicy(half_life=4)
+    for key in [(0, 1), (0, 1), (0, 1), (0, 2)]:  # the 4th access halves the counts: (0, 1) 1.5, (0, 2) 1
+        policy.access(key)
+    assert policy.victim({(0, 1), (0, 2)}, exclude=set()) == (0, 2)
+    policy.access((0, 2))
+    policy.access((0, 2))
+    assert policy.victim({(0, 1), (0, 2)}, exclude=set()) == (0, 1)
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        make_policy("fifo")
+
+
+def test_cli_generate_and_eval_report_the_cache(tmp_path, capsys):
+    assert cli.main(["generate", "--prompt", "def f(x):", "--max-new-tokens", "4", "--memory-budget", "40%"]) == 0
+    err = capsys.readouterr().err
+    assert "routed experts stay in" in err and "hit rate" in err
+    out = tmp_path / "eval.json"
+    text = tmp_path / "t.py"
+    text.write_text("def add(a, b):\n    return a + b\n" * 20)
+    args = ["eval", "--text", str(text), "--memory-budget", "50%", "--cache-policy", "lru", "--json", str(out)]
+    assert cli.main(args) == 0
+    report = json.loads(out.read_text())["expert_cache"]
+    assert report["policy"] == "lru" and report["slots"] == 16 and len(report["layers"]) == 4
+
+
+def test_cli_refuses_bad_offload_options(capsys):
+    assert cli.main(["generate", "--prompt", "x", "--memory-budget", "1KB"]) == 2
+    assert "at least" in capsys.readouterr().err
+    assert cli.main(["generate", "--prompt", "x", "--memory-budget", "50%", "--cache-policy", "fifo"]) == 2
+    assert "cache-policy" in capsys.readouterr().err
