@@ -167,6 +167,12 @@ def test_lfu_evicts_the_least_frequent_and_forgets_slowly():
     policy.access((0, 2))
     policy.access((0, 2))
     assert policy.victim({(0, 1), (0, 2)}, exclude=set()) == (0, 1)
+    favoring = LFUPolicy(half_life=100, favored=frozenset({0}))
+    for key in [(0, 1), (2, 3), (2, 3)]:  # layer 0's single use counts twice: a tie, broken by recency
+        favoring.access(key)
+    assert favoring.victim({(0, 1), (2, 3)}, exclude=set()) == (0, 1)
+    favoring.access((0, 1))
+    assert favoring.victim({(0, 1), (2, 3)}, exclude=set()) == (2, 3)
     with pytest.raises(ValueError, match="unknown cache policy"):
         make_policy("fifo")
 

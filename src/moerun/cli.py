@@ -99,27 +99,70 @@ def bench(
             help="Time a whole model instead of one layer: a checkpoint directory, 'reference' or 'olmoe-1b-7b-4l'."
         ),
     ] = None,
-    prompt_tokens: Annotated[int, typer.Option(help="With --model: prompt length (prefill).")] = 512,
-    decode_tokens: Annotated[int, typer.Option(help="With --model: greedy decode steps per round.")] = 32,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(help="With --model: prompt length (prefill); default 512, 32 with an expert memory budget."),
+    ] = None,
+    decode_tokens: Annotated[
+        int, typer.Option(help="With --model: decode steps per round (greedy; sampled with an expert memory budget).")
+    ] = 32,
     rounds: Annotated[int, typer.Option(help="With --model: timed rounds, implementations alternating.")] = 3,
     bits: Annotated[
         str, typer.Option(help="Comma-separated weight bits moerun also runs at: 16 (the dtype), 8, 4 (int4 g32).")
     ] = "16",
     group_size: Annotated[int, typer.Option(help="With --bits 4: int4 values per scale (32, 64 or 128).")] = 32,
+    memory_budget: MemoryBudget = None,
+    cache_policy: CachePolicy = "lfu",
+    prefetch: Prefetch = True,
+    sweep_memory: Annotated[
+        bool,
+        typer.Option(
+            "--sweep-memory",
+            help="With --model: decode with budgets of 10% to 100% of the expert bytes, on-demand LRU vs "
+            "--cache-policy with --prefetch; a table, --json and a --plot.",
+        ),
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --sweep-memory: PNG of decode tokens/s and hit rate against the budget "
+            "(default: --json's path as .png, else memory-sweep.png)."
+        ),
+    ] = None,
 ) -> None:
-    """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers."""
+    """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers.
+
+    With --model and --memory-budget (or --sweep-memory) the routed experts stay in the checkpoint: decode
+    speed, cache hit rate, storage reads and resident memory, on-demand LRU vs --cache-policy with prefetch.
+    """
     from .perf.bench import DTYPES, IMPLS, PRESETS, record_dicts, run_bench
     from .perf.roofline import load_or_measure_roofline
 
     bit_widths = _parse_bits(bits)
     if group_size not in (32, 64, 128):
         raise UserError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    offload = memory_budget is not None or sweep_memory
+    if model is None and (offload or plot is not None):
+        raise UserError("--memory-budget, --sweep-memory and --plot need --model")
+    if memory_budget is not None and sweep_memory:
+        raise UserError("--memory-budget measures one budget and --sweep-memory ten; give one of them")
+    if plot is not None and not sweep_memory:
+        raise UserError("--plot goes with --sweep-memory")
+    if not offload and (cache_policy != "lfu" or not prefetch):
+        raise UserError("--cache-policy and --no-prefetch apply with --memory-budget or --sweep-memory")
     if model is not None:
         if preset:
             raise UserError("--preset times one layer and --model a whole model; give one of them")
+        if offload:
+            _bench_offload(
+                model, dtype, threads, impl, json_path, plot, 32 if prompt_tokens is None else prompt_tokens,
+                decode_tokens, rounds, bit_widths, group_size, memory_budget, cache_policy, prefetch,
+            )  # fmt: skip
+            return
         _bench_model(
-            model, dtype, threads, impl, json_path, prompt_tokens, decode_tokens, rounds, bit_widths, group_size
-        )
+            model, dtype, threads, impl, json_path, 512 if prompt_tokens is None else prompt_tokens, decode_tokens,
+            rounds, bit_widths, group_size,
+        )  # fmt: skip
         return
     presets = list(PRESETS) if preset == ["all"] else preset or ["olmoe-1b-7b"]
     unknown = [p for p in presets if p not in PRESETS]
@@ -277,6 +320,123 @@ def print_model_table(records: list) -> None:
     out.print(table)
 
 
+def _bench_offload(
+    model: str,
+    dtype: str,
+    threads: int | None,
+    impl: list[str] | None,
+    json_path: Path | None,
+    plot: Path | None,
+    prompt_tokens: int,
+    decode_tokens: int,
+    rounds: int,
+    bits: tuple[int, ...],
+    group_size: int,
+    memory_budget: str | None,
+    cache_policy: str,
+    prefetch: bool,
+) -> None:
+    """`moerun bench --model M --memory-budget SIZE | --sweep-memory`: validate, run with progress, report."""
+    from .offload.cache import POLICIES
+    from .perf.bench import DTYPES
+    from .perf.offload_bench import ON_DEMAND_LRU, Setup, plot_sweep, record_dicts, run_memory_sweep, run_offload_bench
+    from .sizes import parse_size
+
+    sweep = memory_budget is None
+    if impl:
+        raise UserError("--impl does not apply with --memory-budget or --sweep-memory (moerun's lean runner runs)")
+    if len(bits) != 1:
+        raise UserError(f"--memory-budget and --sweep-memory take one --bits value, got {','.join(map(str, bits))}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if cache_policy not in POLICIES:
+        raise UserError(f"unknown --cache-policy {cache_policy!r}; choose from {', '.join(POLICIES)}")
+    if not sweep:
+        try:
+            parse_size(memory_budget, 1 << 50)  # the syntax, before a long conversion; the size is checked at load
+        except ValueError as e:
+            raise UserError(f"--memory-budget: {e}") from None
+    threads = threads or os.cpu_count() or 1
+    for name, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens),
+                        ("--rounds", rounds)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if sweep:
+        plot = plot or (json_path.with_suffix(".png") if json_path is not None else Path("memory-sweep.png"))
+    for path in (json_path, plot):
+        if path is not None and not path.expanduser().parent.is_dir():
+            raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
+    setup = Setup(cache_policy, prefetch)
+    options = dict(
+        dtype_name=dtype, threads=threads, bits=bits[0], group_size=group_size, prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens, rounds=rounds,
+    )  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:  # fmt: skip
+        task = progress.add_task("starting")
+
+        def step(text: str) -> None:
+            progress.update(task, description=text)
+
+        if sweep:
+            records = run_memory_sweep(model, setup, on_step=step, **options)
+        else:
+            setups = list(dict.fromkeys([ON_DEMAND_LRU, setup]))
+            records = run_offload_bench(model, [memory_budget], setups, on_step=step, **options)
+    print_offload_table(records)
+    if not sweep:
+        for r in records:
+            console.print(f"{r.setup} at {r.budget}, decode steps of all {r.rounds} rounds:", highlight=False)
+            print_cache_report(r.cache_report())
+    if json_path is not None:
+        write_json_atomic(json_path, record_dicts(records))
+        console.print(f"wrote {len(records)} records to {json_path}")
+    if sweep:
+        plot_sweep(records, plot.expanduser())
+        console.print(f"wrote {plot}")
+
+
+def print_offload_table(records: list) -> None:
+    """The expert offload bench table on stdout: one row per (budget, setup), speed-up over on-demand LRU."""
+    from .perf.offload_bench import ON_DEMAND_LRU
+
+    first = records[0]
+    base = {r.budget: r.decode_tokens_per_s for r in records if r.setup == ON_DEMAND_LRU.label}
+    table = Table(
+        title=f"{first.model} ({'bf16' if first.bits == 16 else f'int{first.bits}'}), experts read from storage: "
+        f"{first.prompt_tokens}-token prompt, {first.decode_tokens} decode steps, {first.threads} threads, "
+        f"median of {first.rounds} alternating rounds"
+    )
+    columns = (
+        "budget", "setup", "slots", "decode tok/s", "vs LRU", "hit rate", "read MB/tok", "stall ms/tok",
+        "storage GB/s", "prediction", "TTFT ms", "RSS added", "budget+weights", "overhead",
+    )  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("budget", "setup") else "right")
+    for r in records:
+        accuracy = "" if r.prediction_accuracy is None else f"{r.prediction_accuracy:.0%}"
+        ratio = f"{r.decode_tokens_per_s / base[r.budget]:.2f}x" if r.budget in base else ""
+        table.add_row(
+            f"{r.budget} ({_format_bytes(r.budget_bytes)})", r.setup, str(r.slots), f"{r.decode_tokens_per_s:.2f}",
+            ratio, f"{r.hit_rate:.1%}", f"{r.read_mb_per_token:.1f}", f"{r.stall_ms_per_token:.1f}",
+            f"{r.storage_gbps:.2f}", accuracy, f"{r.ttft_ms:,.0f}", _format_bytes(r.rss_added_bytes),
+            _format_bytes(r.rss_expected_bytes), _format_bytes(r.rss_overhead_bytes),
+        )  # fmt: skip
+    out = Console()
+    if not out.is_terminal:  # redirected output: never wrap the table's cells
+        out.width = 200
+    out.print(table)
+    console.print(
+        f"experts {_format_bytes(first.expert_bytes)}, other weights {_format_bytes(first.non_expert_bytes)}; "
+        "each round loads afresh and evicts the checkpoint from the page cache before the prompt; "
+        "RSS added: the peak resident memory of a load and its sequence over what the process held before; "
+        "overhead: RSS added - budget - other weights (the lean runner's q/k/v copy and KV cache, activations)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
@@ -396,12 +556,18 @@ def routing_stats_(
     dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")] = None,
+    memory_budget: MemoryBudget = None,
+    cache_policy: CachePolicy = "lfu",
+    prefetch: Prefetch = True,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    """Per-layer expert activation shares and the best hit rate of an expert cache (SCH, arXiv 2505.16056)."""
+    """Per-layer expert activation shares and the best hit rate of an expert cache (SCH, arXiv 2505.16056).
+
+    With --memory-budget, the text is also decoded token by token through moerun's own expert cache, whose
+    measured hit rates follow."""
     from .eval import default_eval_files, join_tokens
     from .models.quantized import moe_layers
-    from .offload.routing_stats import collect_routing, default_cache_sizes, routing_stats
+    from .offload.routing_stats import collect_routing, default_cache_sizes, replay_decode, routing_stats
 
     files = text or default_eval_files()
     for file in files:
@@ -414,7 +580,10 @@ def routing_stats_(
             raise UserError(f"{name} must be >= 1, got {value}")
     if json_path is not None and not json_path.expanduser().parent.is_dir():
         raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
-    loaded = _load_model(model, dtype, threads, needs_tokenizer_for="routing statistics")
+    loaded = _load_model(
+        model, dtype, threads, needs_tokenizer_for="routing statistics", memory_budget=memory_budget,
+        cache_policy=cache_policy, prefetch=prefetch,
+    )  # fmt: skip
     layers = list(moe_layers(loaded.model).values())
     num_experts, top_k = layers[0].num_experts, layers[0].routing.top_k
     sizes = list(dict.fromkeys(cache_size or default_cache_sizes(top_k, num_experts)))
@@ -428,8 +597,16 @@ def routing_stats_(
     with console.status("simulating the expert caches..."):
         stats = routing_stats(selected, num_experts, sizes, segment)
     print_routing_table(stats)
+    if loaded.cache is not None:
+        loaded.cache.reset_stats()
+        with console.status(f"decoding {len(ids):,} tokens through the expert cache..."):
+            replay_decode(loaded.model, ids, min(loaded.max_seq_len, 1024))
+            loaded.cache.wait()
+        print_cache_report(loaded.cache.report())
     if json_path is not None:
         record = {**stats.to_dict(), "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files]}
+        if loaded.cache is not None:
+            record["expert_cache"] = loaded.cache.report()
         write_json_atomic(json_path, record)
         console.print(f"wrote {json_path}")
 

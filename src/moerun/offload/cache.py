@@ -7,8 +7,9 @@ so resident memory grows with what was loaded, up to the budget. Keys are (MoE l
 Policies decide which resident expert makes room:
 - ``lru``: the least recently used.
 - ``lfu``: the least frequently used, with frequencies that decay by half every ``half_life`` accesses
-  (old popularity fades), ties to the least recent. Decoding walks the layers in a loop; when the cache
-  is smaller than the loop's working set, LRU evicts exactly the experts the next token needs, while
+  (old popularity fades), ties to the least recent; with prefetching, the first MoE layer's experts count
+  double, since no prediction covers that layer. Decoding walks the layers in a loop; when the cache is
+  smaller than the loop's working set, LRU evicts exactly the experts the next token needs, while
   frequency keeps each layer's popular experts.
 
 Prefetching runs reads on one background thread: ``prefetch`` queues experts predicted for a layer
@@ -52,12 +53,16 @@ class LRUPolicy:
 
 
 class LFUPolicy:
-    """Evict the least frequently used expert; counts halve every ``half_life`` accesses."""
+    """Evict the least frequently used expert; counts halve every ``half_life`` accesses, so popularity
+    follows the text. Experts of ``favored`` layers count ``favor`` times: with prefetching, the first MoE
+    layer is the one no prediction covers, so its misses always stall (Fate's shallow-layer preference)."""
 
     name = "lfu"
 
-    def __init__(self, half_life: int = 4096) -> None:
+    def __init__(self, half_life: int = 128, favored: frozenset[int] = frozenset(), favor: float = 2.0) -> None:
         self.half_life = half_life
+        self.favored = favored
+        self.favor = favor
         self._count: dict[Key, float] = {}
         self._last: dict[Key, int] = {}
         self._clock = 0
@@ -69,18 +74,20 @@ class LFUPolicy:
         self._count[key] = self._count.get(key, 0.0) + 1.0
         self._last[key] = self._clock
 
+    def _value(self, key: Key) -> tuple[float, int]:
+        weight = self.favor if key[0] in self.favored else 1.0
+        return self._count.get(key, 0.0) * weight, self._last.get(key, 0)
+
     def victim(self, resident: set[Key], exclude: set[Key]) -> Key | None:
-        candidates = [k for k in resident if k not in exclude]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda k: (self._count.get(k, 0.0), self._last.get(k, 0)))
+        candidates = resident - exclude
+        return min(candidates, key=self._value) if candidates else None
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
 
 
 def make_policy(name: str) -> LRUPolicy | LFUPolicy:
-    """A fresh eviction policy by name (``lru`` or ``lfu``)."""
+    """A fresh eviction policy by name (``lru`` or ``lfu``) with default settings."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose from {', '.join(POLICIES)}")
     return POLICIES[name]()
@@ -116,17 +123,19 @@ class ExpertCache:
     Args:
         store: where the experts are read from.
         num_slots: experts held at once (at least one layer's selected experts: see ``offload``).
-        policy: eviction policy name.
+        policy: the eviction policy.
         prefetch: start a background thread for ``prefetch``.
     """
 
-    def __init__(self, store: ExpertStore, num_slots: int, policy: str = "lru", prefetch: bool = False) -> None:
+    def __init__(
+        self, store: ExpertStore, num_slots: int, policy: LRUPolicy | LFUPolicy, prefetch: bool = False
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"the cache needs at least one slot, got {num_slots}")
         self.store = store
         self.num_slots = num_slots
         self.slot_nbytes = store.slot_nbytes()
-        self.policy = make_policy(policy)
+        self.policy = policy
         self._arena = torch.empty(num_slots, self.slot_nbytes, dtype=torch.uint8)
         self._free = list(range(num_slots - 1, -1, -1))
         self._slot: dict[Key, int] = {}  # resident or loading

@@ -21,7 +21,7 @@ from ..layer import MoELayer
 from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
 from ..routing import RoutingPlan, route
 from ..sizes import format_size, parse_size
-from .cache import ExpertCache
+from .cache import ExpertCache, LFUPolicy, make_policy
 from .store import ExpertLayout, ExpertStore, matrix_like, matrix_parts
 
 
@@ -154,7 +154,10 @@ def offload_experts(
             f"{format_size(needed * slot)} ({needed} experts of {format_size(slot)}) are needed"
         )
     total_experts = sum(layer.num_experts for layer in layers)
-    cache = ExpertCache(store, min(budget // slot, total_experts), policy, prefetch)
+    eviction = make_policy(policy)
+    if isinstance(eviction, LFUPolicy):  # forget at the pace of 16 decoded tokens; favour what no prediction covers
+        eviction = LFUPolicy(16 * sum(layer.routing.top_k for layer in layers), frozenset({0} if prefetch else ()))
+    cache = ExpertCache(store, min(budget // slot, total_experts), eviction, prefetch)
     hooks: list[OffloadedExperts] = []
     for index in reversed(range(len(layers))):
         following = (layers[index + 1], hooks[0]) if prefetch and index + 1 < len(layers) else None

@@ -240,3 +240,17 @@ def routing_stats(
         static = {c: static_cache_hit_rate(shares, c) for c in cache_sizes}
         layers.append(LayerRoutingStats(i, shares.tolist(), sch, static))
     return RoutingStats(tokens, num_experts, top_k, segment, list(cache_sizes), layers)
+
+
+def replay_decode(model: nn.Module, token_ids: Sequence[int], context: int) -> None:
+    """Run the tokens through the model one decode step at a time (the lean runner, teacher-forced), in
+    windows of ``context`` tokens: the access pattern of generation, for measuring an expert cache on text."""
+    from ..models.lean import make_lean_runner
+
+    runner = make_lean_runner(model, max_seq_len=context)
+    for start in range(0, len(token_ids), context):
+        window = list(token_ids[start : start + context])
+        runner.reset()
+        runner.prefill(torch.tensor(window[:1]))
+        for token in window[1:]:
+            runner.decode(token)
