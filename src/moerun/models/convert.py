@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch import nn
 
 from ..sizes import format_size, parse_size
 from .loader import CheckpointError, LoadedModel, load
@@ -65,6 +66,48 @@ def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens
         except OSError as e:
             raise ValueError(f"cannot read calibration file {f}: {e.strerror}") from None
     return join_tokens(texts, loaded.tokenizer)[:max_tokens]
+
+
+def save_quantized(
+    model: nn.Module,
+    plan: dict[str, object],
+    dst: Path,
+    copy_from: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write a model quantized in memory (``plan`` is what ``quantize`` returned) as the checkpoint ``dst``.
+
+    Args:
+        model: the quantized model.
+        plan: its quantization plan.
+        dst: the new directory (must not exist, or be empty); written whole or not at all.
+        copy_from: a checkpoint whose config, tokenizer and generation files are copied; None writes the
+            model's config alone (a checkpoint without a tokenizer).
+        progress: called with a line of text before the weights are written.
+    """
+    from .. import __version__
+
+    metadata = plan_metadata(plan, __version__)
+    tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        if copy_from is None:
+            model.config.save_pretrained(tmp)
+        else:
+            for name in _COPIED:
+                if (copy_from / name).is_file():
+                    shutil.copy2(copy_from / name, tmp / name)
+        if progress:
+            progress(f"writing {len(tensors)} tensors")
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "moerun_quant": metadata})
+        (tmp / QUANT_FILE).write_text(metadata)  # last: its presence marks a complete quantized checkpoint
+        if dst.exists():
+            dst.rmdir()  # empty: callers check it first
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def quantize_checkpoint(
@@ -117,26 +160,7 @@ def quantize_checkpoint(
         )  # fmt: skip
         config = replace(config, expert_formats=formats)
     plan = quantize(model, config, progress=progress and (lambda name: progress(f"quantized {name}")))
-    from .. import __version__
-
-    metadata = plan_metadata(plan, __version__)
-    tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        for name in _COPIED:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        if progress:
-            progress(f"writing {len(tensors)} tensors")
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "moerun_quant": metadata})
-        (tmp / QUANT_FILE).write_text(metadata)  # last: its presence marks a complete quantized checkpoint
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_quantized(model, plan, dst, copy_from=src, progress=progress)
     return {
         "plan": plan,
         "float_expert_bytes": float_expert_bytes,
