@@ -28,13 +28,15 @@ def test_sweep_writes_records_json_and_png(tmp_path) -> None:
     rows = json.loads(out.read_text())
     fields = {
         "budget", "budget_bytes", "budget_fraction", "setup", "decode_tokens_per_s", "hit_rate", "read_mb_per_token",
-        "stall_ms_per_token", "storage_gbps", "prediction_accuracy", "rss_added_bytes", "rss_expected_bytes",
-        "rss_overhead_bytes", "non_expert_bytes", "layers",
+        "stall_ms_per_token", "storage_gbps", "prediction_accuracy", "cache_filled_bytes", "rss_added_bytes",
+        "rss_expected_bytes", "rss_overhead_bytes", "non_expert_bytes", "layers",
     }  # fmt: skip
     for r in rows:
         assert fields <= r.keys()
         assert r["decode_tokens_per_s"] > 0 and 0 <= r["hit_rate"] <= 1
         assert r["rss_expected_bytes"] == r["budget_bytes"] + r["non_expert_bytes"]
+        assert 0 < r["cache_filled_bytes"] <= r["budget_bytes"]
+        assert r["rss_overhead_bytes"] == r["rss_added_bytes"] - r["cache_filled_bytes"] - r["non_expert_bytes"]
         assert sum(layer["accesses"] for layer in r["layers"]) == 2 * 4 * 2  # steps x MoE layers x top-k
     assert rows[0]["prediction_accuracy"] is None and rows[1]["prediction_accuracy"] is not None
     # Offloading is exact, so each run sees the same accesses; with room for all experts only first uses miss.

@@ -410,28 +410,29 @@ def print_offload_table(records: list) -> None:
     )
     columns = (
         "budget", "setup", "slots", "decode tok/s", "vs LRU", "hit rate", "read MB/tok", "stall ms/tok",
-        "storage GB/s", "prediction", "TTFT ms", "RSS added", "budget+weights", "overhead",
+        "storage GB/s", "prediction", "TTFT ms", "cache filled", "RSS added", "budget+weights", "overhead",
     )  # fmt: skip
     for column in columns:
-        table.add_column(column, justify="left" if column in ("budget", "setup") else "right")
+        table.add_column(column, justify="left" if column in ("budget", "setup") else "right", no_wrap=True)
     for r in records:
         accuracy = "" if r.prediction_accuracy is None else f"{r.prediction_accuracy:.0%}"
         ratio = f"{r.decode_tokens_per_s / base[r.budget]:.2f}x" if r.budget in base else ""
         table.add_row(
             f"{r.budget} ({_format_bytes(r.budget_bytes)})", r.setup, str(r.slots), f"{r.decode_tokens_per_s:.2f}",
             ratio, f"{r.hit_rate:.1%}", f"{r.read_mb_per_token:.1f}", f"{r.stall_ms_per_token:.1f}",
-            f"{r.storage_gbps:.2f}", accuracy, f"{r.ttft_ms:,.0f}", _format_bytes(r.rss_added_bytes),
-            _format_bytes(r.rss_expected_bytes), _format_bytes(r.rss_overhead_bytes),
+            f"{r.storage_gbps:.2f}", accuracy, f"{r.ttft_ms:,.0f}", _format_bytes(r.cache_filled_bytes),
+            _format_bytes(r.rss_added_bytes), _format_bytes(r.rss_expected_bytes), _format_bytes(r.rss_overhead_bytes),
         )  # fmt: skip
     out = Console()
     if not out.is_terminal:  # redirected output: never wrap the table's cells
-        out.width = 200
+        out.width = 240
     out.print(table)
     console.print(
         f"experts {_format_bytes(first.expert_bytes)}, other weights {_format_bytes(first.non_expert_bytes)}; "
         "each round loads afresh and evicts the checkpoint from the page cache before the prompt; "
         "RSS added: the peak resident memory of a load and its sequence over what the process held before; "
-        "overhead: RSS added - budget - other weights (the lean runner's q/k/v copy and KV cache, activations)",
+        "overhead: RSS added - cache filled - other weights (the lean runner's q/k/v copy and KV cache, "
+        "activations)",
         highlight=False,
         soft_wrap=True,
     )

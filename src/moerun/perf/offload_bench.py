@@ -6,10 +6,11 @@ Honest I/O: every measured sequence starts from a fresh load (an empty cache), w
 evicted from the OS page cache (``posix_fadvise(DONTNEED)``) before the prompt; the store drops every range
 it reads, so each miss reads storage, and the storage bandwidth those reads achieved is reported.
 
-Memory: each load and its sequence are timed and measured alone: the process's peak resident memory over
-what it held just before loading is set against what offloading promises, the cache budget plus the
-non-expert weights; the rest is stated as overhead (the lean runner's stacked q/k/v and KV cache,
-activations, allocator slack).
+Memory: each load and its sequence are measured alone: the process's peak resident memory over what it held
+just before loading is set against what offloading promises, the cache budget plus the non-expert weights.
+Cache slots cost memory only once an expert is read into them, so the overhead stated is what remains after
+the slots filled and the non-expert weights (the lean runner's stacked q/k/v and KV cache, activations,
+allocator slack); resident memory stays within budget + non-expert weights + overhead.
 
 Decode steps sample at temperature 1 from a seeded generator: greedy decoding of a randomly initialised model
 falls into a loop of a few tokens (``olmoe-1b-7b-4l`` cycles through 2-4 tokens after a dozen steps), whose
@@ -195,9 +196,10 @@ class OffloadRecord:
     stall_ms_per_token: float  # decode time spent waiting for reads
     storage_gbps: float  # bytes read over the time the reads took
     prediction_accuracy: float | None  # predicted next-layer experts the layer then used (prefetch only)
+    cache_filled_bytes: int  # slots an expert was read into, in bytes (at most budget_bytes)
     rss_added_bytes: int  # peak resident memory over what the process held before loading
-    rss_expected_bytes: int  # budget_bytes + non_expert_bytes
-    rss_overhead_bytes: int  # rss_added_bytes - rss_expected_bytes
+    rss_expected_bytes: int  # the promise: budget_bytes + non_expert_bytes
+    rss_overhead_bytes: int  # rss_added_bytes - cache_filled_bytes - non_expert_bytes (the largest of the runs)
     layers: list[dict]  # per MoE layer, the decode steps of all rounds: counters summed, rates of the sums
 
     def cache_report(self) -> dict:
@@ -267,6 +269,7 @@ def _run_once(
                 store.expert_nbytes(li, e) for li, lay in enumerate(store.layouts) for e in range(len(lay))
             ),
             "non_expert_bytes": model_nbytes(loaded.model) - expert_nbytes(loaded.model),
+            "filled_bytes": len(cache.resident()) * cache.slot_nbytes,  # slots are never emptied, only reused
         }
     finally:
         cache.close()
@@ -291,8 +294,6 @@ def _record(common: dict, setup: Setup, budget: str, runs: list[dict]) -> Offloa
     decode = statistics.median(r["decode"] for r in runs)
     decode_tokens = common["decode_tokens"]
     accuracy = [r["prediction_accuracy"] for r in reports if r["prediction_accuracy"] is not None]
-    rss_added = max(r["rss_added"] for r in runs)
-    expected = first["budget_bytes"] + first["non_expert_bytes"]
     return OffloadRecord(
         **common,
         setup=setup.label,
@@ -313,9 +314,10 @@ def _record(common: dict, setup: Setup, budget: str, runs: list[dict]) -> Offloa
         stall_ms_per_token=statistics.median(r["stall_s"] for r in reports) / decode_tokens * 1e3,
         storage_gbps=statistics.median(r["storage_gbps"] for r in reports),
         prediction_accuracy=statistics.median(accuracy) if accuracy else None,
-        rss_added_bytes=rss_added,
-        rss_expected_bytes=expected,
-        rss_overhead_bytes=rss_added - expected,
+        cache_filled_bytes=max(r["filled_bytes"] for r in runs),
+        rss_added_bytes=max(r["rss_added"] for r in runs),
+        rss_expected_bytes=first["budget_bytes"] + first["non_expert_bytes"],
+        rss_overhead_bytes=max(r["rss_added"] - r["filled_bytes"] - r["non_expert_bytes"] for r in runs),
         layers=_sum_layers(reports),
     )
 
