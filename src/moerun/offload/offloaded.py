@@ -24,6 +24,11 @@ from ..sizes import format_size, parse_size
 from .cache import ExpertCache, LFUPolicy, make_policy
 from .store import ExpertLayout, ExpertStore, matrix_like, matrix_parts
 
+# Prefetch for a layer while this share of its predicted experts come true (a running mean over about
+# 1 / ACCURACY_DECAY tokens): below it, the wasted reads slow the demand reads more than the hits save.
+PREFETCH_MIN_ACCURACY = 0.4
+ACCURACY_DECAY = 1 / 8
+
 
 class OffloadedExperts:
     """The routed experts of MoE layer ``index``, read through ``cache`` (a layer's ``offload`` hook).
@@ -48,14 +53,17 @@ class OffloadedExperts:
         self.next_layer = next_layer
         self.layouts: list[ExpertLayout] = cache.store.layouts[index]
         self.expected: set[int] | None = None  # experts the previous layer predicted for this one
+        self.accuracy = 0.5  # running share of those predictions this layer then selected
 
     def _predict_next(self, x: torch.Tensor) -> None:
         layer, hook = self.next_layer
         weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
         predicted = sorted(set(ids.flatten().tolist()))
         hook.expected = set(predicted)
-        # Many tokens (prefill) select most experts: reading them all ahead would only evict this layer's.
-        if len(predicted) <= self.cache.num_slots // 2:
+        # A wrong prediction costs a read that delays the real misses behind it, so prefetch only while the
+        # predictions for that layer mostly come true. Many tokens (prefill) select most experts: reading
+        # them all ahead would only evict this layer's.
+        if hook.accuracy >= PREFETCH_MIN_ACCURACY and len(predicted) <= self.cache.num_slots // 2:
             self.cache.prefetch(self.index + 1, predicted)
 
     def __call__(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -63,8 +71,10 @@ class OffloadedExperts:
         experts = plan.group_experts.tolist()
         stats = self.cache.stats[self.index]
         if self.expected is not None:
+            used = len(self.expected.intersection(experts))
             stats.predicted += len(self.expected)
-            stats.predicted_used += len(self.expected.intersection(experts))
+            stats.predicted_used += used
+            self.accuracy += ACCURACY_DECAY * (used / len(self.expected) - self.accuracy)
             self.expected = None
         if self.next_layer is not None:
             self._predict_next(x)
