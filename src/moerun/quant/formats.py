@@ -7,9 +7,10 @@
   ``mins`` [..., N, K/G] float16. Symmetric: a stored nibble q in [0, 15] stands for q - 8, so
   ``w = s * (q - 8)``; asymmetric: ``w = s * q + min``.
 
-Int4 layout (what the decode kernel streams; pack_int4 and unpack_int4 define it): rows go in tiles of
-4 (the last tile may be shorter), and each tile occupies its rows' bytes of ``qweight`` as one stream, so
-one pass over memory feeds 4 rows and each vector of x loaded serves all 4. Along K, a tile is cut into
+Layouts (what the decode kernel streams; pack_int8 / pack_int4 and their unpack define them): rows go in
+tiles of 4 (the last tile may be shorter), and each tile occupies its rows' bytes of ``qweight`` as one
+stream, so one pass over memory feeds 4 rows and each vector of x loaded serves all 4. int8: a tile stores
+chunks of 64 values (the last may be shorter), each row of the tile in turn. int4: along K, a tile is cut into
 blocks of 16 groups (the last block may have fewer, ``ng``), and a block into chunks of 8 values per group;
 for each chunk, each row of the tile in turn stores ``2 ng`` 16-bit words, word ``2 i + t`` (group i of the
 block) holding in its nibbles j = 0..3 the group's values ``8 c + 2 j + t`` of chunk c. A 64-byte load
@@ -23,6 +24,7 @@ weight, as llama.cpp's Q4_0) and float32 for int8 (one per row: negligible).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +32,10 @@ import torch
 INT4_GROUP_SIZES = (32, 64, 128)
 # K of an int4 matrix is a multiple of this (and of the group size).
 NIBBLE_RUN = 64
-# Int4 layout (see the module docstring): rows per tile, groups per block, values per group per chunk.
-INT4_ROW_TILE = 4
+# The layouts (see the module docstring): rows per tile; int8 values per chunk; int4 groups per block and
+# values per group per chunk.
+ROW_TILE = 4
+INT8_CHUNK = 64
 INT4_BLOCK_GROUPS = 16
 INT4_CHUNK = 8
 
@@ -165,7 +169,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights as floats: [..., N, K] in ``dtype`` (computed in float32, rounded once)."""
         if self.bits == 8:
-            return (self.qweight.float() * self.scales.float().unsqueeze(-1)).to(dtype)
+            return (unpack_int8(self.qweight).float() * self.scales.float().unsqueeze(-1)).to(dtype)
         q = unpack_int4(self.qweight, self.format.group_size).float()  # [..., N, K] in [0, 15]
         g = self.format.group_size
         grouped = q.unflatten(-1, (-1, g))  # [..., N, K/G, G]
@@ -184,73 +188,93 @@ def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
         raise ValueError("only matrices of one format and K can be concatenated")
     mins = None if fmt.symmetric or fmt.bits == 8 else torch.cat([w.mins for w in weights])
     qweight = torch.cat([w.qweight for w in weights])
-    if fmt.bits == 4 and any(w.qweight.shape[0] % INT4_ROW_TILE for w in weights[:-1]):
+    if any(w.qweight.shape[0] % ROW_TILE for w in weights[:-1]):
         # a short last row tile inside the result: the rows after it form new tiles
-        values = torch.cat([unpack_int4(w.qweight, fmt.group_size) for w in weights])
-        qweight = pack_int4(values, fmt.group_size)
+        if fmt.bits == 4:
+            qweight = pack_int4(torch.cat([unpack_int4(w.qweight, fmt.group_size) for w in weights]), fmt.group_size)
+        else:
+            qweight = pack_int8(torch.cat([unpack_int8(w.qweight) for w in weights]))
     return QuantizedWeight(fmt, qweight, torch.cat([w.scales for w in weights]), mins, k)
 
 
-def _int4_regions(n: int, k: int, group_size: int) -> list[tuple[int, int, int, int, int, int]]:
-    """The layout's regions of an [n, k] matrix: (row0, rows, col0, cols, rows per tile, groups per block),
-    in which every tile has the same rows and every block the same groups (at most 2 x 2 regions)."""
-    row_split = n - n % INT4_ROW_TILE
-    col_split = k - k % (INT4_BLOCK_GROUPS * group_size)
-    rows = [(0, row_split, INT4_ROW_TILE), (row_split, n - row_split, n - row_split)]
-    cols = [(0, col_split, INT4_BLOCK_GROUPS), (col_split, k - col_split, (k - col_split) // group_size)]
-    return [(r0, nr, c0, nc, rt, ng) for r0, nr, rt in rows for c0, nc, ng in cols if nr and nc]
+def _regions(n: int, k: int, col_block: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The tiled layouts' regions of an [n, k] matrix: (row0, rows, rows per tile, col0, cols, block width),
+    in which every tile has the same rows and every block the same width (at most 2 x 2 regions)."""
+    row_split, col_split = n - n % ROW_TILE, k - k % col_block
+    rows = [(0, row_split, ROW_TILE), (row_split, n - row_split, n - row_split)]
+    cols = [(0, col_split, col_block), (col_split, k - col_split, k - col_split)]
+    return [(r0, nr, rt, c0, nc, cb) for r0, nr, rt in rows for c0, nc, cb in cols if nr and nc]
 
 
-def _region_view(q: torch.Tensor, rt: int, ng: int, group_size: int) -> torch.Tensor:
-    """Values [..., rows, cols] of one region as [..., tiles, rt, blocks, ng, chunks, jh, jl, t], value
-    ``8 c + 2 (2 jh + jl) + t`` of group i in block b of row r of tile T."""
-    *lead, rows, cols = q.shape
-    return q.reshape(*lead, rows // rt, rt, cols // (ng * group_size), ng, group_size // INT4_CHUNK, 2, 2, 2)
+def _tile(values: torch.Tensor, col_block: int, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Values [..., N, K] in row tiles: each tile's rows hold, one region after another, ``encode`` of the
+    region as [..., tiles, rt, blocks, block width] -> bytes [..., tiles, rt * width * blocks * bytes/value]."""
+    *lead, n, k = values.shape
+    tiles: dict[tuple[int, int], list[torch.Tensor]] = {}  # row region -> its column regions' bytes per tile
+    for r0, nr, rt, c0, nc, cb in _regions(n, k, col_block):
+        region = values[..., r0 : r0 + nr, c0 : c0 + nc].reshape(*lead, nr // rt, rt, nc // cb, cb)
+        tiles.setdefault((r0, nr), []).append(encode(region).reshape(*lead, nr // rt, -1))
+    return torch.cat([torch.cat(parts, dim=-1).reshape(*lead, nr, -1) for (_, nr), parts in tiles.items()], dim=-2)
 
 
-# Region dims [..., tiles, rt, blocks, ng, chunks, jh, jl, t] -> stored order [..., tiles, blocks, chunks,
-# rt, ng, t, jh, jl]: byte (2 (2 i + t) + jh) of a row's chunk holds nibbles j = 2 jh (low) and 2 jh + 1.
-def _stored_order(lead: int) -> tuple[int, ...]:
-    return (*range(lead), lead, lead + 2, lead + 4, lead + 1, lead + 3, lead + 7, lead + 5, lead + 6)
+def _untile(
+    stored: torch.Tensor, k: int, col_block: int, bytes_per_value: float, decode: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """The inverse of ``_tile``: ``decode(bytes [..., tiles, blocks * rt * ...], tiles, rt, blocks, width)``
+    returns the region's values as [..., tiles, rt, blocks, width]."""
+    *lead, n, row_bytes = stored.shape
+    out = torch.empty(*lead, n, k, dtype=torch.uint8, device=stored.device)
+    offsets: dict[int, int] = {}  # bytes of each row region's tiles consumed so far
+    for r0, nr, rt, c0, nc, cb in _regions(n, k, col_block):
+        tiles = stored[..., r0 : r0 + nr, :].reshape(*lead, nr // rt, rt * row_bytes)
+        start, size = offsets.get(r0, 0), int(rt * nc * bytes_per_value)
+        offsets[r0] = start + size
+        region = decode(tiles[..., start : start + size], nr // rt, rt, nc // cb, cb)
+        out[..., r0 : r0 + nr, c0 : c0 + nc] = region.reshape(*lead, nr, nc)
+    return out
 
 
 def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """Values in [0, 15], [..., N, K] any integer dtype (K a multiple of 64 and of ``group_size``) ->
     uint8 [..., N, K/2] in the int4 layout (module docstring)."""
-    *lead, n, k = q.shape
-    q = q.to(torch.uint8)
-    tiles = []  # per row region: [..., tiles, bytes of each tile]
-    for r0, nr, c0, nc, rt, ng in _int4_regions(n, k, group_size):
-        region = _region_view(q[..., r0 : r0 + nr, c0 : c0 + nc], rt, ng, group_size)
-        nibbles = region.permute(_stored_order(len(lead)))
-        stored = (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(*lead, nr // rt, -1)
-        if c0 == 0:
-            tiles.append([stored])
-        else:
-            tiles[-1].append(stored)
-    rows = [torch.cat(parts, dim=-1).reshape(*lead, -1, k // 2) for parts in tiles]
-    return torch.cat(rows, dim=-2).contiguous()
+    lead = q.dim() - 2
+
+    def encode(region: torch.Tensor) -> torch.Tensor:  # [..., T, rt, blocks, ng * G]
+        *dims, rt, blocks, width = region.shape
+        # value 8c + 2j + t of group i, j = 2 jh + jl -> stored order [T, blocks, c, rt, i, t, jh, jl]
+        v = region.reshape(*dims, rt, blocks, width // group_size, group_size // INT4_CHUNK, 2, 2, 2)
+        v = v.permute(*range(lead + 1), lead + 2, lead + 4, lead + 1, lead + 3, lead + 7, lead + 5, lead + 6)
+        return v[..., 0] | (v[..., 1] << 4)
+
+    return _tile(q.to(torch.uint8), INT4_BLOCK_GROUPS * group_size, encode).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     """uint8 [..., N, K/2] in the int4 layout -> uint8 [..., N, K] values in [0, 15]."""
-    *lead, n, half = packed.shape
-    k = 2 * half
-    out = torch.empty(*lead, n, k, dtype=torch.uint8, device=packed.device)
-    order = _stored_order(len(lead))
-    inverse = tuple(order.index(d) for d in range(len(order)))
-    offsets: dict[int, int] = {}  # bytes of each row region's tiles consumed so far
-    for r0, nr, c0, nc, rt, ng in _int4_regions(n, k, group_size):
-        tiles = packed[..., r0 : r0 + nr, :].reshape(*lead, nr // rt, rt * half)
-        start = offsets.get(r0, 0)
-        stored = tiles[..., start : start + rt * nc // 2]
-        offsets[r0] = start + rt * nc // 2
-        blocks, chunks = nc // (ng * group_size), group_size // INT4_CHUNK
-        stored = stored.reshape(*lead, nr // rt, blocks, chunks, rt, ng, 2, 2)
-        nibbles = torch.stack((stored & 0xF, stored >> 4), dim=-1)  # the stored order, jl last
-        region = nibbles.permute(inverse)  # [..., tiles, rt, blocks, ng, chunks, jh, jl, t]
-        out[..., r0 : r0 + nr, c0 : c0 + nc] = region.reshape(*lead, nr, nc)
-    return out
+    lead = packed.dim() - 2
+
+    def decode(stored: torch.Tensor, tiles: int, rt: int, blocks: int, width: int) -> torch.Tensor:
+        ng, chunks = width // group_size, group_size // INT4_CHUNK
+        s = stored.reshape(*stored.shape[:-2], tiles, blocks, chunks, rt, ng, 2, 2)
+        v = torch.stack((s & 0xF, s >> 4), dim=-1)  # [..., T, blocks, c, rt, i, t, jh, jl]
+        return v.permute(*range(lead + 1), lead + 3, lead + 1, lead + 4, lead + 2, lead + 6, lead + 7, lead + 5)
+
+    return _untile(packed, 2 * packed.shape[-1], INT4_BLOCK_GROUPS * group_size, 0.5, decode)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [..., N, K] -> int8 [..., N, K] in the int8 layout: row tiles, each storing chunk after chunk of
+    INT8_CHUNK values (the last chunk shorter), every row of the tile in turn."""
+    return _tile(q, INT8_CHUNK, lambda region: region.transpose(-3, -2)).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [..., N, K] in the int8 layout -> int8 [..., N, K] in natural order."""
+
+    def decode(stored: torch.Tensor, tiles: int, rt: int, chunks: int, width: int) -> torch.Tensor:
+        return stored.reshape(*stored.shape[:-2], tiles, chunks, rt, width).transpose(-3, -2)
+
+    return _untile(packed.view(torch.uint8), packed.shape[-1], INT8_CHUNK, 1, decode).view(torch.int8)
 
 
 def _check_matrix(w: torch.Tensor, fmt: QuantFormat) -> None:
@@ -281,7 +305,7 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
         scales = w.abs().amax(dim=-1) / 127.0  # [..., N]
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(w / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-        return QuantizedWeight(fmt, q.contiguous(), scales.contiguous(), None, w.shape[-1])
+        return QuantizedWeight(fmt, pack_int8(q), scales.contiguous(), None, w.shape[-1])
     groups = w.unflatten(-1, (-1, fmt.group_size))  # [..., N, K/G, G]
     if fmt.symmetric:
         extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed

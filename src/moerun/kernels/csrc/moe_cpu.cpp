@@ -28,8 +28,8 @@
 // stacked in one allocation. Decode-sized groups read the packed weights directly and feed bf16 dot
 // products with x rounded to bf16: nibbles OR-ed into the bf16 bit pattern of 128 + q are exact bf16
 // values, so one mask or shift turns 32 of them into a vector (int8: two nibbles per weight), and the
-// offsets are taken out afterwards from sums of x. int4 matrices are stored in tiles of 4 rows so that one
-// sequential stream feeds 4 rows per x vector loaded (see the int4 layout below). Prefill-sized groups
+// offsets are taken out afterwards from sums of x. Low-bit matrices are stored in tiles of 4 rows so that
+// one sequential stream feeds 4 rows per x vector loaded (see the layouts below). Prefill-sized groups
 // dequantize each register tile's weight rows into an L1-resident scratch in x's dtype and run the same
 // tiles as plain weights: the cost is amortised over the group's rows.
 //
@@ -122,8 +122,8 @@ enum Format { kFormatF32 = 0, kFormatBf16 = 1, kFormatInt8 = 2, kFormatInt4 = 3 
 
 // One expert's [n, k] weight matrix, as 4 int64 words from Python:
 // - kFormatF32 / kFormatBf16: w rows of k values; scales and mins unused.
-// - kFormatInt8: w int8 rows of k values; scales: n float32.
-// - kFormatInt4: w uint8, n * k/2 bytes in the int4 layout (row tiles); scales (and, asymmetric, mins):
+// - kFormatInt8: w int8, n * k values in the int8 layout (row tiles); scales: n float32.
+// - kFormatInt4: w uint8, n * k/2 bytes in the int4 layout (row tiles as int8); scales (and, asymmetric, mins):
 //   n rows of k / group_size float16.
 // meta = format | group_size << 8.
 struct Matrix {
@@ -403,50 +403,63 @@ inline float bf16_sum(const uint16_t* x, int64_t n) {
   return _mm512_reduce_add_ps(t);
 }
 
-// r[m] = scale * dot(q, x[m]) for an int8 row q of k values and M bf16 rows of x with sums xsum[m].
-// u = q + 128 = 16 hi + lo in nibbles, and 128 + hi, 128 + lo are exact bf16 (see nibble_bf16), so two
-// bf16 dot products per 32 weights give A = sum (128 + hi) x and B = sum (128 + lo) x, and
-// sum q x = 16 A + B - 2304 sum x. Widening to float32 FMAs instead costs 3 vector ops per 16 weights.
-template <int M>
-inline void dot_rows_int8(const int8_t* q, float scale, const uint16_t* x, int64_t x_stride, const float* xsum,
-                          int64_t k, float* r) {
+// ---- int8 layout (moerun/quant/formats.py): row tiles of kRowTile rows stored as one stream, each
+// tile chunk after chunk of kInt8Chunk values (the last may be shorter), every row of the tile in turn. ----
+
+constexpr int64_t kRowTile = 4;
+constexpr int64_t kInt8Chunk = 64;
+
+// Offset of the row tile holding row n, in values of a matrix of k values per row, and its row count.
+inline int64_t tile_offset(int64_t n, int64_t k) { return n / kRowTile * kRowTile * k; }
+inline int64_t tile_rows(int64_t n, int64_t n_rows) { return std::min(kRowTile, n_rows - n / kRowTile * kRowTile); }
+
+// r[j * M + m] = scale_j * dot(row j of an int8 row tile of RT rows, x row m) for M bf16 rows of x
+// (x_stride apart) with sums xsum[m]. u = q + 128 = 16 hi + lo in nibbles, and 128 + hi, 128 + lo are
+// exact bf16 (see nibble_bf16), so two bf16 dot products per 32 weights give A = sum (128 + hi) x and
+// B = sum (128 + lo) x, and sum q x = 16 A + B - 2304 sum x. (Widening to float32 FMAs instead costs
+// 3 vector ops per 16 weights.)
+template <int M, int RT>
+inline void dot_tile_int8(const int8_t* q, const float* scales, const uint16_t* x, int64_t x_stride,
+                          const float* xsum, int64_t k, float* r) {
   const __m512i low_mask = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
   const __m512i high_bias = _mm512_set1_epi16(0x4308);  // bias, and the top bit of u flipped back from q's
-  __m512 hi[M], lo[M];
-  for (int m = 0; m < M; ++m) hi[m] = lo[m] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; kk += 32) {
-    // Past k the weights read as q = 0 and x as 0: the products vanish.
-    const __mmask32 mask = k - kk >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (k - kk)) - 1);
-    const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, q + kk));
-    const __m512bh h = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(w, 4), high_bias);
-    const __m512bh l = (__m512bh)_mm512_ternarylogic_epi32(w, low_mask, bias, 0xEA);  // a & b | c
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + kk);
-      hi[m] = _mm512_dpbf16_ps(hi[m], xv, h);
-      lo[m] = _mm512_dpbf16_ps(lo[m], xv, l);
+  __m512 hi[RT][M], lo[RT][M];
+  for (int j = 0; j < RT; ++j)
+    for (int m = 0; m < M; ++m) hi[j][m] = lo[j][m] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < k; c0 += kInt8Chunk) {
+    const int64_t len = std::min(kInt8Chunk, k - c0);
+    for (int64_t h = 0; h < len; h += 32) {
+      // Past k the weights read as q = 0 and x as 0: the products vanish.
+      const __mmask32 mask = len - h >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (len - h)) - 1);
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + c0 + h);
+      for (int j = 0; j < RT; ++j) {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, q + j * len + h));
+        const __m512bh hv = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(w, 4), high_bias);
+        const __m512bh lv = (__m512bh)_mm512_ternarylogic_epi32(w, low_mask, bias, 0xEA);  // a & b | c
+        for (int m = 0; m < M; ++m) {
+          hi[j][m] = _mm512_dpbf16_ps(hi[j][m], xv[m], hv);
+          lo[j][m] = _mm512_dpbf16_ps(lo[j][m], xv[m], lv);
+        }
+      }
     }
+    q += RT * len;
   }
-  for (int m = 0; m < M; ++m) {
-    const float a = _mm512_reduce_add_ps(hi[m]), b = _mm512_reduce_add_ps(lo[m]);
-    r[m] = scale * (16.0f * a + b - 2304.0f * xsum[m]);
-  }
+  for (int j = 0; j < RT; ++j)
+    for (int m = 0; m < M; ++m) {
+      const float a = _mm512_reduce_add_ps(hi[j][m]), b = _mm512_reduce_add_ps(lo[j][m]);
+      r[j * M + m] = scales[j] * (16.0f * a + b - 2304.0f * xsum[m]);
+    }
 }
 
-// ---- int4 layout (moerun/quant/formats.py): row tiles of kInt4Tile rows stored as one stream; along K,
+// ---- int4 layout (moerun/quant/formats.py): row tiles as for int8; along K,
 // blocks of 16 groups (the last may have fewer), each cut into chunks of 8 values per group. For each
 // chunk, each row of the tile stores 2 ng 16-bit words (ng groups in the block), word 2i + t holding in
 // nibble j value 8c + 2j + t of group i. A row's chunk thus yields 4 vectors whose 32-bit lane i is a
 // value pair of group i: dot-product lanes never mix groups, and one multiply by the block's 16 scales
 // applies them all. x is permuted to match once per call (stage_int4_x). ----
 
-constexpr int64_t kInt4Tile = 4;
 constexpr int64_t kBlockGroups = 16;
-
-// Bytes of the int4 tile holding row n of an [n_rows, k] matrix, and that tile's row count.
-inline int64_t int4_tile_offset(int64_t n, int64_t k) { return n / kInt4Tile * kInt4Tile * (k / 2); }
-inline int64_t int4_tile_rows(int64_t n, int64_t n_rows) {
-  return std::min(kInt4Tile, n_rows - n / kInt4Tile * kInt4Tile);
-}
 
 // 32-bit units (value pairs) of x staged in the permuted order for group size g: blocks of g/2 vectors
 // of 16 units, the last block padded with zeros.
@@ -549,42 +562,53 @@ inline int64_t int4_x_stride(int64_t k) {
   return (std::max({int4_x_units(k, 32), int4_x_units(k, 64), int4_x_units(k, 128)}) + kLanes - 1) / kLanes * kLanes;
 }
 
-// Int4 rows [n0, n1) (whole tiles, or up to the matrix's last row) of expert e against M staged x rows
-// (original rows [s, s + M)).
-template <int G, int M>
-void int4_rows_against(const Problem& p, int64_t e, int64_t s, int64_t n0, int64_t n1, const uint32_t* xp,
-                       int64_t xp_stride, const float* xsum, int64_t xsum_stride) {
-  const Matrix& mat = p.mats[e];
-  const int64_t groups = p.k / G;
-  const auto* q = static_cast<const uint8_t*>(mat.w);
-  const auto* scales = static_cast<const uint16_t*>(mat.scales);
-  const auto* mins = static_cast<const uint16_t*>(mat.mins);
-  for (int64_t n = n0; n < n1; n += kInt4Tile) {
-    float r[kInt4Tile * M];
-    const uint8_t* qt = q + int4_tile_offset(n, p.k);
-    const uint16_t* st = scales + n * groups;
-    const uint16_t* mt = mins ? mins + n * groups : nullptr;
-    const int64_t rt = int4_tile_rows(n, p.n);
-    switch (rt) {
-      case 4: dot_tile_int4<G, M, 4>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
-      case 3: dot_tile_int4<G, M, 3>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
-      case 2: dot_tile_int4<G, M, 2>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
-      default: dot_tile_int4<G, M, 1>(qt, st, mt, groups, xp, xp_stride, xsum, xsum_stride, r); break;
+// f(std::integral_constant<int, RT>{}) for the row count rt (1 to kRowTile) of a row tile.
+template <typename F>
+inline void with_tile_rows(int64_t rt, F f) {
+  switch (rt) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// The low-bit decode loop: weight rows [n_lo, n_hi) (whole row tiles, up to the matrix's last row) in
+// L1-sized runs of row tiles of row_bytes per row, each run against the x rows [s0, s1) a pair at a time:
+// dot(std::integral_constant<int, M>{}, s, n, rt, r) fills r[j * M + m] for x rows [s, s + M) and the rt
+// rows of the tile at row n; the results get the bias and are stored or scattered.
+template <typename Dot>
+inline void tiles_against(const Problem& p, int64_t e, int64_t row_bytes, int64_t s0, int64_t s1, int64_t n_lo,
+                          int64_t n_hi, Dot dot) {
+  const int64_t run = std::max<int64_t>(1, kWeightTileBytes / (kRowTile * row_bytes)) * kRowTile;
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += run) {
+    for (int64_t s = s0; s < s1; s += 2) {
+      const auto rows = [&](auto mc) {
+        constexpr int M = decltype(mc)::value;
+        for (int64_t n = n0; n < std::min(n0 + run, n_hi); n += kRowTile) {
+          float r[kRowTile * M];
+          const int64_t rt = tile_rows(n, p.n);
+          dot(mc, s, n, rt, r);
+          for (int64_t j = 0; j < rt; ++j) store_results<M>(p, e, s, n + j, r + j * M);
+        }
+      };
+      if (s + 1 < s1)
+        rows(std::integral_constant<int, 2>{});
+      else
+        rows(std::integral_constant<int, 1>{});
     }
-    for (int64_t j = 0; j < rt; ++j) store_results<M>(p, e, s, n + j, r + j * M);
   }
 }
 
 // Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) staged in buffer as
 // bf16 with their sums (int8), or bf16 permuted for the int4 layout with per-group sums, against weight rows
-// [n_lo, n_hi) in L1-sized tiles.
+// [n_lo, n_hi).
 template <typename Ops>
 void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi) {
   using Elem = typename Ops::Elem;
   const Matrix& mat = p.mats[e];
   const Elem* x = static_cast<const Elem*>(p.x);
   if (mat.format() == kFormatInt8) {
-    const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / std::max<int64_t>(p.k, 1));
     auto* xs = static_cast<uint16_t*>(buffer);
     const int64_t ps = panel_stride<uint16_t>(p.k);
     float* xsum = reinterpret_cast<float*>(xs + (s1 - s0) * ps);
@@ -595,11 +619,11 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
     }
     const auto* q = static_cast<const int8_t*>(mat.w);
     const auto* scales = static_cast<const float*>(mat.scales);
-    for_weight_tiles(n_lo, n_hi, tile, s0, s1, [&](auto mc, int64_t s, int64_t n0, int64_t n1) {
+    tiles_against(p, e, p.k, s0, s1, n_lo, n_hi, [&](auto mc, int64_t s, int64_t n, int64_t rt, float* r) {
       constexpr int M = decltype(mc)::value;
-      const uint16_t* xb = xs + (s - s0) * ps;
-      rows_against<M>(p, e, s, n0, n1, [&](int64_t n, float* r) {
-        dot_rows_int8<M>(q + n * p.k, scales[n], xb, ps, xsum + (s - s0), p.k, r);
+      with_tile_rows(rt, [&](auto rc) {
+        dot_tile_int8<M, decltype(rc)::value>(q + tile_offset(n, p.k), scales + n, xs + (s - s0) * ps, ps,
+                                              xsum + (s - s0), p.k, r);
       });
     });
     return;
@@ -614,23 +638,24 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
     permute_int4_x(row, p.k, group, xp + (s - s0) * xs_stride);
     for (int64_t g = 0; g < groups; ++g) xsum[(s - s0) * ss + g] = bf16_sum(row + g * group, group);
   }
-  // Weight tiles of whole row tiles, re-read from L1 by each pair of x rows.
-  const int64_t tile = std::max<int64_t>(1, kWeightTileBytes / (kInt4Tile * p.k / 2)) * kInt4Tile;
-  for (int64_t n0 = n_lo; n0 < n_hi; n0 += tile) {
-    const int64_t n1 = std::min(n0 + tile, n_hi);
-    for (int64_t s = s0; s < s1; s += 2) {
-      const uint32_t* xb = xp + (s - s0) * xs_stride;
-      const float* sb = xsum + (s - s0) * ss;
-      const bool pair = s + 1 < s1;
-      switch (group * 2 + pair) {
-        case 64: int4_rows_against<32, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-        case 65: int4_rows_against<32, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-        case 128: int4_rows_against<64, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-        case 129: int4_rows_against<64, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-        case 256: int4_rows_against<128, 1>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-        default: int4_rows_against<128, 2>(p, e, s, n0, n1, xb, xs_stride, sb, ss); break;
-      }
-    }
+  const auto* q = static_cast<const uint8_t*>(mat.w);
+  const auto* scales = static_cast<const uint16_t*>(mat.scales);
+  const auto* mins = static_cast<const uint16_t*>(mat.mins);
+  const auto run = [&](auto gc) {
+    constexpr int G = decltype(gc)::value;
+    tiles_against(p, e, p.k / 2, s0, s1, n_lo, n_hi, [&](auto mc, int64_t s, int64_t n, int64_t rt, float* r) {
+      constexpr int M = decltype(mc)::value;
+      with_tile_rows(rt, [&](auto rc) {
+        dot_tile_int4<G, M, decltype(rc)::value>(q + tile_offset(n, p.k) / 2, scales + n * groups,
+                                                 mins ? mins + n * groups : nullptr, groups,
+                                                 xp + (s - s0) * xs_stride, xs_stride, xsum + (s - s0) * ss, ss, r);
+      });
+    });
+  };
+  switch (group) {
+    case 32: run(std::integral_constant<int, 32>{}); break;
+    case 64: run(std::integral_constant<int, 64>{}); break;
+    default: run(std::integral_constant<int, 128>{}); break;
   }
 }
 
@@ -649,8 +674,8 @@ inline int64_t quant_staging_bytes(int64_t k, int64_t rows) {
 // them into 16 consecutive pairs of one group.
 template <typename Ops, int G>
 void dequantize_int4_row(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n, typename Ops::Elem* dst) {
-  const int64_t groups = k / G, rt = int4_tile_rows(n, n_rows), r = n % kInt4Tile;
-  const uint8_t* q = static_cast<const uint8_t*>(mat.w) + int4_tile_offset(n, k);
+  const int64_t groups = k / G, rt = tile_rows(n, n_rows), r = n % kRowTile;
+  const uint8_t* q = static_cast<const uint8_t*>(mat.w) + tile_offset(n, k) / 2;
   const uint16_t* scales = static_cast<const uint16_t*>(mat.scales) + n * groups;
   const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
   for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
@@ -687,13 +712,18 @@ void dequantize_rows(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n0, i
   for (int j = 0; j < nw; ++j) {
     const int64_t n = n0 + j;
     auto* d = dst + j * k;
-    if (mat.format() == kFormatInt8) {
-      const int8_t* q = static_cast<const int8_t*>(mat.w) + n * k;
+    if (mat.format() == kFormatInt8) {  // chunk c of row n: after c chunks of the tile's rt rows, r rows in
+      const int64_t rt = tile_rows(n, n_rows), r = n % kRowTile;
+      const int8_t* tile = static_cast<const int8_t*>(mat.w) + tile_offset(n, k);
       const __m512 s = _mm512_set1_ps(static_cast<const float*>(mat.scales)[n]);
-      for (int64_t kk = 0; kk < k; kk += 16) {
-        const __mmask16 mask = lanes(std::min<int64_t>(16, k - kk));
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + kk)));
-        Ops::store_tail(d + kk, _mm512_mul_ps(v, s), mask);
+      for (int64_t c0 = 0; c0 < k; c0 += kInt8Chunk) {
+        const int64_t len = std::min(kInt8Chunk, k - c0);
+        const int8_t* q = tile + rt * c0 + r * len;
+        for (int64_t kk = 0; kk < len; kk += 16) {
+          const __mmask16 mask = lanes(std::min<int64_t>(16, len - kk));
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + kk)));
+          Ops::store_tail(d + c0 + kk, _mm512_mul_ps(v, s), mask);
+        }
       }
       continue;
     }
@@ -963,7 +993,7 @@ bool run(const Problem& p, int64_t rows, int64_t max_group_rows, bool quantized,
     return true;
   }
   // The decode path reads low-bit weights a whole int4 row tile at a time, so slices start at one.
-  const int64_t align = quantized && p.glu == kNoGlu ? kInt4Tile : 1;
+  const int64_t align = quantized && p.glu == kNoGlu ? kRowTile : 1;
   const auto bound = [&](int64_t t) { return t == nt ? outputs : outputs * t / nt / align * align; };
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
   for (int64_t t = 0; t < nt; ++t) run_slice<Ops>(p, bound(t), bound(t + 1), buffers.get() + t * bytes, scratch_offset);
