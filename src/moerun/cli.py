@@ -24,7 +24,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-# Options of every command that loads a model (generate, eval, bench --model).
+# Options shared by several commands.
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+DType = Annotated[str, typer.Option(help="bf16 or fp32.")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")]
+ModelDir = Annotated[Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")]
 MemoryBudget = Annotated[
     str | None,
     typer.Option(
@@ -84,8 +88,8 @@ def bench(
         typer.Option(help="Model shape preset, repeat for several, or 'all'. Default: olmoe-1b-7b."),
     ] = None,
     tokens: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "1,16,128,512",
-    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
     impl: Annotated[
         list[str] | None,
         typer.Option(help="Implementation(s): moerun, moerun-prepacked, hf-eager, hf-grouped_mm. Default: all."),
@@ -440,7 +444,7 @@ def print_offload_table(records: list) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Run Mixture-of-Experts models fast on the hardware you have."""
 
@@ -448,19 +452,17 @@ def _root(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="The prompt text.")],
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
-    ] = None,
+    model: ModelDir = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generate at most this many tokens.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding, else the sampling temperature.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the most likely tokens up to this mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
     from .generate import generate as run_generation
@@ -492,21 +494,19 @@ def generate(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
-    ] = None,
+    model: ModelDir = None,
     text: Annotated[
         list[Path] | None,
         typer.Option(help="Text file to score, repeat for several (default: the reference held-out files)."),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
     context: Annotated[int | None, typer.Option(help="Window length in tokens (default: the model's context).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Perplexity and tokens/s of a model on text files."""
     from .eval import default_eval_files, evaluate
@@ -541,9 +541,7 @@ def eval_(
 
 @app.command("routing-stats")
 def routing_stats_(
-    model: Annotated[
-        Path | None, typer.Option(help="Checkpoint directory (default: moerun's reference model).")
-    ] = None,
+    model: ModelDir = None,
     text: Annotated[
         list[Path] | None,
         typer.Option(help="Text file to route, repeat for several (default: the reference held-out files)."),
@@ -554,13 +552,13 @@ def routing_stats_(
     ] = None,
     segment: Annotated[int, typer.Option(help="Tokens of routing the cache sees ahead (SCH's m).")] = 16,
     max_tokens: Annotated[int | None, typer.Option(help="Route at most this many tokens of the text.")] = None,
-    dtype: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")] = None,
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Per-layer expert activation shares and the best hit rate of an expert cache (SCH, arXiv 2505.16056).
 
@@ -663,7 +661,7 @@ def quantize(
     dtype: Annotated[
         str, typer.Option(help="Float dtype kept for embeddings, norms and routers: bf16 or fp32.")
     ] = "bf16",
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Write a quantized copy of a checkpoint that load, generate, eval and bench read back."""
     from .models.convert import quantize_checkpoint

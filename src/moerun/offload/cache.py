@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .store import ExpertStore
+from .store import ExpertStore, ReadStats
 
 Key = tuple[int, int]  # (MoE layer, expert)
 
@@ -270,8 +270,9 @@ class ExpertCache:
         }
 
     def reset_stats(self) -> None:
+        """Start the cache's and the store's counters afresh (the cached experts stay)."""
         self.stats = [LayerCacheStats() for _ in range(self.store.num_layers)]
-        self.store.stats.__init__()
+        self.store.stats = ReadStats()
 
     def close(self) -> None:
         if self._executor is not None:

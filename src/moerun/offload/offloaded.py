@@ -57,7 +57,7 @@ class OffloadedExperts:
 
     def _predict_next(self, x: torch.Tensor) -> None:
         layer, hook = self.next_layer
-        weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
+        _, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
         predicted = sorted(set(ids.flatten().tolist()))
         hook.expected = set(predicted)
         # A wrong prediction costs a read that delays the real misses behind it, so prefetch only while the
