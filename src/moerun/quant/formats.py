@@ -13,7 +13,8 @@ stream, so one pass over memory feeds 4 rows and each vector of x loaded serves 
 chunks of 64 values (the last may be shorter), each row of the tile in turn. int4: along K, a tile is cut into
 blocks of 16 groups (the last block may have fewer, ``ng``), and a block into chunks of 8 values per group;
 for each chunk, each row of the tile in turn stores ``2 ng`` 16-bit words, word ``2 i + t`` (group i of the
-block) holding in its nibbles j = 0..3 the group's values ``8 c + 2 j + t`` of chunk c. A 64-byte load
+block) holding in its nibbles j = 0..3 the group's values ``8 c + 2 j + t`` of chunk c (groups of 128 are
+laid out as two groups of 64 sharing a scale, see ``lane_group``). A 64-byte load
 then splits, by shifts and one mask, into 4 vectors whose 32-bit lanes are value pairs of the 16 groups:
 each lane of a dot-product accumulator sees one group only, so one multiply by a vector of 16 scales per
 block applies every group's scale.
@@ -234,32 +235,38 @@ def _untile(
     return out
 
 
+def lane_group(group_size: int) -> int:
+    """The layout's group: groups of 128 are laid out as two of 64 (with one scale), so that a block of 16
+    spans 1024 values and fills a K of 1024."""
+    return min(group_size, 64)
+
+
 def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """Values in [0, 15], [..., N, K] any integer dtype (K a multiple of 64 and of ``group_size``) ->
     uint8 [..., N, K/2] in the int4 layout (module docstring)."""
-    lead = q.dim() - 2
+    lead, lane = q.dim() - 2, lane_group(group_size)
 
-    def encode(region: torch.Tensor) -> torch.Tensor:  # [..., T, rt, blocks, ng * G]
+    def encode(region: torch.Tensor) -> torch.Tensor:  # [..., T, rt, blocks, ng * lane]
         *dims, rt, blocks, width = region.shape
-        # value 8c + 2j + t of group i, j = 2 jh + jl -> stored order [T, blocks, c, rt, i, t, jh, jl]
-        v = region.reshape(*dims, rt, blocks, width // group_size, group_size // INT4_CHUNK, 2, 2, 2)
+        # value 8c + 2j + t of lane group i, j = 2 jh + jl -> stored order [T, blocks, c, rt, i, t, jh, jl]
+        v = region.reshape(*dims, rt, blocks, width // lane, lane // INT4_CHUNK, 2, 2, 2)
         v = v.permute(*range(lead + 1), lead + 2, lead + 4, lead + 1, lead + 3, lead + 7, lead + 5, lead + 6)
         return v[..., 0] | (v[..., 1] << 4)
 
-    return _tile(q.to(torch.uint8), INT4_BLOCK_GROUPS * group_size, encode).contiguous()
+    return _tile(q.to(torch.uint8), INT4_BLOCK_GROUPS * lane, encode).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     """uint8 [..., N, K/2] in the int4 layout -> uint8 [..., N, K] values in [0, 15]."""
-    lead = packed.dim() - 2
+    lead, lane = packed.dim() - 2, lane_group(group_size)
 
     def decode(stored: torch.Tensor, tiles: int, rt: int, blocks: int, width: int) -> torch.Tensor:
-        ng, chunks = width // group_size, group_size // INT4_CHUNK
+        ng, chunks = width // lane, lane // INT4_CHUNK
         s = stored.reshape(*stored.shape[:-2], tiles, blocks, chunks, rt, ng, 2, 2)
         v = torch.stack((s & 0xF, s >> 4), dim=-1)  # [..., T, blocks, c, rt, i, t, jh, jl]
         return v.permute(*range(lead + 1), lead + 3, lead + 1, lead + 4, lead + 2, lead + 6, lead + 7, lead + 5)
 
-    return _untile(packed, 2 * packed.shape[-1], INT4_BLOCK_GROUPS * group_size, 0.5, decode)
+    return _untile(packed, 2 * packed.shape[-1], INT4_BLOCK_GROUPS * lane, 0.5, decode)
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

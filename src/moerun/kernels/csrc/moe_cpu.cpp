@@ -499,6 +499,18 @@ inline __m512i nibble_bf16(__m512i w) {
   return _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), bias, 0xEA);  // a & b | c
 }
 
+// The layout's group (a dot-product lane's share of a block): groups of 128 are laid out as two lanes of
+// 64 sharing one scale, so that a block (16 lanes) spans 1024 values and fills every lane of K = 1024.
+constexpr int lane_group(int g) { return g > 64 ? 64 : g; }
+
+// The float16 values (scales or mins) of ng lanes starting at v, each repeated for the R lanes of its group.
+template <int R>
+inline __m512 lane_scales(const uint16_t* v, int64_t ng) {
+  const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes((ng + R - 1) / R), v));
+  if constexpr (R == 1) return s;
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 1), s);
+}
+
 // r[j * M + m] = dot(row j of an int4 row tile of RT rows, x row m), for G-value groups. q: the tile;
 // scales (and mins): row 0's, `groups` per row; xp: M permuted bf16 x rows xp_stride units apart; xsum:
 // their per-group sums, xsum_stride apart. Each block's dot products of x with 128 + q, one lane per
@@ -509,18 +521,20 @@ template <int G, int M, int RT>
 inline void dot_tile_int4(const uint8_t* q, const uint16_t* scales, const uint16_t* mins, int64_t groups,
                           const uint32_t* xp, int64_t xp_stride, const float* xsum, int64_t xsum_stride, float* r) {
   constexpr int A = M == 1 ? 2 : 1;
+  constexpr int L = lane_group(G), R = G / L;
+  const int64_t lanes_total = groups * R;
   __m512 tot[RT][M];
   for (int j = 0; j < RT; ++j)
     for (int m = 0; m < M; ++m) tot[j][m] = _mm512_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
-    const int64_t ng = std::min(kBlockGroups, groups - g0);
+  for (int64_t g0 = 0; g0 < lanes_total; g0 += kBlockGroups) {
+    const int64_t ng = std::min(kBlockGroups, lanes_total - g0);
     const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
-    const uint32_t* xb = xp + g0 * (G / 2);
+    const uint32_t* xb = xp + g0 * (L / 2);
     __m512 acc[RT][M][A];
     for (int j = 0; j < RT; ++j)
       for (int m = 0; m < M; ++m)
         for (int a = 0; a < A; ++a) acc[j][m][a] = _mm512_setzero_ps();
-    for (int c = 0; c < G / 8; ++c) {
+    for (int c = 0; c < L / 8; ++c) {
       __m512bh xv[M][4];
       for (int m = 0; m < M; ++m)
         for (int v = 0; v < 4; ++v) xv[m][v] = (__m512bh)_mm512_load_si512(xb + m * xp_stride + (4 * c + v) * kLanes);
@@ -539,9 +553,8 @@ inline void dot_tile_int4(const uint8_t* q, const uint16_t* scales, const uint16
     }
     const __mmask16 mask = lanes(ng);
     for (int j = 0; j < RT; ++j) {
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + j * groups + g0));
-      const __m512 low = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + j * groups + g0))
-                              : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
+      const __m512 s = lane_scales<R>(scales + j * groups + g0 / R, ng);
+      const __m512 low = mins ? lane_scales<R>(mins + j * groups + g0 / R, ng) : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
       const __m512 coef = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.0f), low);
       for (int m = 0; m < M; ++m) {
         const __m512 d = A == 1 ? acc[j][m][0] : _mm512_add_ps(acc[j][m][0], acc[j][m][A - 1]);
@@ -559,7 +572,7 @@ inline int64_t xsum_stride(int64_t k) { return (k / 32 + 15) / 16 * 16; }
 
 // Units per staged int4 x row, for any group size.
 inline int64_t int4_x_stride(int64_t k) {
-  return (std::max({int4_x_units(k, 32), int4_x_units(k, 64), int4_x_units(k, 128)}) + kLanes - 1) / kLanes * kLanes;
+  return (std::max(int4_x_units(k, 32), int4_x_units(k, 64)) + kLanes - 1) / kLanes * kLanes;
 }
 
 // f(std::integral_constant<int, RT>{}) for the row count rt (1 to kRowTile) of a row tile.
@@ -635,8 +648,9 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
   auto* row = reinterpret_cast<uint16_t*>(xsum + (s1 - s0) * ss);  // one bf16 row of x
   for (int64_t s = s0; s < s1; ++s) {
     to_bf16<Ops>(x + s * p.x_stride, p.k, row);
-    permute_int4_x(row, p.k, group, xp + (s - s0) * xs_stride);
-    for (int64_t g = 0; g < groups; ++g) xsum[(s - s0) * ss + g] = bf16_sum(row + g * group, group);
+    const int64_t lane = lane_group(static_cast<int>(group));
+    permute_int4_x(row, p.k, lane, xp + (s - s0) * xs_stride);
+    for (int64_t g = 0; g < p.k / lane; ++g) xsum[(s - s0) * ss + g] = bf16_sum(row + g * lane, lane);
   }
   const auto* q = static_cast<const uint8_t*>(mat.w);
   const auto* scales = static_cast<const uint16_t*>(mat.scales);
@@ -674,31 +688,33 @@ inline int64_t quant_staging_bytes(int64_t k, int64_t rows) {
 // them into 16 consecutive pairs of one group.
 template <typename Ops, int G>
 void dequantize_int4_row(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n, typename Ops::Elem* dst) {
-  const int64_t groups = k / G, rt = tile_rows(n, n_rows), r = n % kRowTile;
+  constexpr int L = lane_group(G), R = G / L;
+  const int64_t groups = k / G, lanes_total = k / L, rt = tile_rows(n, n_rows), r = n % kRowTile;
   const uint8_t* q = static_cast<const uint8_t*>(mat.w) + tile_offset(n, k) / 2;
   const uint16_t* scales = static_cast<const uint16_t*>(mat.scales) + n * groups;
   const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
-  for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups) {
-    const int64_t ng = std::min(kBlockGroups, groups - g0);
+  for (int64_t g0 = 0; g0 < lanes_total; g0 += kBlockGroups) {
+    const int64_t ng = std::min(kBlockGroups, lanes_total - g0);
     const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
-    __m512i pairs[G / 2];  // pairs[u] lane i: values 2u, 2u + 1 of group g0 + i
-    for (int c = 0; c < G / 8; ++c) {
+    __m512i pairs[L / 2];  // pairs[u] lane i: values 2u, 2u + 1 of lane group g0 + i
+    for (int c = 0; c < L / 8; ++c) {
       const __m512i w = load_int4_chunk(q + (c * rt + r) * 4 * ng, words);
       for (int j = 0; j < 4; ++j)
         pairs[4 * c + j] = _mm512_and_si512(_mm512_srli_epi16(w, 4 * j), _mm512_set1_epi16(0x000F));
     }
-    q += rt * ng * G / 2;
-    for (int u0 = 0; u0 < G / 2; u0 += kLanes) {
-      __m512i values[kLanes];  // values[i]: 32 values of group g0 + i from value 2 u0, as 16-bit words
+    q += rt * ng * L / 2;
+    for (int u0 = 0; u0 < L / 2; u0 += kLanes) {
+      __m512i values[kLanes];  // values[i]: 32 values of lane group g0 + i from value 2 u0, as 16-bit words
       transpose16(pairs + u0, values);
       for (int64_t i = 0; i < ng; ++i) {
-        const float sc = _cvtsh_ss(scales[g0 + i]);
+        const int64_t g = (g0 + i) / R;
+        const float sc = _cvtsh_ss(scales[g]);
         const __m512 s = _mm512_set1_ps(sc);
-        const __m512 low = _mm512_set1_ps(mins ? _cvtsh_ss(mins[g0 + i]) : -8.0f * sc);
+        const __m512 low = _mm512_set1_ps(mins ? _cvtsh_ss(mins[g]) : -8.0f * sc);
         for (int h = 0; h < 2; ++h) {
           const __m512i v = _mm512_cvtepu16_epi32(h ? _mm512_extracti64x4_epi64(values[i], 1)
                                                      : _mm512_castsi512_si256(values[i]));
-          Ops::store16(dst + (g0 + i) * G + 2 * u0 + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, low));
+          Ops::store16(dst + (g0 + i) * L + 2 * u0 + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, low));
         }
       }
     }
