@@ -18,11 +18,11 @@ from torch import nn
 
 from ..kernels.experts import ExpertWeights, experts_forward, experts_native, fuses_glu, native_supports
 from ..layer import MoELayer
-from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
+from ..quant.formats import ExpertMatrices, Weight
 from ..routing import RoutingPlan, route
 from ..sizes import format_size, parse_size
 from .cache import ExpertCache, LFUPolicy, make_policy
-from .store import ExpertLayout, ExpertStore, matrix_like, matrix_parts
+from .store import ExpertLayout, ExpertStore, meta_like
 
 # Prefetch for a layer while this share of its predicted experts come true (a running mean over about
 # 1 / ACCURACY_DECAY tokens): below it, the wasted reads slow the demand reads more than the hits save.
@@ -119,11 +119,8 @@ class OffloadedExperts:
 def _meta_like(weight: Weight) -> Weight:
     """A weight of the same shape, dtype and format with no storage (offloaded experts are never resident)."""
     if isinstance(weight, ExpertMatrices):
-        return ExpertMatrices([_meta_like(m) for m in weight.matrices])
-    if isinstance(weight, QuantizedWeight):
-        parts = [t.to("meta") for t in matrix_parts(weight)]
-        return matrix_like(weight, parts)
-    meta = weight.detach().to("meta")
+        return ExpertMatrices([meta_like(m) for m in weight.matrices])
+    meta = meta_like(weight)
     return nn.Parameter(meta, requires_grad=False) if isinstance(weight, nn.Parameter) else meta
 
 

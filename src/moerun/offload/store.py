@@ -44,6 +44,11 @@ def matrix_like(template: torch.Tensor | QuantizedWeight, parts: list[torch.Tens
     return QuantizedWeight(template.format, parts[0], parts[1], mins, template.in_features)
 
 
+def meta_like(matrix: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    """A matrix of the same shape, dtype and format with no storage."""
+    return matrix_like(matrix, [t.detach().to("meta") for t in matrix_parts(matrix)])
+
+
 @dataclass(frozen=True)
 class Piece:
     """A byte range of a checkpoint file that fills elements [start, start + count) of one part."""
@@ -64,7 +69,7 @@ class Piece:
 class ExpertLayout:
     """The parts of one expert as laid out in a slot: gate/up parts first, then down parts."""
 
-    templates: tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]  # gate_up, down
+    templates: tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]  # gate_up, down; no storage
     shapes: tuple[tuple[torch.dtype, tuple[int, ...]], ...]
     offsets: tuple[int, ...]  # byte offset of each part in the slot
     nbytes: int  # slot bytes used
@@ -77,7 +82,7 @@ class ExpertLayout:
             offsets.append(at)
             at += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         shapes = tuple((t.dtype, tuple(t.shape)) for t in parts)
-        return cls((gate_up, down), shapes, tuple(offsets), at)
+        return cls((meta_like(gate_up), meta_like(down)), shapes, tuple(offsets), at)
 
     def views(self, slot: torch.Tensor) -> list[torch.Tensor]:
         """The parts as tensors over a uint8 slot."""
