@@ -195,3 +195,23 @@ def test_cli_refuses_bad_offload_options(capsys):
     assert "at least" in capsys.readouterr().err
     assert cli.main(["generate", "--prompt", "x", "--memory-budget", "50%", "--cache-policy", "fifo"]) == 2
     assert "cache-policy" in capsys.readouterr().err
+
+
+def test_a_failed_read_leaves_no_expert_that_looks_resident(monkeypatch):
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=False)
+    cache = loaded.cache
+    real_read = cache.store.read
+
+    def failing_read(layer, expert, slot):
+        if expert == 1:
+            raise OSError("model.safetensors is truncated")
+        return real_read(layer, expert, slot)
+
+    monkeypatch.setattr(cache.store, "read", failing_read)
+    with pytest.raises(OSError, match="truncated"):
+        cache.acquire(0, [0, 1, 2])
+    assert cache.resident() == {(0, 0)}  # expert 1 failed and expert 2 was never read
+    assert not cache._pinned
+    monkeypatch.setattr(cache.store, "read", real_read)
+    slots = cache.acquire(0, [1, 2])
+    assert len(slots) == 2 and cache.resident() == {(0, 0), (0, 1), (0, 2)}

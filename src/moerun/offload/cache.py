@@ -166,8 +166,17 @@ class ExpertCache:
         return self._slot.pop(victim)
 
     def _load(self, key: Key, slot: int) -> None:
+        """Read ``key`` into ``slot``; a failed read frees the slot, so half-read bytes never count as resident."""
         layer, expert = key
-        nbytes = self.store.read(layer, expert, self._arena[slot])
+        try:
+            nbytes = self.store.read(layer, expert, self._arena[slot])
+        except BaseException:
+            with self._lock:
+                if self._slot.get(key) == slot:
+                    del self._slot[key]
+                    self._free.append(slot)
+                self._prefetched.discard(key)
+            raise
         with self._lock:
             self.stats[layer].bytes_read += nbytes
 
@@ -231,10 +240,19 @@ class ExpertCache:
                     slot = self._take_slot(exclude=set(keys))
                 self._slot[key] = slot
                 misses.append((key, slot))
-        for key, slot in misses:
-            self._load(key, slot)
-        for future in waits:
-            future.result()
+        try:
+            while misses:
+                self._load(*misses[0])
+                misses.pop(0)
+            for future in waits:
+                future.result()
+        except BaseException:
+            with self._lock:  # the misses not read yet hold slots they never filled
+                for key, slot in misses[1:]:
+                    del self._slot[key]
+                    self._free.append(slot)
+                self._pinned.difference_update(keys)
+            raise
         stats.stall_s += time.perf_counter() - start
         with self._lock:
             return [self._arena[self._slot[k]] for k in keys]
