@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,31 @@ def test_a_failed_read_leaves_no_expert_that_looks_resident(monkeypatch):
     monkeypatch.setattr(cache.store, "read", real_read)
     slots = cache.acquire(0, [1, 2])
     assert len(slots) == 2 and cache.resident() == {(0, 0), (0, 1), (0, 2)}
+
+
+def _reshape_tensor(file: Path, name: str, shape: tuple[int, ...]) -> None:
+    """Store tensor ``name`` of a safetensors file with another shape of the same size (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    tensors[name] = tensors[name].reshape(shape).contiguous()
+    save_file(tensors, file, metadata=metadata)
+
+
+def test_a_wrong_shaped_expert_tensor_is_refused_as_when_loading_it(tmp_path, int4_dir):
+    """Experts left in the file are checked like the tensors that are read: a wrong shape of the right size
+    would otherwise be read as if it were right."""
+    path = save_checkpoint("mixtral", tmp_path / "mixtral")
+    name = "model.layers.0.block_sparse_moe.experts.3.w1.weight"  # [32, 64]
+    _reshape_tensor(path / "model.safetensors", name, (64, 32))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in model.safetensors has shape \[64, 32\]"):
+        moerun.load(path, "fp32", memory_budget="50%")
+    quantized = tmp_path / "int4"
+    shutil.copytree(int4_dir, quantized)
+    name = "model.layers.0.mlp.layer.down.scales"  # [8, 256, 8]
+    _reshape_tensor(quantized / "model.safetensors", name, (8, 128, 16))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in model.safetensors is F16 \[8, 128, 16\]"):
+        moerun.load(quantized, "fp32", memory_budget="50%")

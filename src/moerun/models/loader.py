@@ -24,6 +24,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,6 +350,37 @@ def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tenso
             converted.copy_(raw.view(source_dtype))
 
 
+def _check_float_record(record: TensorRecord, dest: torch.Tensor) -> None:
+    """A float checkpoint's tensor must have its destination's shape and a float dtype (converted on reading)."""
+    if tuple(dest.shape) != record.shape:
+        raise CheckpointError(
+            f"tensor {record.name} in {record.file.name} has shape {list(record.shape)}, expected {list(dest.shape)}"
+        )
+    if record.dtype not in _FLOAT_SOURCES:
+        raise CheckpointError(
+            f"tensor {record.name} in {record.file.name} is {record.dtype}; moerun loads "
+            f"{'/'.join(_FLOAT_SOURCES)} weights (quantized checkpoints are not supported)"
+        )
+
+
+def _check_exact_record(record: TensorRecord, dest: torch.Tensor) -> None:
+    """A quantized checkpoint's tensor must have its destination's shape, and its dtype unless both are float."""
+    source = _SAFETENSORS_DTYPES[record.dtype]
+    if tuple(dest.shape) != record.shape or (source != dest.dtype and record.dtype not in _FLOAT_SOURCES):
+        raise CheckpointError(
+            f"tensor {record.name} in {record.file.name} is {record.dtype} {list(record.shape)}, "
+            f"expected {dest.dtype} {list(dest.shape)}"
+        )
+
+
+def _expert_destination(
+    record: TensorRecord, dest: torch.Tensor, check: Callable[[TensorRecord, torch.Tensor], None]
+) -> tuple[Path, int, torch.dtype, torch.Tensor]:
+    """A checkpoint tensor left in its file for the expert cache, checked as loading it would be checked."""
+    check(record, dest)
+    return record.file, record.offset, _SAFETENSORS_DTYPES[record.dtype], dest
+
+
 def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: frozenset[str] = frozenset()) -> int:
     """Fill every parameter and persistent buffer of ``model`` from the checkpoint's tensors, in place.
 
@@ -379,16 +411,7 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: froze
                     target, dest = placed
                     if target in skip:
                         continue
-                    if tuple(dest.shape) != record.shape:
-                        raise CheckpointError(
-                            f"tensor {record.name} in {file.name} has shape {list(record.shape)}, "
-                            f"expected {list(dest.shape)}"
-                        )
-                    if record.dtype not in _FLOAT_SOURCES:
-                        raise CheckpointError(
-                            f"tensor {record.name} in {file.name} is {record.dtype}; moerun loads "
-                            f"{'/'.join(_FLOAT_SOURCES)} weights (quantized checkpoints are not supported)"
-                        )
+                    _check_float_record(record, dest)
                     f.seek(record.offset)
                     _read_into(record, f, dest, scratch)
                     filled[id(targets[target])] += dest.numel()
@@ -427,14 +450,7 @@ def load_exact(targets: dict[str, torch.Tensor], records: dict[str, TensorRecord
             with open(file, "rb", buffering=0) as f:
                 for record in sorted(file_records, key=lambda r: r.offset):
                     dest = targets[record.name]
-                    source = _SAFETENSORS_DTYPES[record.dtype]
-                    if tuple(dest.shape) != record.shape or (
-                        source != dest.dtype and record.dtype not in _FLOAT_SOURCES
-                    ):
-                        raise CheckpointError(
-                            f"tensor {record.name} in {file.name} is {record.dtype} {list(record.shape)}, "
-                            f"expected {dest.dtype} {list(dest.shape)}"
-                        )
+                    _check_exact_record(record, dest)
                     f.seek(record.offset)
                     _read_into(record, f, dest, scratch)
     return sum(name not in targets for name in records)
@@ -583,7 +599,7 @@ def load(
             for record in records.values():
                 placed = _placement(record.name, targets)
                 if placed is not None and placed[0] in skip:
-                    destinations.append((record.file, record.offset, _SAFETENSORS_DTYPES[record.dtype], placed[1]))
+                    destinations.append(_expert_destination(record, placed[1], _check_float_record))
         ignored = load_weights(model, records, skip)
         _patch_layer_by_layer(model)
     else:  # moerun wrote it: patch first, give the layers their low-bit layout, fill by name
@@ -594,8 +610,7 @@ def load(
             raise CheckpointError(f"{path / QUANT_FILE}: {_one_line(e)}") from None
         if memory_budget is not None:
             named = [name for name in records if name in targets]
-            destinations = [(records[n].file, records[n].offset, _SAFETENSORS_DTYPES[records[n].dtype], targets[n])
-                            for n in named]  # fmt: skip
+            destinations = [_expert_destination(records[n], targets[n], _check_exact_record) for n in named]
     cache = None
     if memory_budget is not None:
         try:
