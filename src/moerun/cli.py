@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from .files import file_written_whole
 
 app = typer.Typer(
     name="moerun",
@@ -71,14 +72,8 @@ def write_json_atomic(path: Path, data: object) -> None:
     path = path.expanduser()
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with file_written_whole(path) as f:
+        json.dump(data, f, indent=2)
 
 
 @app.command()

@@ -7,10 +7,8 @@ source is only read.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sysconfig
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from ..files import directory_written_whole
 from ..sizes import format_size, parse_size
 from .loader import CheckpointError, LoadedModel, load
 from .mixed import plan_mixed
@@ -89,9 +88,7 @@ def save_quantized(
 
     metadata = plan_metadata(plan, __version__)
     tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with directory_written_whole(dst) as tmp:
         if copy_from is None:
             model.config.save_pretrained(tmp)
         else:
@@ -102,12 +99,6 @@ def save_quantized(
             progress(f"writing {len(tensors)} tensors")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "moerun_quant": metadata})
         (tmp / QUANT_FILE).write_text(metadata)  # last: its presence marks a complete quantized checkpoint
-        if dst.exists():
-            dst.rmdir()  # empty: callers check it first
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def quantize_checkpoint(

@@ -32,7 +32,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import directory_written_whole, file_written_whole
 from ..models.convert import quantize_checkpoint, save_quantized
 from ..models.hf import patch
 from ..models.lean import make_lean_runner
@@ -105,18 +105,6 @@ def _source_key(src: Path) -> str:
     return digest.hexdigest()[:8]
 
 
-def _write_float_checkpoint(model: torch.nn.Module, dst: Path) -> None:
-    """``save_pretrained`` into a temporary sibling of ``dst``, renamed into place when complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        model.save_pretrained(tmp)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def offload_checkpoint(
     spec: str, bits: int = 16, group_size: int = 32, progress: Callable[[str], None] | None = None
 ) -> Path:
@@ -147,7 +135,8 @@ def offload_checkpoint(
         model = load_model(spec, torch.bfloat16)
         if bits == 16:
             step(f"writing {spec}")
-            _write_float_checkpoint(model, dst)
+            with directory_written_whole(dst) as tmp:
+                model.save_pretrained(tmp)
             return dst
         patch(model)
         plan = quantize(model, QuantConfig(bits, group_size), progress=lambda name: step(f"quantizing {name}"))
@@ -430,11 +419,5 @@ def plot_sweep(records: list[OffloadRecord], path: Path) -> None:
         f"{first.model} ({bits}), experts read from storage: {first.prompt_tokens}-token prompt, "
         f"{first.decode_tokens} decode steps, {first.threads} threads, median of {first.rounds} rounds"
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            figure.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with file_written_whole(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=120)

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..files import file_written_whole
 
 GEMM_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -270,16 +271,9 @@ def _cached_roofline(entry: object, quick: bool) -> Roofline | None:
 
 def _write_cache_entries(path: Path, entries: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so that a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Whole or not at all, so that a crash or a concurrent reader never sees half a file.
+    with file_written_whole(path) as f:
+        json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=2)
 
 
 def load_or_measure_roofline(
