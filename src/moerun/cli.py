@@ -67,6 +67,22 @@ def _parse_bits(text: str) -> tuple[int, ...]:
     return values
 
 
+def _text_files(text: list[Path] | None) -> list[Path]:
+    """The --text files, each checked to exist, or the reference held-out files."""
+    from .eval import default_eval_files
+
+    for file in text or []:
+        if not file.is_file():
+            raise UserError(f"text file {file} does not exist")
+    return text or default_eval_files()
+
+
+def _check_json_destination(json_path: Path | None) -> None:
+    """Refuse a --json path whose directory does not exist before any work is done."""
+    if json_path is not None and not json_path.expanduser().parent.is_dir():
+        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place when complete."""
     path = path.expanduser()
@@ -179,8 +195,7 @@ def bench(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if budget <= 0:
         raise UserError(f"--budget must be positive, got {budget}")
-    if json_path is not None and not json_path.expanduser().parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    _check_json_destination(json_path)
 
     with console.status(f"measuring this machine's roofline ({threads} threads)..."):
         roofline = load_or_measure_roofline(threads, remeasure=remeasure)
@@ -267,8 +282,7 @@ def _bench_model(
             raise UserError(f"{name} must be >= 1, got {value}")
     if decode_tokens < 1:
         raise UserError(f"--decode-tokens must be >= 1, got {decode_tokens}")
-    if json_path is not None and not json_path.expanduser().parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    _check_json_destination(json_path)
     with Progress(
         TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip
@@ -504,14 +518,10 @@ def eval_(
     debug: Debug = False,
 ) -> None:
     """Perplexity and tokens/s of a model on text files."""
-    from .eval import default_eval_files, evaluate
+    from .eval import evaluate
 
-    files = text or default_eval_files()
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"text file {file} does not exist")
-    if json_path is not None and not json_path.expanduser().parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    files = _text_files(text)
+    _check_json_destination(json_path)
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="evaluation", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
@@ -559,21 +569,17 @@ def routing_stats_(
 
     With --memory-budget, the text is also decoded token by token through moerun's own expert cache, whose
     measured hit rates follow."""
-    from .eval import default_eval_files, join_tokens
+    from .eval import join_tokens
     from .models.quantized import moe_layers
     from .offload.routing_stats import collect_routing, default_cache_sizes, replay_decode, routing_stats
 
-    files = text or default_eval_files()
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"text file {file} does not exist")
+    files = _text_files(text)
     if cache_size and min(cache_size) < 1:
         raise UserError(f"--cache-size must be >= 1 expert, got {min(cache_size)}")
     for name, value in (("--segment", segment), ("--max-tokens", max_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    if json_path is not None and not json_path.expanduser().parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    _check_json_destination(json_path)
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="routing statistics", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
