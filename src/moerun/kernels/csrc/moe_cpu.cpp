@@ -77,13 +77,18 @@ constexpr int64_t kMinBytesPerThread = 128 * 1024;
 // Gated activations the kernel can fuse (codes mirrored in native.py).
 enum Glu { kNoGlu = -1, kSilu = 0, kGeluTanh = 1, kSwigluClamped = 2 };
 
+// Lanes [0, n) of a 16-lane mask, n <= 16.
+inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+// Lanes [0, min(n, 32)) of a 32-lane mask.
+inline __mmask32 lanes32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << n) - 1); }
+
 struct Bf16 {
   using Elem = uint16_t;
   using Vec = __m512i;
   static constexpr int kStep = 32;
   static Vec load(const Elem* p) { return _mm512_loadu_si512(p); }
   static Vec load_tail(const Elem* p, int64_t n) {
-    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1), p);
+    return _mm512_maskz_loadu_epi16(lanes32(n), p);
   }
   static __m512 fma(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   // 32-bit units of K: a pair of bf16.
@@ -191,8 +196,6 @@ inline void dot_rows(const typename Ops::Elem* w, const typename Ops::Elem* x, i
   for (int m = 0; m < M; ++m) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
-// Lanes [0, n) of a 16-lane mask, n <= 16.
-inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
 // Calls f(std::integral_constant<int, M>{}, s) for consecutive blocks [s, s + M) of [s0, s1), M <= kRowBlock.
 template <typename F>
@@ -397,7 +400,7 @@ void to_bf16(const typename Ops::Elem* src, int64_t n, uint16_t* dst) {
 inline float bf16_sum(const uint16_t* x, int64_t n) {
   __m512 t = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 mask = n - i >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (n - i)) - 1);
+    const __mmask32 mask = lanes32(n - i);
     t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i), (__m512bh)_mm512_set1_epi16(0x3F80));
   }
   return _mm512_reduce_add_ps(t);
@@ -430,7 +433,7 @@ inline void dot_tile_int8(const int8_t* q, const float* scales, const uint16_t* 
     const int64_t len = std::min(kInt8Chunk, k - c0);
     for (int64_t h = 0; h < len; h += 32) {
       // Past k the weights read as q = 0 and x as 0: the products vanish.
-      const __mmask32 mask = len - h >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (len - h)) - 1);
+      const __mmask32 mask = lanes32(len - h);
       __m512bh xv[M];
       for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + c0 + h);
       for (int j = 0; j < RT; ++j) {
@@ -528,7 +531,7 @@ inline void dot_tile_int4(const uint8_t* q, const uint16_t* scales, const uint16
     for (int m = 0; m < M; ++m) tot[j][m] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < lanes_total; g0 += kBlockGroups) {
     const int64_t ng = std::min(kBlockGroups, lanes_total - g0);
-    const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
+    const __mmask32 words = lanes32(2 * ng);
     const uint32_t* xb = xp + g0 * (L / 2);
     __m512 acc[RT][M][A];
     for (int j = 0; j < RT; ++j)
@@ -695,7 +698,7 @@ void dequantize_int4_row(const Matrix& mat, int64_t n_rows, int64_t k, int64_t n
   const uint16_t* mins = mat.mins ? static_cast<const uint16_t*>(mat.mins) + n * groups : nullptr;
   for (int64_t g0 = 0; g0 < lanes_total; g0 += kBlockGroups) {
     const int64_t ng = std::min(kBlockGroups, lanes_total - g0);
-    const __mmask32 words = static_cast<__mmask32>((1ull << (2 * ng)) - 1);
+    const __mmask32 words = lanes32(2 * ng);
     __m512i pairs[L / 2];  // pairs[u] lane i: values 2u, 2u + 1 of lane group g0 + i
     for (int c = 0; c < L / 8; ++c) {
       const __m512i w = load_int4_chunk(q + (c * rt + r) * 4 * ng, words);
