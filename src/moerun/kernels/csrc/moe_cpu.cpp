@@ -196,7 +196,6 @@ inline void dot_rows(const typename Ops::Elem* w, const typename Ops::Elem* x, i
   for (int m = 0; m < M; ++m) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
-
 // Calls f(std::integral_constant<int, M>{}, s) for consecutive blocks [s, s + M) of [s0, s1), M <= kRowBlock.
 template <typename F>
 inline void for_row_blocks(int64_t s0, int64_t s1, F f) {
