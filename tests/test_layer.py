@@ -58,6 +58,24 @@ def test_backend_matches_reference(backend: str, variant: str, tokens: int, dtyp
     assert err <= TOLERANCE[dtype] * expected.abs().max().item()
 
 
+@pytest.mark.skipif(not native.is_available(), reason="native kernel not available")
+@pytest.mark.parametrize(("variant", "backend", "one_call"), [
+    ("silu", "auto", True), ("silu", "native", True), ("silu", "torch", False), ("gelu_topk1", "auto", False),
+    ("swiglu_clamped_biases", "auto", False), ("grouped_shared_gate", "auto", False),
+])  # fmt: skip
+@torch.inference_mode()
+def test_one_token_softmax_topk_takes_one_native_call(monkeypatch, variant: str, backend: str, one_call: bool) -> None:
+    """Decode of a softmax top-k layer is one native call (moe_token); other routers, erf-GELU and the
+    torch backend take the general path."""
+    calls = []
+    monkeypatch.setattr(native, "moe_token", lambda *a, real=native.moe_token, **k: calls.append(1) or real(*a, **k))
+    layer = make_layer(torch.bfloat16, **VARIANTS[variant], backend=backend)
+    layer(torch.randn(1, 96).to(torch.bfloat16))
+    assert len(calls) == one_call
+    layer(torch.randn(2, 96).to(torch.bfloat16))
+    assert len(calls) == one_call
+
+
 @torch.inference_mode()
 def test_keeps_leading_dimensions() -> None:
     layer = make_layer(torch.float32)

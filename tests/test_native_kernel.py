@@ -10,6 +10,7 @@ import torch
 from moerun.kernels import native
 from moerun.kernels.activation import GluSpec, apply_glu
 from moerun.quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, quantize_weight
+from moerun.routing import route_topk_softmax
 
 pytestmark = pytest.mark.skipif(
     not native.is_available(),
@@ -336,3 +337,106 @@ def test_quantized_format_errors():
     mixed = ExpertMatrices([torch.ones(4, 96, dtype=torch.float32), torch.ones(4, 96, dtype=torch.float32)])
     with pytest.raises(ValueError, match="must be contiguous torch.bfloat16 like x"):
         native.grouped_gemv(x, mixed, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))
+
+
+# ---- One token through a whole MoE layer (decode) ----
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(64, 8), (128, 2), (8, 2), (60, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_route_token_chooses_like_torch_topk(dtype, num_experts, top_k):
+    """Logits drawn from 5 values tie constantly; the kernel must pick and order experts as torch.topk does
+    (selection for k * 64 > E, partial sort otherwise)."""
+    gen = torch.Generator().manual_seed(num_experts + top_k)
+    values = torch.tensor([-1.0, 0.125, 0.25, 0.5, 2.0])
+    x = torch.zeros(1, 64, dtype=dtype)
+    x[0, 0] = 1  # logits = the router's first column, exactly
+    for _ in range(100):
+        router = torch.zeros(num_experts, 64, dtype=dtype)
+        router[:, 0] = values[torch.randint(0, 5, (num_experts,), generator=gen)]
+        weights, ids = native.route_token(x, router, top_k)
+        expected_weights, expected_ids = route_topk_softmax(torch.nn.functional.linear(x, router), top_k, False)
+        assert torch.equal(ids, expected_ids)
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_route_token_rounds_logits_and_scales(dtype):
+    gen = torch.Generator().manual_seed(7)
+    router = torch.randn(16, 200, generator=gen).to(dtype)
+    for _ in range(20):
+        x = torch.randn(1, 200, generator=gen).to(dtype)
+        weights, ids = native.route_token(x, router, 3, renormalize=True, scaling=2.5)
+        logits = torch.nn.functional.linear(x.double(), router.double()).to(dtype)  # rounded once, as F.linear
+        expected_weights, expected_ids = route_topk_softmax(logits, 3, True)
+        assert torch.equal(ids, expected_ids)
+        torch.testing.assert_close(weights, expected_weights * 2.5, rtol=1e-5, atol=0)  # fp32 sums differ
+
+
+MOE_TOKEN_FORMATS = [None, QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 128, symmetric=False)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("activation", ["silu", "swiglu_clamped"])
+@pytest.mark.parametrize("fmt", MOE_TOKEN_FORMATS, ids=lambda f: "plain" if f is None else f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, threads):
+    """Bit for bit what route_token, make_plan and experts_native compute (the path offloaded experts take)."""
+    from moerun.kernels.experts import ExpertWeights, experts_native
+    from moerun.routing import make_plan
+
+    gen = torch.Generator().manual_seed(11)
+    num_experts, hidden, top_k = 12, 256, 4
+    half = 128 if fmt is not None and fmt.bits == 4 else 70  # int4 needs K % 64 == 0 (down's K is half)
+    router = (torch.randn(num_experts, hidden, generator=gen) * 0.2).to(dtype)
+    gate_up = (torch.randn(num_experts, 2 * half, hidden, generator=gen) * 0.1).to(dtype)
+    down = (torch.randn(num_experts, hidden, half, generator=gen) * 0.1).to(dtype)
+    if fmt is not None:
+        gate_up, down = quantize_weight(gate_up, fmt), quantize_weight(down, fmt)
+    biases = activation == "swiglu_clamped"
+    w = ExpertWeights(
+        gate_up, down,
+        torch.randn(num_experts, 2 * half, generator=gen) if biases else None,
+        torch.randn(num_experts, hidden, generator=gen) if biases else None,
+        GluSpec(activation, limit=0.5),
+    )  # fmt: skip
+    for _ in range(5):
+        x = torch.randn(1, hidden, generator=gen).to(dtype)
+        y, weights, ids = native.moe_token(
+            x, router, top_k, w.gate_up, w.down, w.glu, renormalize=True,
+            gate_up_bias=w.gate_up_bias, down_bias=w.down_bias, num_threads=threads,
+        )  # fmt: skip
+        expected_weights, expected_ids = native.route_token(x, router, top_k, renormalize=True)
+        assert torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
+        expected = experts_native(x, make_plan(ids, weights, num_experts), w)
+        assert y.dtype == dtype and torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "swiglu_clamped"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_glu_matches_apply_glu(dtype, activation):
+    h = torch.randn(5, 2 * 37, generator=torch.Generator().manual_seed(1)) * 3
+    spec = GluSpec(activation, limit=2.0)
+    act = native.glu(h, spec, dtype)
+    assert act.dtype == dtype
+    torch.testing.assert_close(act.float(), apply_glu(h, spec).to(dtype).float(), rtol=1e-2, atol=1e-5)
+
+
+def test_token_validation_errors():
+    x = torch.ones(1, 64, dtype=torch.bfloat16)
+    router = torch.ones(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one contiguous bfloat16 or float32 CPU row"):
+        native.route_token(torch.ones(2, 64, dtype=torch.bfloat16), router, 2)
+    with pytest.raises(ValueError, match="router weight must be a contiguous"):
+        native.route_token(x, router.float(), 2)
+    with pytest.raises(ValueError, match="top_k must be between 1 and the 8 experts"):
+        native.route_token(x, router, 9)
+    with pytest.raises(ValueError, match="router logits contain NaN or infinite values"):
+        native.route_token(x, torch.full((8, 64), float("inf"), dtype=torch.bfloat16), 2)
+    gate_up, down = torch.ones(8, 10, 64, dtype=torch.bfloat16), torch.ones(8, 64, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.moe_token(x, router, 2, gate_up, down, GluSpec())
+    with pytest.raises(ValueError, match="cannot compute activation 'gelu'"):
+        native.moe_token(x, router, 2, gate_up, down[..., :5], GluSpec("gelu"))
+    with pytest.raises(ValueError, match="cannot compute activation 'gelu'"):
+        native.glu(torch.ones(1, 4), GluSpec("gelu"), torch.float32)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import native
 from .kernels.activation import GluSpec, apply_glu
-from .kernels.experts import ExpertWeights, experts_forward, get_backend
+from .kernels.experts import ExpertWeights, experts_forward, get_backend, native_supports
 from .kernels.linear import linear
 from .kernels.onednn import PackedExperts, pack_experts
 from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, quantize_weight
@@ -194,19 +195,51 @@ class MoELayer(nn.Module):
             out = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * out
         return out
 
+    def routes_token_natively(self, x: torch.Tensor) -> bool:
+        """Whether one token x [1, H] is routed by the native kernel (``native.route_token``), and its experts
+        run in the same call unless offloaded: softmax top-k routing without router or score biases, an
+        activation the kernel computes, the native or auto backend, and weights the kernel reads."""
+        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        return (
+            self.routing.mode == "softmax_topk"
+            and self.router_bias is None
+            and self.score_bias is None
+            and not self.router_fp32
+            and self.backend in ("auto", "native")
+            and native.fuses_glu(self.glu)
+            and native.is_available()
+            and self.router_weight.is_contiguous()
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_hidden(x, self.hidden_size, self.dtype)
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T, H]
-        weights, ids = route(self.router_logits(x), self.routing, self.score_bias)  # [T, k] each
+        x = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
+        routing = self.routing
+        if not self.routes_token_natively(x):
+            weights, ids = route(self.router_logits(x), routing, self.score_bias)  # [T, k] each
+        elif self.offload is None and native_supports(x, self.expert_weights()):
+            # Decode: router, routing and experts in one native call instead of ~25 small torch operations.
+            y, _, _ = native.moe_token(
+                x, self.router_weight, routing.top_k, self.gate_up, self.down, self.glu,
+                renormalize=routing.renormalize, scaling=routing.routed_scaling_factor,
+                gate_up_bias=self.gate_up_bias, down_bias=self.down_bias,
+            )  # fmt: skip
+            return self._add_shared(x, y).reshape(shape)
+        else:
+            weights, ids = native.route_token(
+                x, self.router_weight, routing.top_k, routing.renormalize, routing.routed_scaling_factor
+            )
         plan = make_plan(ids, weights, self.num_experts)
         if self.offload is None:
             y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]
         else:
             y = self.offload(x, plan)
-        if self.shared_gate_up is not None:
-            y = y + self.shared_expert(x)
-        return y.reshape(shape)
+        return self._add_shared(x, y).reshape(shape)
+
+    def _add_shared(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y if self.shared_gate_up is None else y + self.shared_expert(x)
 
 
 def experts_from_stacks(

@@ -195,7 +195,7 @@ def experts_native(
         act = native.grouped_glu(xs, w.gate_up, *group_args, glu=w.glu, bias=w.gate_up_bias)  # [S, I]
     else:
         h = native.grouped_gemv(xs, w.gate_up, *group_args, bias=w.gate_up_bias)  # [S, 2I] fp32
-        act = apply_glu(h, w.glu).to(x.dtype)  # [S, I]
+        act = native.glu(h, w.glu, x.dtype) if native.fuses_glu(w.glu) else apply_glu(h, w.glu).to(x.dtype)  # [S, I]
     y = torch.zeros(plan.num_tokens, w.hidden_size, dtype=torch.float32, device=x.device) if out is None else out
     native.grouped_gemv(
         act, w.down, *group_args, bias=w.down_bias, out=y,

@@ -1,5 +1,7 @@
 """ctypes binding of the native AVX-512 grouped expert kernel (``csrc/moe_cpu.cpp``): ``grouped_gemv`` for
-one projection, ``grouped_glu`` for the gate/up projection fused with the gated activation.
+one projection, ``grouped_glu`` for the gate/up projection fused with the gated activation, ``glu`` for the
+activation alone, and for decode ``route_token`` (a token's softmax top-k routing) and ``moe_token`` (a token
+through a whole MoE layer's routed experts in one call).
 
 Weights are a float tensor [E, N, K], a ``QuantizedWeight`` stack [E, N, K] (int8 / int4, read packed),
 or ``ExpertMatrices`` (each expert its own format). The kernel sees them as a table of E matrix
@@ -41,6 +43,7 @@ _STATUS_MESSAGES = {
     7: "unsupported fused activation",
     8: "the gate/up weight must have an even number of rows",
     9: "a weight matrix's format does not fit (plain weights must share x's dtype; int4 needs K % 64 == 0)",
+    10: "router logits contain NaN or infinite values",
 }
 # Gated activations the kernel fuses into the gate/up projection (the Glu enum in moe_cpu.cpp).
 _GLU_CODES = {"silu": 0, "gelu_pytorch_tanh": 1, "swiglu_clamped": 2}
@@ -72,7 +75,7 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(path))
             fn = lib.moerun_grouped_gemv
-            lib.moerun_grouped_glu  # noqa: B018 - an older build without it is unusable
+            lib.moerun_moe_token  # noqa: B018 - an older build without it is unusable
         except (OSError, AttributeError):
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -97,6 +100,20 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int,  # dtype code, threads
         ]  # fmt: skip
         glu.restype = ctypes.c_int
+        f32 = ctypes.c_float
+        lib.moerun_glu.argtypes = [ptr, i64, i64, i64, ctypes.c_int, f32, f32, ptr, i64, ctypes.c_int]
+        lib.moerun_glu.restype = ctypes.c_int
+        routing = [ctypes.c_int, ctypes.c_int, f32]  # top_k, renormalize, scaling
+        lib.moerun_route_token.argtypes = [ptr, i64, ptr, i64, *routing, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        lib.moerun_route_token.restype = ctypes.c_int
+        lib.moerun_moe_token.argtypes = [
+            ptr, i64, ptr, i64, *routing,  # x, K, router, E, routing
+            ptr, i64, ptr, ptr, ptr,  # gate/up table, 2I, gate/up bias, down table, down bias
+            ctypes.c_int, f32, f32,  # activation code, alpha, limit
+            ptr, ptr, ptr,  # out, ids, weights
+            ctypes.c_int, ctypes.c_int,  # dtype code, threads
+        ]  # fmt: skip
+        lib.moerun_moe_token.restype = ctypes.c_int
         return lib
     return None
 
@@ -377,3 +394,156 @@ def grouped_glu(
     if status != 0:
         raise ValueError(f"native grouped_glu: {_STATUS_MESSAGES.get(status, f'status {status}')}")
     return act
+
+
+def glu(h: torch.Tensor, spec: GluSpec, dtype: torch.dtype) -> torch.Tensor:
+    """The gated activation of float32 gate/up rows with the fused kernel's arithmetic (``fuses_glu(spec)``).
+
+    Args:
+        h: [S, 2I] float32, gate columns then up columns, unit stride along the columns.
+        spec: the activation.
+        dtype: bfloat16 or float32, the result's dtype.
+
+    Returns:
+        [S, I] in ``dtype``.
+    """
+    lib = _library_or_raise()
+    if not fuses_glu(spec):
+        raise ValueError(f"the native kernel cannot compute activation {spec.activation!r}; use apply_glu")
+    if h.dtype != torch.float32 or h.dim() != 2 or not h.is_cpu or (h.stride(1) != 1 and h.shape[1] > 1):
+        raise ValueError(f"h must be a float32 CPU tensor [S, 2I] with unit column stride, got {tuple(h.shape)}")
+    if dtype not in _DTYPE_CODES:
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype}")
+    act = torch.empty(h.shape[0], h.shape[1] // 2, dtype=dtype)
+    status = lib.moerun_glu(
+        _ptr(h), h.shape[0], h.shape[1], h.stride(0), _GLU_CODES[spec.activation], spec.alpha, spec.limit,
+        _ptr(act), act.stride(0), _DTYPE_CODES[dtype],
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native glu: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return act
+
+
+def _check_token(x: torch.Tensor, router: torch.Tensor, top_k: int) -> None:
+    if x.dtype not in _DTYPE_CODES or x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or not x.is_cpu:
+        raise ValueError(f"x must be one contiguous bfloat16 or float32 CPU row [1, K], got {x.dtype} {tuple(x.shape)}")
+    if router.dtype != x.dtype or router.dim() != 2 or router.shape[1] != x.shape[1] or not router.is_contiguous():
+        raise ValueError(
+            f"the router weight must be a contiguous [E, {x.shape[1]}] {x.dtype} tensor, got {router.dtype} "
+            f"{tuple(router.shape)}"
+        )
+    if not 1 <= top_k <= router.shape[0]:
+        raise ValueError(f"top_k must be between 1 and the {router.shape[0]} experts, got {top_k}")
+
+
+def route_token(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_topk routing of one token (``route_topk_softmax`` of its router logits), in one native call.
+
+    The logits are rounded to x's dtype, as a linear layer in that dtype returns them, and the experts are
+    chosen as ``torch.topk`` chooses them, equal logits included.
+
+    Args:
+        x: [1, K] bfloat16 or float32.
+        router: [E, K] router weight of x's dtype.
+        top_k: experts per token.
+        renormalize: divide the selected probabilities by their sum.
+        scaling: multiplier of the weights.
+        num_threads: threads to use (default ``torch.get_num_threads()``).
+
+    Returns:
+        weights [1, k] float32 and ids [1, k] int64, highest weight first.
+
+    Raises:
+        ValueError: the kernel is unavailable, the arguments do not fit, or a logit is not finite.
+    """
+    lib = _library_or_raise()
+    _check_token(x, router, top_k)
+    weights = torch.empty(1, top_k, dtype=torch.float32)
+    ids = torch.empty(1, top_k, dtype=torch.int64)
+    status = lib.moerun_route_token(
+        _ptr(x), x.shape[1], _ptr(router), router.shape[0], top_k, int(renormalize), scaling,
+        _ptr(ids), _ptr(weights), _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native route_token: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return weights, ids
+
+
+def _float_bias(bias: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if tuple(bias.shape) != shape or not bias.is_cpu:
+        raise ValueError(f"bias must be a CPU tensor of shape {shape}, got {tuple(bias.shape)}")
+    return bias.to(torch.float32).contiguous()
+
+
+def moe_token(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    gate_up: Weight,
+    down: Weight,
+    glu: GluSpec,
+    *,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token through a softmax_topk MoE layer's routed experts in one native call (decode).
+
+    Equal to ``route_token`` followed by the native experts on the one-token plan (gate/up projection,
+    ``glu``, down projection combined with the router weights), bit for bit, without the ~25 small torch
+    operations between them.
+
+    Args:
+        x: [1, H] bfloat16 or float32.
+        router: [E, H] router weight of x's dtype.
+        top_k: experts per token.
+        gate_up: [E, 2I, H] expert weights, as for ``grouped_gemv``.
+        down: [E, H, I].
+        glu: the gated activation; ``fuses_glu(glu)`` must hold.
+        renormalize, scaling: as for ``route_token``.
+        gate_up_bias: [E, 2I] or None.
+        down_bias: [E, H] or None.
+        num_threads: threads to use (default ``torch.get_num_threads()``).
+
+    Returns:
+        y [1, H] in x's dtype, weights [1, k] float32 and ids [1, k] int64 (highest weight first).
+
+    Raises:
+        ValueError: the kernel is unavailable, or the arguments do not fit together.
+    """
+    lib = _library_or_raise()
+    _check_token(x, router, top_k)
+    if not fuses_glu(glu):
+        raise ValueError(f"the native kernel cannot compute activation {glu.activation!r}")
+    _check_weight(x, gate_up)
+    num_experts, two_i, hidden = gate_up.shape
+    if num_experts != router.shape[0] or two_i % 2 or tuple(down.shape) != (num_experts, hidden, two_i // 2):
+        raise ValueError(
+            f"router {tuple(router.shape)}, gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit"
+        )
+    _check_weight(x.new_empty(1, two_i // 2), down)
+    y = torch.empty_like(x)
+    weights = torch.empty(1, top_k, dtype=torch.float32)
+    ids = torch.empty(1, top_k, dtype=torch.int64)
+    status = lib.moerun_moe_token(
+        _ptr(x), hidden, _ptr(router), num_experts, top_k, int(renormalize), scaling,
+        _ptr(matrix_table(gate_up)), two_i, _ptr(_float_bias(gate_up_bias, (num_experts, two_i))),
+        _ptr(matrix_table(down)), _ptr(_float_bias(down_bias, (num_experts, hidden))),
+        _GLU_CODES[glu.activation], glu.alpha, glu.limit,
+        _ptr(y), _ptr(ids), _ptr(weights),
+        _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native moe_token: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return y, weights, ids

@@ -33,6 +33,10 @@
 // dequantize each register tile's weight rows into an L1-resident scratch in x's dtype and run the same
 // tiles as plain weights: the cost is amortised over the group's rows.
 //
+// Decode of one token through a whole MoE layer (moerun_moe_token) runs its router, softmax top-k, both
+// projections and the activation in one call: the ~25 small torch operations it replaces cost more than the
+// projections' weight reads on a 1-token layer once those reads have evicted their code and data from cache.
+//
 // Plain C ABI over raw pointers: loaded with ctypes, no torch or Python headers needed.
 
 // gcc 12's AVX-512 headers build results on _mm*_undefined_*(), which -Wall (in Python's build flags)
@@ -48,7 +52,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <cmath>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 
 
@@ -73,6 +80,21 @@ constexpr int kTileRows = 6;
 // Below this many weight bytes times x rows per thread, waking another thread costs more than it
 // saves (measured with cache-hot weights: 2 threads lose at 128 KiB per call, win from 512 KiB).
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
+
+// Status codes, mirrored in native.py.
+enum {
+  kOk = 0,
+  kBadDtype = 1,
+  kBadExpert = 2,
+  kBadGroupRows = 3,
+  kBadScatterIndex = 4,
+  kBadOutRows = 5,
+  kOutOfMemory = 6,
+  kBadActivation = 7,
+  kBadShape = 8,
+  kBadFormat = 9,
+  kBadLogits = 10,
+};
 
 // Gated activations the kernel can fuse (codes mirrored in native.py).
 enum Glu { kNoGlu = -1, kSilu = 0, kGeluTanh = 1, kSwigluClamped = 2 };
@@ -1018,23 +1040,126 @@ bool run(const Problem& p, int64_t rows, int64_t max_group_rows, bool quantized,
   return true;
 }
 
+// act[s, i] = glu(h[s, i], h[s, half + i]) in Elem for rows s of float32 gate/up results (p.glu set): the
+// activation of the unfused gate/up projection, with the fused path's arithmetic.
+template <typename Ops>
+void glu_rows(const Problem& p, const float* h, int64_t rows, int64_t half, int64_t h_stride, typename Ops::Elem* act,
+              int64_t act_stride) {
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t i = 0; i < half; i += kLanes) {
+      const __mmask16 mask = lanes(std::min<int64_t>(kLanes, half - i));
+      const __m512 gate = _mm512_maskz_loadu_ps(mask, h + s * h_stride + i);
+      const __m512 up = _mm512_maskz_loadu_ps(mask, h + s * h_stride + half + i);
+      Ops::store_tail(act + s * act_stride + i, glu16(p, gate, up), mask);
+    }
+}
+
+// ---- One token through a whole MoE layer (decode): router, softmax top-k, both projections, combine ----
+
+// The softmax_topk routing of one token (moerun/routing.py: route_topk_softmax) from its float32 router
+// logits: ids[k] and weights[k], highest first. The experts are chosen exactly as torch.topk chooses them
+// on the CPU (a selection, then a sort of the first k - 1, both comparing values only), so that ties
+// between equal logits, common in bfloat16, resolve as they do in transformers.
+inline void softmax_topk(const float* logits, int64_t num_experts, int top_k, bool renormalize, float scaling,
+                         int64_t* ids, float* weights) {
+  const float top = *std::max_element(logits, logits + num_experts);
+  std::vector<std::pair<float, int64_t>> probs(num_experts);
+  float sum = 0.0f;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    probs[e] = {std::exp(logits[e] - top), e};
+    sum += probs[e].first;
+  }
+  for (auto& q : probs) q.first /= sum;
+  const auto higher = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first;
+  };
+  if (static_cast<int64_t>(top_k) * 64 <= num_experts) {
+    std::partial_sort(probs.begin(), probs.begin() + top_k, probs.end(), higher);
+  } else {
+    std::nth_element(probs.begin(), probs.begin() + top_k - 1, probs.end(), higher);
+    std::sort(probs.begin(), probs.begin() + top_k - 1, higher);
+  }
+  float chosen = 0.0f;
+  for (int j = 0; j < top_k; ++j) chosen += probs[j].first;
+  for (int j = 0; j < top_k; ++j) {
+    ids[j] = probs[j].second;
+    weights[j] = renormalize ? probs[j].first / chosen : probs[j].first;
+    if (scaling != 1.0f) weights[j] *= scaling;
+  }
+}
+
+// A finite float rounded to the nearest bfloat16 (ties to even), as a float.
+inline float round_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &bits, sizeof(bits));
+  return v;
+}
+
+// Router logits of one token x[k], rounded to Elem as a torch linear layer in that dtype returns them.
+// Returns kBadLogits if one is not finite (route() refuses those).
+template <typename Ops>
+int router_logits(const typename Ops::Elem* x, int64_t k, const typename Ops::Elem* router, int64_t num_experts,
+                   float* logits, int nthreads) {
+  const Matrix table{router, nullptr, nullptr, std::is_same_v<Ops, Bf16> ? kFormatBf16 : kFormatF32};
+  const int64_t zero = 0, one = 1;
+  Problem p{x, k, &table, num_experts, k, &zero, &zero, &one, 1, nullptr, logits, num_experts};
+  if (!run<Ops>(p, 1, 1, false, nthreads)) return kOutOfMemory;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (!std::isfinite(logits[e])) return kBadLogits;
+    if constexpr (std::is_same_v<Ops, Bf16>) logits[e] = round_to_bf16(logits[e]);
+  }
+  return kOk;
+}
+
+// The routed experts of one token x[k] chosen by route (ids, weights: top_k of them, any order): gate/up
+// projection (1 row per expert, all reading x), activation, down projection scattered with the weights, in
+// the order of ascending expert ids, as moerun.kernels.experts.experts_native computes a one-token plan.
+// out: k values of Elem.
+template <typename Ops>
+bool routed_experts(const typename Ops::Elem* x, int64_t k, const int64_t* ids, const float* weights, int top_k,
+                    const Matrix* gate_up, int64_t two_i, const float* gate_up_bias, const Matrix* down,
+                    const float* down_bias, bool quantized, int glu, float alpha, float limit,
+                    typename Ops::Elem* out, int nthreads) {
+  using Elem = typename Ops::Elem;
+  const int64_t half = two_i / 2;
+  std::vector<int64_t> order(top_k), experts(top_k), starts(top_k), counts(top_k, 1), token(top_k, 0);
+  for (int j = 0; j < top_k; ++j) order[j] = j;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::vector<float> slot_weights(top_k);
+  for (int j = 0; j < top_k; ++j) {
+    experts[j] = ids[order[j]];
+    starts[j] = j;
+    slot_weights[j] = weights[order[j]];
+  }
+  std::vector<float> h(top_k * two_i), y(k, 0.0f);
+  std::vector<Elem> act(top_k * half);
+  // x_stride 0: every expert's row reads the one token.
+  Problem up{x, 0, gate_up, two_i, k, experts.data(), starts.data(), counts.data(), top_k, gate_up_bias,
+             h.data(), two_i};
+  if (!run<Ops>(up, top_k, 1, quantized, nthreads)) return false;
+  Problem act_fn{};
+  act_fn.glu = glu;
+  act_fn.glu_alpha = alpha;
+  act_fn.glu_limit = limit;
+  glu_rows<Ops>(act_fn, h.data(), top_k, half, two_i, act.data(), half);
+  Problem dn{act.data(), half, down, k, half, experts.data(), starts.data(), counts.data(), top_k, down_bias,
+             y.data(), k};
+  dn.scatter_index = token.data();
+  dn.scatter_weight = slot_weights.data();
+  if (!run<Ops>(dn, top_k, 1, quantized, nthreads)) return false;
+  for (int64_t i = 0; i < k; i += kLanes) {
+    const __mmask16 mask = lanes(std::min<int64_t>(kLanes, k - i));
+    Ops::store_tail(out + i, _mm512_maskz_loadu_ps(mask, y.data() + i), mask);
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Status codes, mirrored in native.py.
-enum {
-  kOk = 0,
-  kBadDtype = 1,
-  kBadExpert = 2,
-  kBadGroupRows = 3,
-  kBadScatterIndex = 4,
-  kBadOutRows = 5,
-  kOutOfMemory = 6,
-  kBadActivation = 7,
-  kBadShape = 8,
-  kBadFormat = 9,
-};
 
 // Checks every expert's matrix descriptor against x's dtype and k; sets *quantized if any is low-bit.
 static int check_matrices(const Matrix* mats, int64_t num_experts, int64_t k, int dtype, bool* quantized) {
@@ -1139,6 +1264,67 @@ int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const in
   p.act_stride = act_stride;
   const bool ok = dtype == 1 ? run<Bf16>(p, rows, max_group_rows, quantized, nthreads)
                              : run<F32>(p, rows, max_group_rows, quantized, nthreads);
+  return ok ? kOk : kOutOfMemory;
+}
+
+// Gated activation of float32 gate/up rows h [rows, 2I] (h_stride apart): act[s, i] = glu(h[s, i], h[s, I + i])
+// in the dtype code's type, act_stride apart; the arithmetic of moerun_grouped_glu.
+int moerun_glu(const float* h, int64_t rows, int64_t two_i, int64_t h_stride, int glu, float alpha, float limit,
+               void* act, int64_t act_stride, int dtype) {
+  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (two_i % 2) return kBadShape;
+  Problem p{};
+  p.glu = glu;
+  p.glu_alpha = alpha;
+  p.glu_limit = limit;
+  if (dtype == 1)
+    glu_rows<Bf16>(p, h, rows, two_i / 2, h_stride, static_cast<uint16_t*>(act), act_stride);
+  else
+    glu_rows<F32>(p, h, rows, two_i / 2, h_stride, static_cast<float*>(act), act_stride);
+  return kOk;
+}
+
+// softmax_topk routing of one token x [k] with router weights [num_experts, k] of x's dtype: ids [top_k] and
+// weights [top_k], highest first (see softmax_topk).
+int moerun_route_token(const void* x, int64_t k, const void* router, int64_t num_experts, int top_k,
+                       int renormalize, float scaling, int64_t* ids, float* weights, int dtype, int nthreads) {
+  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (top_k < 1 || top_k > num_experts) return kBadShape;
+  std::vector<float> logits(num_experts);
+  const int status = dtype == 1 ? router_logits<Bf16>(static_cast<const uint16_t*>(x), k,
+                                                      static_cast<const uint16_t*>(router), num_experts,
+                                                      logits.data(), nthreads)
+                                : router_logits<F32>(static_cast<const float*>(x), k, static_cast<const float*>(router),
+                                                     num_experts, logits.data(), nthreads);
+  if (status != kOk) return status;
+  softmax_topk(logits.data(), num_experts, top_k, renormalize != 0, scaling, ids, weights);
+  return kOk;
+}
+
+// One token x [k] through a whole softmax_topk MoE layer's routed experts, as moerun_route_token followed by
+// experts_native on the one-token plan: out [k] in x's dtype; ids and weights [top_k] receive the routing.
+// gate_up: num_experts [2I, k] matrices (gate rows, then up rows), down: [k, I]; biases float32 or null.
+int moerun_moe_token(const void* x, int64_t k, const void* router, int64_t num_experts, int top_k, int renormalize,
+                     float scaling, const int64_t* gate_up, int64_t two_i, const float* gate_up_bias,
+                     const int64_t* down, const float* down_bias, int glu, float alpha, float limit, void* out,
+                     int64_t* ids, float* weights, int dtype, int nthreads) {
+  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (two_i % 2 || two_i == 0) return kBadShape;
+  bool quantized = false;
+  const Matrix* up = reinterpret_cast<const Matrix*>(gate_up);
+  const Matrix* dn = reinterpret_cast<const Matrix*>(down);
+  int status = check_matrices(up, num_experts, k, dtype, &quantized);
+  if (status == kOk) status = check_matrices(dn, num_experts, two_i / 2, dtype, &quantized);
+  if (status == kOk) status = moerun_route_token(x, k, router, num_experts, top_k, renormalize, scaling, ids, weights,
+                                                 dtype, nthreads);
+  if (status != kOk) return status;
+  const bool ok = dtype == 1 ? routed_experts<Bf16>(static_cast<const uint16_t*>(x), k, ids, weights, top_k, up, two_i,
+                                                    gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
+                                                    static_cast<uint16_t*>(out), nthreads)
+                             : routed_experts<F32>(static_cast<const float*>(x), k, ids, weights, top_k, up, two_i,
+                                                   gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
+                                                   static_cast<float*>(out), nthreads);
   return ok ? kOk : kOutOfMemory;
 }
 
