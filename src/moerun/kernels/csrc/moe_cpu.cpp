@@ -34,8 +34,9 @@
 // tiles as plain weights: the cost is amortised over the group's rows.
 //
 // Decode of one token through a whole MoE layer (moerun_moe_token) runs its router, softmax top-k, both
-// projections and the activation in one call: the ~25 small torch operations it replaces cost more than the
-// projections' weight reads on a 1-token layer once those reads have evicted their code and data from cache.
+// projections and the activation in one call. The ~25 small torch operations it replaces took ~350 us per
+// int4 olmoe-1b-7b layer in a decode step (a third of the projections' time), several times their cost when
+// run back to back: every layer's weight reads evict their code and data from the caches.
 //
 // Plain C ABI over raw pointers: loaded with ctypes, no torch or Python headers needed.
 
