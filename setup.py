@@ -10,7 +10,7 @@ setup(
             sources=["src/moerun/kernels/csrc/moe_cpu.cpp"],
             extra_compile_args=[
                 "-O3", "-std=c++17", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                "-mavx512bf16", "-mfma", "-mf16c",
+                "-mavx512bf16", "-mavx512vnni", "-mfma", "-mf16c",
             ],
             extra_link_args=["-fopenmp"],
             language="c++",

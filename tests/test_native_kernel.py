@@ -263,18 +263,32 @@ QUANT_FORMATS = [
 ]
 
 
+def quantize_x_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [S, K] as the low-bit decode path sees it: int8 per block of ``block`` values along K, scale
+    max|x| / 127, rounded to nearest even; returned dequantized, in float64."""
+    rows, k = x.shape
+    blocks = torch.nn.functional.pad(x.float(), (0, -k % block)).view(rows, -1, block)
+    absmax = blocks.abs().amax(-1, keepdim=True)
+    # float32 ops as the kernel's (127.0 / tensor would be a reciprocal times 127: another rounding)
+    q = torch.round(blocks * torch.where(absmax > 0, torch.full_like(absmax, 127.0) / absmax, 0.0))
+    return (q.double() * (absmax / 127.0).double()).view(rows, -1)[:, :k]
+
+
 def quantized_reference(x, qweight: QuantizedWeight, experts, starts, counts, bias=None) -> torch.Tensor:
     """Dequantize-then-matmul in float64, with the roundings the kernel documents: prefill groups (>= 8
-    rows) see the weights rounded to x's dtype, decode groups see x rounded to bf16."""
+    rows) see the weights rounded to x's dtype, decode groups see x quantized to int8 in blocks (64 values
+    for int8 weights, min(group size, 64) for int4)."""
     out = torch.zeros(x.shape[0], qweight.shape[1], dtype=torch.float64)
+    block = 64 if qweight.bits == 8 else min(qweight.format.group_size, 64)
     for e, s, c in zip(experts.tolist(), starts.tolist(), counts.tolist(), strict=True):
         w = qweight[e].dequantize(torch.float32)
         xs = x[s : s + c]
         if c >= 8:
             w = w.to(x.dtype)
+            xs = xs.double()
         else:
-            xs = xs.to(torch.bfloat16)
-        out[s : s + c] = xs.double() @ w.double().T
+            xs = quantize_x_blocks(xs, block)
+        out[s : s + c] = xs @ w.double().T
         if bias is not None:
             out[s : s + c] += bias[e].double()
     return out

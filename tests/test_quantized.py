@@ -41,7 +41,8 @@ def _round_trip_weights(model: nn.Module, fmt: QuantFormat) -> None:
 def test_int8_model_matches_dequantized_weights(family, tmp_path):
     """Every MoE layer and linear quantize() replaced computes what the float module does with the
     round-tripped weights. Module by module, because a whole model's routing can flip on near-ties: the
-    decode path's products round x to bf16, which moves outputs by up to ~1e-2 of their scale."""
+    decode path's products quantize x to int8 in blocks of 64, which moves outputs by up to ~1e-2 of their
+    scale."""
     path = save_checkpoint(family, tmp_path / family)
     quantized = moerun.load(path, dtype="fp32").model
     reference = moerun.load(path, dtype="fp32").model
@@ -78,14 +79,14 @@ def test_checkpoint_loads_back_exactly(int4_dir, tmp_path):
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, in_memory(ids).logits)
-    # the lean runner reads the same low-bit weights; its one-row products round x to bf16 for int4 (the
-    # documented decode path), which moves fp32 logits by a few 1e-3
+    # the lean runner reads the same low-bit weights; its one-row products quantize x to int8 in blocks (the
+    # documented decode path), which moves fp32 logits by up to ~6e-2 (on logits up to ~15)
     runner = make_lean_runner(loaded.model)
     logits = runner.prefill(ids[0, :-1])
     with torch.no_grad():
         full = loaded.model(ids).logits[0]
     torch.testing.assert_close(logits, full[-2], rtol=0, atol=3e-2)
-    torch.testing.assert_close(runner.decode(int(ids[0, -1])), full[-1], rtol=0, atol=3e-2)
+    torch.testing.assert_close(runner.decode(int(ids[0, -1])), full[-1], rtol=0, atol=1e-1)
 
 
 def _digest(path: Path) -> str:

@@ -274,7 +274,7 @@ def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backen
         raise ValueError(f"the routing plan is for {plan.num_tokens} tokens but {x.shape[0]} were given")
     if backend == "native" and not native_supports(x, w):
         raise ValueError(
-            "the native backend needs CPU bf16/fp32 inputs, contiguous weights and an AVX-512 BF16 CPU "
+            "the native backend needs CPU bf16/fp32 inputs, contiguous weights and an AVX-512 BF16 and VNNI CPU "
             "with the compiled kernel (reinstall moerun to build it); use backend='auto' or 'torch'"
         )
     return fn(x, plan, w)

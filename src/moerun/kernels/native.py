@@ -8,7 +8,7 @@ or ``ExpertMatrices`` (each expert its own format). The kernel sees them as a ta
 descriptors, cached per weight.
 
 The library is built by the package install (``setup.py``) and is a plain C ABI over raw data
-pointers, so it needs no torch headers. It is used only when it loads and the CPU has AVX-512 BF16;
+pointers, so it needs no torch headers. It is used only when it loads and the CPU has AVX-512 BF16 and VNNI;
 ``MOERUN_DISABLE_NATIVE=1`` turns it off. Callers fall back to torch when ``is_available()`` is False.
 
 Shape legend: S sorted rows, K input features, N output features, E experts, G groups, T tokens.
@@ -31,7 +31,9 @@ from .activation import GluSpec
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # Matrix formats (the Format enum in moe_cpu.cpp); plain float matrices use their dtype code.
 _FORMAT_CODES = {8: 2, 4: 3}
-_REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma", "f16c"})
+_REQUIRED_CPU_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma", "f16c"}
+)
 # Status codes returned by moerun_grouped_gemv (the enum in moe_cpu.cpp).
 _STATUS_MESSAGES = {
     1: "unsupported dtype",
@@ -64,7 +66,7 @@ def _cpu_flags() -> frozenset[str]:
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("MOERUN_DISABLE_NATIVE") == "1":
         return None
-    # The library is compiled for AVX-512 BF16 throughout; loading it elsewhere could fault later.
+    # The library is compiled for AVX-512 BF16 and VNNI throughout; loading it elsewhere could fault later.
     if not _REQUIRED_CPU_FLAGS <= _cpu_flags():
         return None
     package_dir = Path(__file__).resolve().parent.parent
@@ -141,7 +143,7 @@ def _index_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
 def _library_or_raise() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
-        raise ValueError("the native kernel is not available (not built, disabled, or the CPU lacks AVX-512 BF16)")
+        raise ValueError("the native kernel is not available (not built, disabled, or no AVX-512 BF16 and VNNI)")
     return lib
 
 
@@ -273,8 +275,9 @@ def grouped_gemv(
 
     Each selected expert's matrix is read from memory once per call (per 256 rows of a group), split by
     output rows across threads: decode-sized groups stream weight rows, groups of 8 rows or more run
-    register tiles over packed rows. Low-bit weights are read packed by the decode path (int4 against x
-    rounded to bf16) and dequantized a tile at a time, to x's dtype, by the prefill path.
+    register tiles over packed rows. Low-bit weights are read packed by the decode path (against x quantized
+    to int8 per block: 64 values for int8 weights, min(group size, 64) for int4) and dequantized a tile at a
+    time, to x's dtype, by the prefill path.
 
     Args:
         x: [S, K] bfloat16 or float32, rows sorted by group, unit stride along K (any row stride).

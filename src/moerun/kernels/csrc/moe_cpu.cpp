@@ -25,10 +25,9 @@
 //
 // Weights may also be low-bit (moerun/quant/formats.py): each expert's matrix is described by its own
 // Matrix entry (pointer, format, scales), so experts of one call may differ in format and need not be
-// stacked in one allocation. Decode-sized groups read the packed weights directly and feed bf16 dot
-// products with x rounded to bf16: nibbles OR-ed into the bf16 bit pattern of 128 + q are exact bf16
-// values, so one mask or shift turns 32 of them into a vector (int8: two nibbles per weight), and the
-// offsets are taken out afterwards from sums of x. Low-bit matrices are stored in tiles of 4 rows so that
+// stacked in one allocation. Decode-sized groups read the packed weights directly and feed VNNI int8 dot
+// products with x quantized to int8 in blocks (see "Low-bit weights, decode path"); the offsets and zero
+// points are taken out afterwards from sums of x. Low-bit matrices are stored in tiles of 4 rows so that
 // one sequential stream feeds 4 rows per x vector loaded (see the layouts below). Prefill-sized groups
 // dequantize each register tile's weight rows into an L1-resident scratch in x's dtype and run the same
 // tiles as plain weights: the cost is amortised over the group's rows.
@@ -52,6 +51,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <cmath>
 #include <type_traits>
@@ -404,28 +404,38 @@ void stream_staged(const Problem& p, int64_t e, const typename Ops::Elem* panel,
 }
 
 // ---- Low-bit weights, decode path ----
+//
+// x is quantized to int8 (symmetric, one scale per block of values: a 64-value chunk for int8 weights, a
+// lane group for int4, as llama.cpp's Q8_0 does per 32 values), so that one VNNI instruction multiplies
+// 64 weight bytes by 64 x bytes and sums them in fours into 32-bit lanes. Against dot products of bf16
+// (weights widened to 16 bits first) this halves the instructions per weight byte (int4) or cuts them to a
+// third (int8), which is what keeps these kernels at the memory's speed: with the bf16 formulation int4
+// streamed 20-26 GB/s of the ~34 a plain read reaches.
 
-// n values of x as bf16, rounded to nearest even.
+// n (<= 64) values of x quantized with one scale: q = round(x * 127 / max|x|) (nearest even), q[n, 64) = 0;
+// returns the scale max|x| / 127 (0 for all-zero x, NaN if a value is NaN, so that it reaches the result)
+// and the sum of q in *sum.
 template <typename Ops>
-void to_bf16(const typename Ops::Elem* src, int64_t n, uint16_t* dst) {
-  if constexpr (std::is_same_v<Ops, Bf16>) {
-    std::memcpy(dst, src, n * sizeof(uint16_t));
-  } else {
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mask = lanes(std::min<int64_t>(16, n - i));
-      Bf16::store_tail(dst + i, _mm512_maskz_loadu_ps(mask, src + i), mask);
-    }
+inline float quantize_block(const typename Ops::Elem* x, int64_t n, int8_t* q, int32_t* sum) {
+  __m512 v[4];
+  __m512 top = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t left = n - 16 * i;
+    v[i] = left > 0 ? Ops::load16_f32(x + 16 * i, lanes(std::min<int64_t>(16, left))) : _mm512_setzero_ps();
+    top = _mm512_max_ps(top, _mm512_abs_ps(v[i]));
+    nan |= _mm512_cmp_ps_mask(v[i], v[i], _CMP_UNORD_Q);
   }
-}
-
-// The sum of n bf16 values, as the dot products see them (exact products with 1.0, float32 sums).
-inline float bf16_sum(const uint16_t* x, int64_t n) {
-  __m512 t = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 mask = lanes32(n - i);
-    t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i), (__m512bh)_mm512_set1_epi16(0x3F80));
+  const float absmax = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(top);
+  const __m512 inv = _mm512_set1_ps(absmax > 0.0f ? 127.0f / absmax : 0.0f);
+  __m512i total = _mm512_setzero_si512();
+  for (int i = 0; i < 4; ++i) {
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));  // rounds to nearest even
+    total = _mm512_add_epi32(total, qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm512_cvtepi32_epi8(qi));
   }
-  return _mm512_reduce_add_ps(t);
+  *sum = _mm512_reduce_add_epi32(total);
+  return absmax / 127.0f;
 }
 
 // ---- int8 layout (moerun/quant/formats.py): row tiles of kRowTile rows stored as one stream, each
@@ -438,95 +448,102 @@ constexpr int64_t kInt8Chunk = 64;
 inline int64_t tile_offset(int64_t n, int64_t k) { return n / kRowTile * kRowTile * k; }
 inline int64_t tile_rows(int64_t n, int64_t n_rows) { return std::min(kRowTile, n_rows - n / kRowTile * kRowTile); }
 
-// r[j * M + m] = scale_j * dot(row j of an int8 row tile of RT rows, x row m) for M bf16 rows of x
-// (x_stride apart) with sums xsum[m]. u = q + 128 = 16 hi + lo in nibbles, and 128 + hi, 128 + lo are
-// exact bf16 (see nibble_bf16), so two bf16 dot products per 32 weights give A = sum (128 + hi) x and
-// B = sum (128 + lo) x, and sum q x = 16 A + B - 2304 sum x. (Widening to float32 FMAs instead costs
-// 3 vector ops per 16 weights.)
+// One x row staged for int8 weights: q [chunks * 64] (zero past k), a scale per chunk, and
+// offset = 128 * sum over chunks of scale * sum(q), what the biased weights below add.
+struct Int8X {
+  const int8_t* q;
+  const float* scales;
+  float offset;
+};
+
+// r[j * M + m] = scale_j * dot(row j of an int8 row tile of RT rows, x row m). Each weight byte is read as
+// u = q + 128 (one XOR), so that VNNI's unsigned-by-signed products apply; sum u x = sum q x + 128 sum x
+// and the x offsets come off at the end.
 template <int M, int RT>
-inline void dot_tile_int8(const int8_t* q, const float* scales, const uint16_t* x, int64_t x_stride,
-                          const float* xsum, int64_t k, float* r) {
-  const __m512i low_mask = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
-  const __m512i high_bias = _mm512_set1_epi16(0x4308);  // bias, and the top bit of u flipped back from q's
-  __m512 hi[RT][M], lo[RT][M];
+inline void dot_tile_int8(const int8_t* q, const float* scales, const Int8X* x, int64_t k, float* r) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 tot[RT][M];
   for (int j = 0; j < RT; ++j)
-    for (int m = 0; m < M; ++m) hi[j][m] = lo[j][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) tot[j][m] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < k; c0 += kInt8Chunk) {
     const int64_t len = std::min(kInt8Chunk, k - c0);
-    for (int64_t h = 0; h < len; h += 32) {
-      // Past k the weights read as q = 0 and x as 0: the products vanish.
-      const __mmask32 mask = lanes32(len - h);
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + c0 + h);
-      for (int j = 0; j < RT; ++j) {
-        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, q + j * len + h));
-        const __m512bh hv = (__m512bh)_mm512_xor_si512(_mm512_srli_epi16(w, 4), high_bias);
-        const __m512bh lv = (__m512bh)_mm512_ternarylogic_epi32(w, low_mask, bias, 0xEA);  // a & b | c
-        for (int m = 0; m < M; ++m) {
-          hi[j][m] = _mm512_dpbf16_ps(hi[j][m], xv[m], hv);
-          lo[j][m] = _mm512_dpbf16_ps(lo[j][m], xv[m], lv);
-        }
+    const __mmask64 mask = len == kInt8Chunk ? ~0ull : (1ull << len) - 1;
+    __m512i xv[M];
+    __m512 xs[M];
+    for (int m = 0; m < M; ++m) {
+      xv[m] = _mm512_loadu_si512(x[m].q + c0);
+      xs[m] = _mm512_set1_ps(x[m].scales[c0 / kInt8Chunk]);
+    }
+    for (int j = 0; j < RT; ++j) {
+      // Past k: u = 128 against q = 0.
+      const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + j * len), flip);
+      for (int m = 0; m < M; ++m) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv[m]);
+        tot[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs[m], tot[j][m]);
       }
     }
     q += RT * len;
   }
   for (int j = 0; j < RT; ++j)
-    for (int m = 0; m < M; ++m) {
-      const float a = _mm512_reduce_add_ps(hi[j][m]), b = _mm512_reduce_add_ps(lo[j][m]);
-      r[j * M + m] = scales[j] * (16.0f * a + b - 2304.0f * xsum[m]);
-    }
+    for (int m = 0; m < M; ++m) r[j * M + m] = scales[j] * (_mm512_reduce_add_ps(tot[j][m]) - x[m].offset);
 }
 
 // ---- int4 layout (moerun/quant/formats.py): row tiles as for int8; along K,
 // blocks of 16 groups (the last may have fewer), each cut into chunks of 8 values per group. For each
 // chunk, each row of the tile stores 2 ng 16-bit words (ng groups in the block), word 2i + t holding in
-// nibble j value 8c + 2j + t of group i. A row's chunk thus yields 4 vectors whose 32-bit lane i is a
-// value pair of group i: dot-product lanes never mix groups, and one multiply by the block's 16 scales
-// applies them all. x is permuted to match once per call (stage_int4_x). ----
+// nibble j value 8c + 2j + t of group i. The low nibbles of a row's 64-byte chunk are thus, in 32-bit lane
+// i, values (0, 4, 1, 5) of group i's chunk, the high nibbles values (2, 6, 3, 7): dot-product lanes never
+// mix groups, and one multiply by the block's 16 scales applies them all. x is quantized and permuted to
+// match once per call (stage_int4_x). ----
 
 constexpr int64_t kBlockGroups = 16;
 
-// 32-bit units (value pairs) of x staged in the permuted order for group size g: blocks of g/2 vectors
-// of 16 units, the last block padded with zeros.
-inline int64_t int4_x_units(int64_t k, int64_t g) { return (k / g + kBlockGroups - 1) / kBlockGroups * kBlockGroups * g / 2; }
+// The layout's group (a dot-product lane's share of a block): groups of 128 are laid out as two lanes of
+// 64 sharing one scale, so that a block (16 lanes) spans 1024 values and fills every lane of K = 1024.
+constexpr int lane_group(int g) { return g > 64 ? 64 : g; }
 
-// One x row of k bf16 values, permuted: unit u of group 16b + i goes to xp[(b * g/2 + u) * 16 + i]; a
-// 16 x 16 transpose for every 16 units of a whole block, one unit at a time in the last partial block.
-inline void permute_int4_x(const uint16_t* x, int64_t k, int64_t g, uint32_t* xp) {
-  const int64_t groups = k / g, whole = groups / kBlockGroups, half = g / 2;
-  const uint32_t* xu = reinterpret_cast<const uint32_t*>(x);
-  for (int64_t b = 0; b < whole; ++b)
-    for (int64_t u0 = 0; u0 < half; u0 += kLanes) {
-      __m512i in[kLanes], out[kLanes];
-      for (int i = 0; i < kLanes; ++i) in[i] = _mm512_loadu_si512(xu + (b * kBlockGroups + i) * half + u0);
-      transpose16(in, out);
-      for (int u = 0; u < kLanes; ++u) _mm512_storeu_si512(xp + (b * half + u0 + u) * kLanes, out[u]);
+// Bytes of an int4-staged x row for lane groups of l values (whole blocks of 16 lane groups), for either
+// lane group size, and floats of its per-lane-group scales and sums.
+inline int64_t int4_x_bytes(int64_t k, int64_t l) { return (k / l + kBlockGroups - 1) / kBlockGroups * kBlockGroups * l; }
+inline int64_t int4_x_bytes(int64_t k) { return std::max(int4_x_bytes(k, 32), int4_x_bytes(k, 64)); }
+inline int64_t int4_x_lanes(int64_t k) { return (k / 32 + kBlockGroups - 1) / kBlockGroups * kBlockGroups; }
+
+// One x row staged for int4 weights: per block of 16 lane groups and chunk c, 64 bytes of low-nibble
+// partners (lane i: values 8c + 0, 4, 1, 5 of lane group i) then 64 of high-nibble partners (2, 6, 3, 7);
+// a scale and a sum of q per lane group.
+struct Int4X {
+  const int8_t* q;
+  const float* scales;
+  const float* sums;
+};
+
+// Quantizes x [k] per lane group of L values into the Int4X layout at q (int4_x_bytes(k)), scales and sums.
+template <typename Ops>
+void stage_int4_x(const typename Ops::Elem* x, int64_t k, int L, int8_t* q, float* scales, float* sums) {
+  const int64_t lanes_total = k / L;
+  std::memset(q, 0, int4_x_bytes(k, L));
+  alignas(64) int8_t values[64];
+  uint32_t* out = reinterpret_cast<uint32_t*>(q);
+  for (int64_t g = 0; g < lanes_total; ++g) {
+    int32_t sum;
+    scales[g] = quantize_block<Ops>(x + g * L, L, values, &sum);
+    sums[g] = static_cast<float>(sum);
+    const int64_t block = g / kBlockGroups, lane = g % kBlockGroups;
+    for (int c = 0; c < L / 8; ++c) {
+      const uint8_t* v = reinterpret_cast<const uint8_t*>(values + 8 * c);
+      const uint32_t low = v[0] | v[4] << 8 | v[1] << 16 | static_cast<uint32_t>(v[5]) << 24;
+      const uint32_t high = v[2] | v[6] << 8 | v[3] << 16 | static_cast<uint32_t>(v[7]) << 24;
+      uint32_t* at = out + ((block * (L / 8) + c) * 2) * kBlockGroups + lane;
+      at[0] = low;
+      at[kBlockGroups] = high;
     }
-  if (whole == (groups + kBlockGroups - 1) / kBlockGroups) return;
-  uint32_t* tail = xp + whole * half * kLanes;
-  std::memset(tail, 0, half * kLanes * sizeof(uint32_t));
-  for (int64_t i = 0; i < groups - whole * kBlockGroups; ++i)
-    for (int64_t u = 0; u < half; ++u) tail[u * kLanes + i] = xu[(whole * kBlockGroups + i) * half + u];
+  }
 }
 
 // 32 words of a row's chunk (2 ng of them; the rest read as zero).
 inline __m512i load_int4_chunk(const uint8_t* q, __mmask32 words) {
   return words == 0xFFFFFFFFu ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi16(words, q);
 }
-
-// The bf16 bit patterns of 128 + nibble j of every word: 128 = 0x4300 leaves the low 7 mantissa bits
-// free, so OR-ing a nibble in is exact.
-template <int J>
-inline __m512i nibble_bf16(__m512i w) {
-  const __m512i bias = _mm512_set1_epi16(0x4300);
-  if constexpr (J == 3) return _mm512_or_si512(_mm512_srli_epi16(w, 12), bias);
-  const __m512i v = J == 0 ? w : _mm512_srli_epi16(w, 4 * J);
-  return _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), bias, 0xEA);  // a & b | c
-}
-
-// The layout's group (a dot-product lane's share of a block): groups of 128 are laid out as two lanes of
-// 64 sharing one scale, so that a block (16 lanes) spans 1024 values and fills every lane of K = 1024.
-constexpr int lane_group(int g) { return g > 64 ? 64 : g; }
 
 // The float16 values (scales or mins) of ng lanes starting at v, each repeated for the R lanes of its group.
 template <int R>
@@ -537,67 +554,62 @@ inline __m512 lane_scales(const uint16_t* v, int64_t ng) {
 }
 
 // r[j * M + m] = dot(row j of an int4 row tile of RT rows, x row m), for G-value groups. q: the tile;
-// scales (and mins): row 0's, `groups` per row; xp: M permuted bf16 x rows xp_stride units apart; xsum:
-// their per-group sums, xsum_stride apart. Each block's dot products of x with 128 + q, one lane per
-// group, take the scales in one multiply; sum_g (min_g - 128 s_g) xsum_g removes the offset and adds
-// the zero point (min_g = -8 s_g when symmetric). With one x row, two accumulators per weight row keep
-// enough dot-product chains in flight; with two, one each leaves room for the 8 x vectors.
+// scales (and mins): row 0's, `groups` per row. Per block, each lane sums q * xq over its group in int32;
+// the weights' dequantization w = s q + low (low = min, or -8 s when symmetric) and x's scale then give
+// dot = x_scale (s sum q xq + low sum xq). With one x row, two accumulators per weight row keep enough
+// dot-product chains in flight; with two, one each leaves room for the 4 x vectors.
 template <int G, int M, int RT>
 inline void dot_tile_int4(const uint8_t* q, const uint16_t* scales, const uint16_t* mins, int64_t groups,
-                          const uint32_t* xp, int64_t xp_stride, const float* xsum, int64_t xsum_stride, float* r) {
+                          const Int4X* x, float* r) {
   constexpr int A = M == 1 ? 2 : 1;
   constexpr int L = lane_group(G), R = G / L;
   const int64_t lanes_total = groups * R;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 tot[RT][M];
   for (int j = 0; j < RT; ++j)
     for (int m = 0; m < M; ++m) tot[j][m] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < lanes_total; g0 += kBlockGroups) {
     const int64_t ng = std::min(kBlockGroups, lanes_total - g0);
     const __mmask32 words = lanes32(2 * ng);
-    const uint32_t* xb = xp + g0 * (L / 2);
-    __m512 acc[RT][M][A];
+    const int64_t xb = g0 / kBlockGroups * L * kBlockGroups;
+    __m512i acc[RT][M][A];
     for (int j = 0; j < RT; ++j)
       for (int m = 0; m < M; ++m)
-        for (int a = 0; a < A; ++a) acc[j][m][a] = _mm512_setzero_ps();
+        for (int a = 0; a < A; ++a) acc[j][m][a] = _mm512_setzero_si512();
     for (int c = 0; c < L / 8; ++c) {
-      __m512bh xv[M][4];
-      for (int m = 0; m < M; ++m)
-        for (int v = 0; v < 4; ++v) xv[m][v] = (__m512bh)_mm512_load_si512(xb + m * xp_stride + (4 * c + v) * kLanes);
+      __m512i xlow[M], xhigh[M];
+      for (int m = 0; m < M; ++m) {
+        xlow[m] = _mm512_load_si512(x[m].q + xb + c * 128);
+        xhigh[m] = _mm512_load_si512(x[m].q + xb + c * 128 + 64);
+      }
       for (int j = 0; j < RT; ++j) {
         const __m512i w = load_int4_chunk(q, words);
         q += 4 * ng;
-        const __m512bh v0 = (__m512bh)nibble_bf16<0>(w), v1 = (__m512bh)nibble_bf16<1>(w);
-        const __m512bh v2 = (__m512bh)nibble_bf16<2>(w), v3 = (__m512bh)nibble_bf16<3>(w);
+        const __m512i low = _mm512_and_si512(w, nibble), high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
         for (int m = 0; m < M; ++m) {
-          acc[j][m][0] = _mm512_dpbf16_ps(acc[j][m][0], xv[m][0], v0);
-          acc[j][m][A - 1] = _mm512_dpbf16_ps(acc[j][m][A - 1], xv[m][1], v1);
-          acc[j][m][0] = _mm512_dpbf16_ps(acc[j][m][0], xv[m][2], v2);
-          acc[j][m][A - 1] = _mm512_dpbf16_ps(acc[j][m][A - 1], xv[m][3], v3);
+          acc[j][m][0] = _mm512_dpbusd_epi32(acc[j][m][0], low, xlow[m]);
+          acc[j][m][A - 1] = _mm512_dpbusd_epi32(acc[j][m][A - 1], high, xhigh[m]);
         }
       }
     }
     const __mmask16 mask = lanes(ng);
+    __m512 xs[M], sums[M];
+    for (int m = 0; m < M; ++m) {
+      xs[m] = _mm512_maskz_loadu_ps(mask, x[m].scales + g0);
+      sums[m] = _mm512_maskz_loadu_ps(mask, x[m].sums + g0);
+    }
     for (int j = 0; j < RT; ++j) {
       const __m512 s = lane_scales<R>(scales + j * groups + g0 / R, ng);
       const __m512 low = mins ? lane_scales<R>(mins + j * groups + g0 / R, ng) : _mm512_mul_ps(s, _mm512_set1_ps(-8.0f));
-      const __m512 coef = _mm512_fnmadd_ps(s, _mm512_set1_ps(128.0f), low);
       for (int m = 0; m < M; ++m) {
-        const __m512 d = A == 1 ? acc[j][m][0] : _mm512_add_ps(acc[j][m][0], acc[j][m][A - 1]);
-        tot[j][m] = _mm512_fmadd_ps(d, s, tot[j][m]);
-        tot[j][m] = _mm512_fmadd_ps(coef, _mm512_maskz_loadu_ps(mask, xsum + m * xsum_stride + g0), tot[j][m]);
+        const __m512i d = A == 1 ? acc[j][m][0] : _mm512_add_epi32(acc[j][m][0], acc[j][m][A - 1]);
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_mul_ps(low, sums[m]));
+        tot[j][m] = _mm512_fmadd_ps(t, xs[m], tot[j][m]);
       }
     }
   }
   for (int j = 0; j < RT; ++j)
     for (int m = 0; m < M; ++m) r[j * M + m] = _mm512_reduce_add_ps(tot[j][m]);
-}
-
-// Floats per row of the per-group sums of staged x (whole vectors).
-inline int64_t xsum_stride(int64_t k) { return (k / 32 + 15) / 16 * 16; }
-
-// Units per staged int4 x row, for any group size.
-inline int64_t int4_x_stride(int64_t k) {
-  return (std::max(int4_x_units(k, 32), int4_x_units(k, 64)) + kLanes - 1) / kLanes * kLanes;
 }
 
 // f(std::integral_constant<int, RT>{}) for the row count rt (1 to kRowTile) of a row tile.
@@ -638,44 +650,60 @@ inline void tiles_against(const Problem& p, int64_t e, int64_t row_bytes, int64_
   }
 }
 
-// Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) staged in buffer as
-// bf16 with their sums (int8), or bf16 permuted for the int4 layout with per-group sums, against weight rows
-// [n_lo, n_hi).
+// Bytes one staged x row takes for low-bit weights, either format (64-byte multiples).
+inline int64_t quant_x_row_bytes(int64_t k) {
+  const int64_t chunks = (k + kInt8Chunk - 1) / kInt8Chunk;
+  const int64_t int8 = chunks * kInt8Chunk + (chunks * 4 + 63) / 64 * 64;
+  const int64_t int4 = int4_x_bytes(k) + 2 * int4_x_lanes(k) * 4;
+  return std::max(int8, int4);
+}
+
+// Bytes the decode path stages for up to `rows` rows of a low-bit matrix.
+inline int64_t quant_staging_bytes(int64_t k, int64_t rows) { return rows * quant_x_row_bytes(k); }
+
+// Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) quantized into buffer
+// (see Int8X, Int4X) against weight rows [n_lo, n_hi).
 template <typename Ops>
 void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi) {
   using Elem = typename Ops::Elem;
   const Matrix& mat = p.mats[e];
   const Elem* x = static_cast<const Elem*>(p.x);
+  const int64_t row_bytes = quant_x_row_bytes(p.k);
+  char* staged = static_cast<char*>(buffer);
   if (mat.format() == kFormatInt8) {
-    auto* xs = static_cast<uint16_t*>(buffer);
-    const int64_t ps = panel_stride<uint16_t>(p.k);
-    float* xsum = reinterpret_cast<float*>(xs + (s1 - s0) * ps);
+    const int64_t chunks = (p.k + kInt8Chunk - 1) / kInt8Chunk;
+    Int8X xs[kTileMinRows];
     for (int64_t s = s0; s < s1; ++s) {
-      uint16_t* row = xs + (s - s0) * ps;
-      to_bf16<Ops>(x + s * p.x_stride, p.k, row);
-      xsum[s - s0] = bf16_sum(row, p.k);
+      auto* q = reinterpret_cast<int8_t*>(staged + (s - s0) * row_bytes);
+      auto* scales = reinterpret_cast<float*>(q + chunks * kInt8Chunk);
+      float offset = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        int32_t sum;
+        scales[c] = quantize_block<Ops>(x + s * p.x_stride + c * kInt8Chunk, std::min(kInt8Chunk, p.k - c * kInt8Chunk),
+                                        q + c * kInt8Chunk, &sum);
+        offset += scales[c] * static_cast<float>(sum);
+      }
+      xs[s - s0] = {q, scales, 128.0f * offset};
     }
     const auto* q = static_cast<const int8_t*>(mat.w);
     const auto* scales = static_cast<const float*>(mat.scales);
     tiles_against(p, e, p.k, s0, s1, n_lo, n_hi, [&](auto mc, int64_t s, int64_t n, int64_t rt, float* r) {
       constexpr int M = decltype(mc)::value;
       with_tile_rows(rt, [&](auto rc) {
-        dot_tile_int8<M, decltype(rc)::value>(q + tile_offset(n, p.k), scales + n, xs + (s - s0) * ps, ps,
-                                              xsum + (s - s0), p.k, r);
+        dot_tile_int8<M, decltype(rc)::value>(q + tile_offset(n, p.k), scales + n, xs + (s - s0), p.k, r);
       });
     });
     return;
   }
   const int64_t group = mat.group_size(), groups = p.k / group;
-  const int64_t xs_stride = int4_x_stride(p.k), ss = xsum_stride(p.k);
-  auto* xp = static_cast<uint32_t*>(buffer);
-  float* xsum = reinterpret_cast<float*>(xp + (s1 - s0) * xs_stride);
-  auto* row = reinterpret_cast<uint16_t*>(xsum + (s1 - s0) * ss);  // one bf16 row of x
+  const int lane = lane_group(static_cast<int>(group));
+  Int4X xs[kTileMinRows];
   for (int64_t s = s0; s < s1; ++s) {
-    to_bf16<Ops>(x + s * p.x_stride, p.k, row);
-    const int64_t lane = lane_group(static_cast<int>(group));
-    permute_int4_x(row, p.k, lane, xp + (s - s0) * xs_stride);
-    for (int64_t g = 0; g < p.k / lane; ++g) xsum[(s - s0) * ss + g] = bf16_sum(row + g * lane, lane);
+    auto* q = reinterpret_cast<int8_t*>(staged + (s - s0) * row_bytes);
+    auto* scales = reinterpret_cast<float*>(q + int4_x_bytes(p.k));
+    float* sums = scales + int4_x_lanes(p.k);
+    stage_int4_x<Ops>(x + s * p.x_stride, p.k, lane, q, scales, sums);
+    xs[s - s0] = {q, scales, sums};
   }
   const auto* q = static_cast<const uint8_t*>(mat.w);
   const auto* scales = static_cast<const uint16_t*>(mat.scales);
@@ -686,8 +714,7 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
       constexpr int M = decltype(mc)::value;
       with_tile_rows(rt, [&](auto rc) {
         dot_tile_int4<G, M, decltype(rc)::value>(q + tile_offset(n, p.k) / 2, scales + n * groups,
-                                                 mins ? mins + n * groups : nullptr, groups,
-                                                 xp + (s - s0) * xs_stride, xs_stride, xsum + (s - s0) * ss, ss, r);
+                                                 mins ? mins + n * groups : nullptr, groups, xs + (s - s0), r);
       });
     });
   };
@@ -696,14 +723,6 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
     case 64: run(std::integral_constant<int, 64>{}); break;
     default: run(std::integral_constant<int, 128>{}); break;
   }
-}
-
-// Bytes the decode path stages for up to `rows` rows of a low-bit matrix: bf16 rows and sums (int8), or
-// permuted bf16 rows with their group sums and one bf16 row (int4).
-inline int64_t quant_staging_bytes(int64_t k, int64_t rows) {
-  const int64_t int8 = rows * (panel_stride<uint16_t>(k) * 2 + 4);
-  const int64_t int4 = rows * (int4_x_stride(k) + xsum_stride(k)) * 4 + k * 2;
-  return std::max(int8, int4);
 }
 
 // ---- Low-bit weights, prefill path ----
