@@ -454,3 +454,59 @@ def test_token_validation_errors():
         native.moe_token(x, router, 2, gate_up, down[..., :5], GluSpec("gelu"))
     with pytest.raises(ValueError, match="cannot compute activation 'gelu'"):
         native.glu(torch.ones(1, 4), GluSpec("gelu"), torch.float32)
+
+
+# ---- Decode glue: RMS norm, attention inputs ----
+
+
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                  (torch.float32, torch.float32)])  # fmt: skip
+def test_rms_norm_matches_transformers_formula(x_dtype, w_dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 200, generator=gen) * 4).to(x_dtype)
+    weight = torch.randn(200, generator=gen).to(w_dtype)
+    expected = weight * torch.nn.functional.rms_norm(x.float(), (200,), eps=1e-6).to(x_dtype)
+    out = native.rms_norm(x, weight, 1e-6, torch.empty_like(expected))
+    tolerance = 1e-5 if expected.dtype == torch.float32 else 1e-2  # bf16: an ulp where the sums round apart
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="promoted dtype"):
+        native.rms_norm(x, weight, 1e-6, torch.empty(3, 200, dtype=torch.float64))
+
+
+def _torch_attention_inputs(qkv, hq, hkv, d, norm, q_norm, k_norm, clip, cos, sin, dtype):
+    """The lean runner's torch formulation: norms, clamp, RoPE, then the cache dtype."""
+    from moerun.models.lean import apply_rope, rms_norm
+
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
+    if norm == "all_heads":
+        q, k = rms_norm(q, q_norm, 1e-6), rms_norm(k, k_norm, 1e-6)
+    elif norm == "per_head":
+        q = rms_norm(q.view(hq, d), q_norm, 1e-6).flatten()[None]
+        k = rms_norm(k.view(hkv, d), k_norm, 1e-6).flatten()[None]
+    if clip is not None:
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+    return (apply_rope(q.view(hq, d), cos, sin).to(dtype), apply_rope(k.view(hkv, d), cos, sin).to(dtype),
+            v.view(hkv, d).to(dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize(("norm", "clip"), [(None, None), ("all_heads", 0.8), ("per_head", None)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_attention_inputs_match_the_torch_formulation(dtype, norm, clip):
+    gen = torch.Generator().manual_seed(4)
+    hq, hkv, d, capacity, pos = 4, 2, 16, 8, 5
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, generator=gen)
+    widths = {"all_heads": (hq * d, hkv * d), "per_head": (d, d), None: (1, 1)}[norm]
+    q_norm, k_norm = (torch.randn(n, generator=gen).to(dtype) for n in widths)
+    angles = torch.rand(d, generator=gen) * 3
+    cos, sin = angles.cos(), torch.cat((-angles.sin()[: d // 2], angles.sin()[d // 2 :]))
+    expected_q, expected_k, expected_v = _torch_attention_inputs(qkv, hq, hkv, d, norm, q_norm, k_norm, clip, cos,
+                                                                 sin, dtype)  # fmt: skip
+    keys = torch.zeros(hkv, capacity, d, dtype=dtype)
+    values = torch.zeros(hkv, d, capacity, dtype=dtype)
+    q_out = torch.empty(hq, d, dtype=dtype)
+    native.attention_inputs(qkv, (hq, hkv, d), norm, (q_norm, k_norm) if norm else (None, None), 1e-6, clip, cos,
+                            sin, q_out, keys[:, pos], values[:, :, pos])  # fmt: skip
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for got, want in ((q_out, expected_q), (keys[:, pos], expected_k), (values[:, :, pos], expected_v)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+    assert keys[:, :pos].abs().sum() == 0 and values[..., pos + 1 :].abs().sum() == 0  # only position pos written

@@ -1,7 +1,8 @@
 """ctypes binding of the native AVX-512 grouped expert kernel (``csrc/moe_cpu.cpp``): ``grouped_gemv`` for
 one projection, ``grouped_glu`` for the gate/up projection fused with the gated activation, ``glu`` for the
-activation alone, and for decode ``route_token`` (a token's softmax top-k routing) and ``moe_token`` (a token
-through a whole MoE layer's routed experts in one call).
+activation alone, and for decode ``route_token`` (a token's softmax top-k routing), ``moe_token`` (a token
+through a whole MoE layer's routed experts in one call), ``rms_norm`` and ``attention_inputs`` (a decode
+position's q/k norms, RoPE and KV-cache writes).
 
 Weights are a float tensor [E, N, K], a ``QuantizedWeight`` stack [E, N, K] (int8 / int4, read packed),
 or ``ExpertMatrices`` (each expert its own format). The kernel sees them as a table of E matrix
@@ -116,6 +117,17 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int,  # dtype code, threads
         ]  # fmt: skip
         lib.moerun_moe_token.restype = ctypes.c_int
+        cint = ctypes.c_int
+        lib.moerun_rms_norm.argtypes = [ptr, i64, i64, i64, cint, ptr, cint, f32, ptr, i64, cint]
+        lib.moerun_rms_norm.restype = cint
+        lib.moerun_attention_inputs.argtypes = [
+            ptr, i64, i64, i64,  # qkv, Hq, Hkv, D
+            cint, ptr, ptr, cint, f32, f32,  # norm mode, q/k norm weights, their dtype, eps, clip
+            ptr, ptr,  # cos, signed sin
+            ptr, ptr, i64, ptr, i64, i64,  # q out, keys, key stride, values, value stride, value step
+            cint,  # cache dtype
+        ]  # fmt: skip
+        lib.moerun_attention_inputs.restype = cint
         return lib
     return None
 
@@ -550,3 +562,82 @@ def moe_token(
     if status != 0:
         raise ValueError(f"native moe_token: {_STATUS_MESSAGES.get(status, f'status {status}')}")
     return y, weights, ids
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """transformers' RMSNorm, ``weight * F.rms_norm(x.float(), eps).to(x.dtype)``, in one native call (decode).
+
+    Args:
+        x: [T, N] bfloat16 or float32, unit stride along N.
+        weight: [N] bfloat16 or float32, contiguous.
+        eps: the epsilon.
+        out: [T, N] of the promoted dtype of x and weight, unit stride along N.
+
+    Returns:
+        out.
+    """
+    lib = _library_or_raise()
+    if x.dim() != 2 or out.shape != x.shape or weight.shape != x.shape[1:] or not weight.is_contiguous():
+        raise ValueError(f"rms_norm needs x and out [T, N] and weight [N], got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if out.dtype != torch.promote_types(x.dtype, weight.dtype) or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("out must have x and weight's promoted dtype, and x and out unit stride along N")
+    status = lib.moerun_rms_norm(
+        _ptr(x), x.shape[0], x.shape[1], x.stride(0), _DTYPE_CODES[x.dtype], _ptr(weight), _DTYPE_CODES[weight.dtype],
+        eps, _ptr(out), out.stride(0), _DTYPE_CODES[out.dtype],
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native rms_norm: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return out
+
+
+ATTENTION_NORMS = {None: 0, "all_heads": 1, "per_head": 2}
+
+
+def attention_inputs(
+    qkv: torch.Tensor,
+    heads: tuple[int, int, int],
+    norm: str | None,
+    norm_weights: tuple[torch.Tensor | None, torch.Tensor | None],
+    eps: float,
+    clip: float | None,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    q_out: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> None:
+    """One decode position's attention inputs from its q|k|v projections, in one native call.
+
+    q and k are RMS-normed (``norm``: None, ``all_heads`` or ``per_head``) with ``norm_weights``, q, k and v
+    clamped to +-clip (unless None), RoPE applied to q and k (``x cos + rotate_half(x) signed_sin``), all in
+    float32; then q is written to ``q_out`` and k and v into the cache, in the cache's dtype.
+
+    Args:
+        qkv: [1, (Hq + 2 Hkv) D] float32, contiguous; overwritten.
+        heads: (Hq, Hkv, D).
+        norm: the q/k normalisation.
+        norm_weights: q's and k's norm weights ([Hq D] and [Hkv D], or [D] each per head), or Nones.
+        eps, clip: the norm's epsilon and the clamp bound.
+        cos, signed_sin: [D] float32 at this position.
+        q_out: [Hq, D] contiguous, of the cache dtype.
+        keys: [Hkv, D] the position's key rows (unit stride along D), of the cache dtype.
+        values: [Hkv, D] the position's value columns (any strides).
+    """
+    lib = _library_or_raise()
+    hq, hkv, d = heads
+    if qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.numel() != (hq + 2 * hkv) * d:
+        raise ValueError(f"qkv must be a contiguous float32 [1, {(hq + 2 * hkv) * d}], got {tuple(qkv.shape)}")
+    if not (q_out.dtype == keys.dtype == values.dtype) or q_out.shape != (hq, d) or keys.shape != values.shape:
+        raise ValueError("q_out, keys and values must share the cache dtype, with shapes [Hq, D] and [Hkv, D]")
+    if keys.stride(1) != 1 or not q_out.is_contiguous() or cos.shape != (d,) or signed_sin.shape != (d,):
+        raise ValueError("q_out must be contiguous, keys have unit stride along D, and cos and sin be [D]")
+    q_norm, k_norm = norm_weights
+    status = lib.moerun_attention_inputs(
+        _ptr(qkv), hq, hkv, d,
+        ATTENTION_NORMS[norm], _ptr(q_norm), _ptr(k_norm), _DTYPE_CODES[q_norm.dtype] if norm else 0, eps, clip or 0.0,
+        _ptr(cos), _ptr(signed_sin),
+        _ptr(q_out), _ptr(keys), keys.stride(0), _ptr(values), values.stride(0), values.stride(1),
+        _DTYPE_CODES[q_out.dtype],
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native attention_inputs: {_STATUS_MESSAGES.get(status, f'status {status}')}")

@@ -12,7 +12,9 @@ norm -> RoPE -> causal attention -> o projection -> residual -> RMSNorm -> MoE o
 - a KV cache allocated once, [layers, 2, Hkv, L, D], written in place;
 - RoPE cos/sin for every position computed once by the model's own rotary embedding;
 - decode matrix-vector products (qkv, o and the lm head) on the native AVX-512 kernel as one group with
-  one "expert", writing into preallocated float32 buffers, and attention scores on the same kernel;
+  one "expert", writing into preallocated float32 buffers, and attention scores on the same kernel; the
+  RMS norms, and the q/k norms, clamp, RoPE and cache writes of each layer, are one native call each
+  (together some 30 small torch ops a layer, ~10% of an int4 decode step);
 - the MoE blocks as moerun layers sharing the blocks' weights (decode groups of one row go to the native
   kernel);
 - prefill as bf16 GEMMs over all prompt tokens with causal SDPA, and the lm head on the last position only.
@@ -365,6 +367,9 @@ class LeanRunner:
         self._attention = None
         if all(layer.qkv.native for layer in self.layers):  # the kernel runs this dtype on this host
             self._attention = NativeDecodeAttention(self.num_heads, self.num_kv_heads, max_seq_len, self.dtype)
+            self._q_cache = torch.empty(self.num_heads, self.head_dim, dtype=self.dtype)  # [Hq, D] rotated q
+            norm_dtype = torch.promote_types(self.dtype, self.final_norm.dtype)
+            self._normed = torch.empty(1, hidden, dtype=norm_dtype)  # [1, H] a norm's output
         self.length = 0
 
     def _layer(self, layer: nn.Module, use_native: bool) -> LeanLayer:
@@ -480,24 +485,32 @@ class LeanRunner:
         cos, sin = self.cos[pos], self.signed_sin[pos]  # [D] float32
         h = self._h.copy_(self.embed[token_id])  # [1, H] model dtype, the residual stream
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, self.eps)  # [1, H]
-            layer.qkv(x, self._qkv)
-            q, k = self._norm_qk(layer, self._q, self._k)  # float32
-            v = self._v if self.clip_qkv is None else self._v.clamp(-self.clip_qkv, self.clip_qkv)
-            q = apply_rope(q.view(hq, d), cos, sin)  # [Hq, D]
-            k = apply_rope(k.view(hkv, d), cos, sin)  # [Hkv, D]
+            layer.qkv(self._norm(h, layer.input_norm), self._qkv)
             keys, values = self.cache.keys[i], self.cache.values[i]  # [Hkv, C, D], [Hkv, D, C]
-            keys[:, pos] = k
-            values[:, :, pos] = v.view(hkv, d)
             if self._attention is None:
+                q, k = self._norm_qk(layer, self._q, self._k)  # float32
+                v = self._v if self.clip_qkv is None else self._v.clamp(-self.clip_qkv, self.clip_qkv)
+                q = apply_rope(q.view(hq, d), cos, sin)  # [Hq, D]
+                keys[:, pos] = apply_rope(k.view(hkv, d), cos, sin)
+                values[:, :, pos] = v.view(hkv, d)
                 attn = decode_attention(q, keys[:, :end], values[:, :, :end].transpose(-1, -2), self.scaling)
-            else:
-                attn = self._attention(q.to(self.dtype), keys, values, end, self.scaling)  # [Hq, D] float32
+            else:  # norms, clamp, RoPE and the cache writes in one native call instead of some 20 torch ops
+                native.attention_inputs(
+                    self._qkv, (hq, hkv, d), self.qk_norm, (layer.q_norm, layer.k_norm), self.eps, self.clip_qkv,
+                    cos, sin, self._q_cache, keys[:, pos], values[:, :, pos],
+                )  # fmt: skip
+                attn = self._attention(self._q_cache, keys, values, end, self.scaling)  # [Hq, D] float32
             h.add_(layer.o(attn.view(1, hq * d).to(self.dtype), self._o))
-            h.add_(layer.mlp(rms_norm(h, layer.post_norm, self.eps)))
+            h.add_(layer.mlp(self._norm(h, layer.post_norm)))
         self.length = end
         logits = torch.empty(1, self.lm_head.out_features, dtype=torch.float32)
-        return self.lm_head(rms_norm(h, self.final_norm, self.eps), logits)[0]
+        return self.lm_head(self._norm(h, self.final_norm), logits)[0]
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMS norm of the residual row h [1, H] (into a reused buffer on the native kernel)."""
+        if self._attention is None:
+            return rms_norm(h, weight, self.eps)
+        return native.rms_norm(h, weight, self.eps, self._normed)
 
 
 def make_lean_runner(model: nn.Module, max_seq_len: int | None = None, use_native: bool = True) -> LeanRunner:

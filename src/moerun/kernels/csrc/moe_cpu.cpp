@@ -1176,6 +1176,49 @@ bool routed_experts(const typename Ops::Elem* x, int64_t k, const int64_t* ids, 
   return true;
 }
 
+// ---- Decode glue of a llama-like layer: RMS norm, and q/k/v of one position into the KV cache ----
+
+// Values of a bfloat16 or float32 array as float32 (dtype code 1 or 0).
+inline float value_at(const void* v, int dtype, int64_t i) {
+  if (dtype == 0) return static_cast<const float*>(v)[i];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(v)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void store_value(void* v, int dtype, int64_t i, float f) {
+  if (dtype == 0) {
+    static_cast<float*>(v)[i] = f;
+  } else {
+    const float rounded = round_to_bf16(f);
+    uint32_t bits;
+    std::memcpy(&bits, &rounded, sizeof(bits));
+    static_cast<uint16_t*>(v)[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+// x [n] float32 scaled in place by rsqrt(mean(x^2) + eps) and the weight (w_dtype).
+inline void rms_norm_inplace(float* x, int64_t n, const void* w, int w_dtype, float eps) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) x[i] = value_at(w, w_dtype, i) * (x[i] * r);
+}
+
+// RoPE of heads x [heads, d] in place: x cos + rotate_half(x) signed_sin (signed_sin: sin, first half negated).
+inline void rope_inplace(float* x, int64_t heads, int64_t d, const float* cos, const float* signed_sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* head = x + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = head[i], b = head[half + i];
+      head[i] = a * cos[i] + b * signed_sin[i];
+      head[half + i] = b * cos[half + i] + a * signed_sin[half + i];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1346,6 +1389,63 @@ int moerun_moe_token(const void* x, int64_t k, const void* router, int64_t num_e
                                                    gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
                                                    static_cast<float*>(out), nthreads);
   return ok ? kOk : kOutOfMemory;
+}
+
+// transformers' RMSNorm of rows of x: out = weight * round_x(x * rsqrt(mean(x^2) + eps)), computed in float32
+// (round_x: to x's dtype), stored in out's dtype. Dtype codes: 0 float32, 1 bfloat16.
+int moerun_rms_norm(const void* x, int64_t rows, int64_t n, int64_t x_stride, int x_dtype, const void* weight,
+                    int w_dtype, float eps, void* out, int64_t out_stride, int out_dtype) {
+  if ((x_dtype != 0 && x_dtype != 1) || (w_dtype != 0 && w_dtype != 1) || (out_dtype != 0 && out_dtype != 1))
+    return kBadDtype;
+  std::vector<float> row(n);
+  for (int64_t s = 0; s < rows; ++s) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = value_at(x, x_dtype, s * x_stride + i);
+      squares += row[i] * row[i];
+    }
+    const float r = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      float normed = row[i] * r;
+      if (x_dtype == 1) normed = round_to_bf16(normed);
+      store_value(out, out_dtype, s * out_stride + i, value_at(weight, w_dtype, i) * normed);
+    }
+  }
+  return kOk;
+}
+
+// One decode position's attention inputs from its float32 q|k|v projections qkv [(hq + 2 hkv) d], which are
+// modified in place: q and k RMS-normed (norm 1: over all heads, weights [hq d] and [hkv d]; 2: per head,
+// weights [d]; 0: none), q, k and v clamped to +-clip (clip > 0), RoPE on q and k (cos, signed_sin [d]); then
+// q in the cache dtype to q_out [hq, d], k to keys + h * key_stride and v to values + h * value_stride +
+// i * value_step (the position's key row and value column of each kv head). w_dtype: the norm weights'.
+int moerun_attention_inputs(float* qkv, int64_t hq, int64_t hkv, int64_t d, int norm, const void* q_norm,
+                            const void* k_norm, int w_dtype, float eps, float clip, const float* cos,
+                            const float* signed_sin, void* q_out, void* keys, int64_t key_stride, void* values,
+                            int64_t value_stride, int64_t value_step, int dtype) {
+  if ((dtype != 0 && dtype != 1) || (w_dtype != 0 && w_dtype != 1)) return kBadDtype;
+  if (d % 2 || norm < 0 || norm > 2) return kBadShape;
+  float* q = qkv;
+  float* k = qkv + hq * d;
+  float* v = k + hkv * d;
+  if (norm == 1) {
+    rms_norm_inplace(q, hq * d, q_norm, w_dtype, eps);
+    rms_norm_inplace(k, hkv * d, k_norm, w_dtype, eps);
+  } else if (norm == 2) {
+    for (int64_t h = 0; h < hq; ++h) rms_norm_inplace(q + h * d, d, q_norm, w_dtype, eps);
+    for (int64_t h = 0; h < hkv; ++h) rms_norm_inplace(k + h * d, d, k_norm, w_dtype, eps);
+  }
+  if (clip > 0.0f)
+    for (int64_t i = 0; i < (hq + 2 * hkv) * d; ++i) qkv[i] = std::min(std::max(qkv[i], -clip), clip);
+  rope_inplace(q, hq, d, cos, signed_sin);
+  rope_inplace(k, hkv, d, cos, signed_sin);
+  for (int64_t i = 0; i < hq * d; ++i) store_value(q_out, dtype, i, q[i]);
+  for (int64_t h = 0; h < hkv; ++h)
+    for (int64_t i = 0; i < d; ++i) {
+      store_value(keys, dtype, h * key_stride + i, k[h * d + i]);
+      store_value(values, dtype, h * value_stride + i * value_step, v[h * d + i]);
+    }
+  return kOk;
 }
 
 }  // extern "C"
