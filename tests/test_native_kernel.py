@@ -395,7 +395,8 @@ MOE_TOKEN_FORMATS = [None, QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 12
 @pytest.mark.parametrize("fmt", MOE_TOKEN_FORMATS, ids=lambda f: "plain" if f is None else f.name)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, threads):
-    """Bit for bit what route_token, make_plan and experts_native compute (the path offloaded experts take)."""
+    """Bit for bit what route_token, make_plan and experts_native's general path (taken with ``out``) compute,
+    and token_experts with the same routing (the path offloaded experts take)."""
     from moerun.kernels.experts import ExpertWeights, experts_native
     from moerun.routing import make_plan
 
@@ -410,8 +411,8 @@ def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, thre
     biases = activation == "swiglu_clamped"
     w = ExpertWeights(
         gate_up, down,
-        torch.randn(num_experts, 2 * half, generator=gen) if biases else None,
-        torch.randn(num_experts, hidden, generator=gen) if biases else None,
+        torch.randn(num_experts, 2 * half, generator=gen).to(dtype) if biases else None,  # converted per call
+        torch.randn(num_experts, hidden, generator=gen).to(dtype) if biases else None,
         GluSpec(activation, limit=0.5),
     )  # fmt: skip
     for _ in range(5):
@@ -422,8 +423,14 @@ def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, thre
         )  # fmt: skip
         expected_weights, expected_ids = native.route_token(x, router, top_k, renormalize=True)
         assert torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
-        expected = experts_native(x, make_plan(ids, weights, num_experts), w)
+        plan = make_plan(ids, weights, num_experts)
+        expected = experts_native(x, plan, w, out=torch.zeros(1, hidden))
         assert y.dtype == dtype and torch.equal(y, expected)
+        routed = native.token_experts(
+            x, plan.group_experts, plan.weights, w.gate_up, w.down, w.glu,
+            gate_up_bias=w.gate_up_bias, down_bias=w.down_bias, num_threads=threads,
+        )  # fmt: skip
+        assert torch.equal(routed, expected) and torch.equal(experts_native(x, plan, w), expected)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "swiglu_clamped"])
@@ -450,6 +457,10 @@ def test_token_validation_errors():
     gate_up, down = torch.ones(8, 10, 64, dtype=torch.bfloat16), torch.ones(8, 64, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="do not fit"):
         native.moe_token(x, router, 2, gate_up, down, GluSpec())
+    with pytest.raises(ValueError, match="group_experts has an expert id outside"):
+        native.token_experts(
+            x, torch.tensor([0, 8]), torch.ones(2), gate_up, torch.ones(8, 64, 5, dtype=torch.bfloat16), GluSpec()
+        )
     with pytest.raises(ValueError, match="cannot compute activation 'gelu'"):
         native.moe_token(x, router, 2, gate_up, down[..., :5], GluSpec("gelu"))
     with pytest.raises(ValueError, match="cannot compute activation 'gelu'"):

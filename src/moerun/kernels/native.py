@@ -117,6 +117,13 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int,  # dtype code, threads
         ]  # fmt: skip
         lib.moerun_moe_token.restype = ctypes.c_int
+        lib.moerun_token_experts.argtypes = [
+            ptr, i64, ptr, ptr, ctypes.c_int, i64,  # x, K, ids, weights, k, E
+            ptr, i64, ptr, ptr, ptr,  # gate/up table, 2I, gate/up bias, down table, down bias
+            ctypes.c_int, f32, f32, ptr,  # activation code, alpha, limit, out
+            ctypes.c_int, ctypes.c_int,  # dtype code, threads
+        ]  # fmt: skip
+        lib.moerun_token_experts.restype = ctypes.c_int
         cint = ctypes.c_int
         lib.moerun_rms_norm.argtypes = [ptr, i64, i64, i64, cint, ptr, cint, f32, ptr, i64, cint]
         lib.moerun_rms_norm.restype = cint
@@ -491,6 +498,64 @@ def route_token(
     return weights, ids
 
 
+def _check_token_experts(x: torch.Tensor, gate_up: Weight, down: Weight, glu: GluSpec) -> tuple[int, int, int]:
+    """Validate one token's expert weights; returns (E, 2I, H)."""
+    if not fuses_glu(glu):
+        raise ValueError(f"the native kernel cannot compute activation {glu.activation!r}")
+    _check_weight(x, gate_up)
+    num_experts, two_i, hidden = gate_up.shape
+    if two_i % 2 or tuple(down.shape) != (num_experts, hidden, two_i // 2):
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit")
+    _check_weight(x.new_empty(1, two_i // 2), down)
+    return num_experts, two_i, hidden
+
+
+def token_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: Weight,
+    down: Weight,
+    glu: GluSpec,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """One token's routed experts for a given routing in one native call: what ``moe_token`` computes after
+    routing, and bit for bit what ``experts_native`` computes on the one-token plan.
+
+    Args:
+        x: [1, H] bfloat16 or float32, contiguous.
+        ids: [k] int64 expert ids.
+        weights: [k] float32 router weights.
+        gate_up, down, glu, gate_up_bias, down_bias, num_threads: as for ``moe_token``.
+
+    Returns:
+        y [1, H] in x's dtype.
+    """
+    lib = _library_or_raise()
+    if x.dtype not in _DTYPE_CODES or x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or not x.is_cpu:
+        raise ValueError(f"x must be one contiguous bfloat16 or float32 CPU row [1, K], got {x.dtype} {tuple(x.shape)}")
+    num_experts, two_i, hidden = _check_token_experts(x, gate_up, down, glu)
+    ids = _index_tensor(ids.flatten(), "ids")
+    weights = weights.flatten().to(torch.float32).contiguous()
+    if weights.shape != ids.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must have one entry per expert")
+    gate_up_bias = _float_bias(gate_up_bias, (num_experts, two_i))  # held: see moe_token
+    down_bias = _float_bias(down_bias, (num_experts, hidden))
+    y = torch.empty_like(x)
+    status = lib.moerun_token_experts(
+        _ptr(x), hidden, _ptr(ids), _ptr(weights), ids.shape[0], num_experts,
+        _ptr(matrix_table(gate_up)), two_i, _ptr(gate_up_bias), _ptr(matrix_table(down)), _ptr(down_bias),
+        _GLU_CODES[glu.activation], glu.alpha, glu.limit, _ptr(y),
+        _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native token_experts: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return y
+
+
 def _float_bias(bias: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
     if bias is None:
         return None
@@ -539,22 +604,18 @@ def moe_token(
     """
     lib = _library_or_raise()
     _check_token(x, router, top_k)
-    if not fuses_glu(glu):
-        raise ValueError(f"the native kernel cannot compute activation {glu.activation!r}")
-    _check_weight(x, gate_up)
-    num_experts, two_i, hidden = gate_up.shape
-    if num_experts != router.shape[0] or two_i % 2 or tuple(down.shape) != (num_experts, hidden, two_i // 2):
-        raise ValueError(
-            f"router {tuple(router.shape)}, gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit"
-        )
-    _check_weight(x.new_empty(1, two_i // 2), down)
+    num_experts, two_i, hidden = _check_token_experts(x, gate_up, down, glu)
+    if num_experts != router.shape[0]:
+        raise ValueError(f"router {tuple(router.shape)} and gate_up {tuple(gate_up.shape)} do not fit")
+    # float32 copies held here: a temporary made inside the call's arguments would be freed before it runs
+    gate_up_bias = _float_bias(gate_up_bias, (num_experts, two_i))
+    down_bias = _float_bias(down_bias, (num_experts, hidden))
     y = torch.empty_like(x)
     weights = torch.empty(1, top_k, dtype=torch.float32)
     ids = torch.empty(1, top_k, dtype=torch.int64)
     status = lib.moerun_moe_token(
         _ptr(x), hidden, _ptr(router), num_experts, top_k, int(renormalize), scaling,
-        _ptr(matrix_table(gate_up)), two_i, _ptr(_float_bias(gate_up_bias, (num_experts, two_i))),
-        _ptr(matrix_table(down)), _ptr(_float_bias(down_bias, (num_experts, hidden))),
+        _ptr(matrix_table(gate_up)), two_i, _ptr(gate_up_bias), _ptr(matrix_table(down)), _ptr(down_bias),
         _GLU_CODES[glu.activation], glu.alpha, glu.limit,
         _ptr(y), _ptr(ids), _ptr(weights),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),

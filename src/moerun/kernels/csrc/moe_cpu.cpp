@@ -1365,6 +1365,32 @@ int moerun_route_token(const void* x, int64_t k, const void* router, int64_t num
   return kOk;
 }
 
+// The routed experts of one token x [k] for a given routing (ids, weights [top_k], distinct ids, any order):
+// out [k] in x's dtype, exactly as moerun_moe_token computes it after routing.
+int moerun_token_experts(const void* x, int64_t k, const int64_t* ids, const float* weights, int top_k,
+                         int64_t num_experts, const int64_t* gate_up, int64_t two_i, const float* gate_up_bias,
+                         const int64_t* down, const float* down_bias, int glu, float alpha, float limit, void* out,
+                         int dtype, int nthreads) {
+  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (two_i % 2 || two_i == 0) return kBadShape;
+  for (int j = 0; j < top_k; ++j)
+    if (ids[j] < 0 || ids[j] >= num_experts) return kBadExpert;
+  bool quantized = false;
+  const Matrix* up = reinterpret_cast<const Matrix*>(gate_up);
+  const Matrix* dn = reinterpret_cast<const Matrix*>(down);
+  int status = check_matrices(up, num_experts, k, dtype, &quantized);
+  if (status == kOk) status = check_matrices(dn, num_experts, two_i / 2, dtype, &quantized);
+  if (status != kOk) return status;
+  const bool ok = dtype == 1 ? routed_experts<Bf16>(static_cast<const uint16_t*>(x), k, ids, weights, top_k, up, two_i,
+                                                    gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
+                                                    static_cast<uint16_t*>(out), nthreads)
+                             : routed_experts<F32>(static_cast<const float*>(x), k, ids, weights, top_k, up, two_i,
+                                                   gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
+                                                   static_cast<float*>(out), nthreads);
+  return ok ? kOk : kOutOfMemory;
+}
+
 // One token x [k] through a whole softmax_topk MoE layer's routed experts, as moerun_route_token followed by
 // experts_native on the one-token plan: out [k] in x's dtype; ids and weights [top_k] receive the routing.
 // gate_up: num_experts [2I, k] matrices (gate rows, then up rows), down: [k, I]; biases float32 or null.
@@ -1374,21 +1400,11 @@ int moerun_moe_token(const void* x, int64_t k, const void* router, int64_t num_e
                      int64_t* ids, float* weights, int dtype, int nthreads) {
   if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
   if (two_i % 2 || two_i == 0) return kBadShape;
-  bool quantized = false;
-  const Matrix* up = reinterpret_cast<const Matrix*>(gate_up);
-  const Matrix* dn = reinterpret_cast<const Matrix*>(down);
-  int status = check_matrices(up, num_experts, k, dtype, &quantized);
-  if (status == kOk) status = check_matrices(dn, num_experts, two_i / 2, dtype, &quantized);
-  if (status == kOk) status = moerun_route_token(x, k, router, num_experts, top_k, renormalize, scaling, ids, weights,
-                                                 dtype, nthreads);
+  const int status = moerun_route_token(x, k, router, num_experts, top_k, renormalize, scaling, ids, weights, dtype,
+                                        nthreads);
   if (status != kOk) return status;
-  const bool ok = dtype == 1 ? routed_experts<Bf16>(static_cast<const uint16_t*>(x), k, ids, weights, top_k, up, two_i,
-                                                    gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
-                                                    static_cast<uint16_t*>(out), nthreads)
-                             : routed_experts<F32>(static_cast<const float*>(x), k, ids, weights, top_k, up, two_i,
-                                                   gate_up_bias, dn, down_bias, quantized, glu, alpha, limit,
-                                                   static_cast<float*>(out), nthreads);
-  return ok ? kOk : kOutOfMemory;
+  return moerun_token_experts(x, k, ids, weights, top_k, num_experts, gate_up, two_i, gate_up_bias, down, down_bias,
+                              glu, alpha, limit, out, dtype, nthreads);
 }
 
 // transformers' RMSNorm of rows of x: out = weight * round_x(x * rsqrt(mean(x^2) + eps)), computed in float32
