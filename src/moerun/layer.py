@@ -212,14 +212,22 @@ class MoELayer(nn.Module):
             and self.router_weight.is_contiguous()
         )
 
+    def select_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choice for x [T, H]: weights [T, k] float32 and ids [T, k] int64 (one native call for a
+        token where ``routes_token_natively``, the same choice the one-call decode path makes)."""
+        routing = self.routing
+        if self.routes_token_natively(x) and x.is_contiguous():
+            return native.route_token(
+                x, self.router_weight, routing.top_k, routing.renormalize, routing.routed_scaling_factor
+            )
+        return route(self.router_logits(x), routing, self.score_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_hidden(x, self.hidden_size, self.dtype)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
         routing = self.routing
-        if not self.routes_token_natively(x):
-            weights, ids = route(self.router_logits(x), routing, self.score_bias)  # [T, k] each
-        elif self.offload is None and native_supports(x, self.expert_weights()):
+        if self.offload is None and self.routes_token_natively(x) and native_supports(x, self.expert_weights()):
             # Decode: router, routing and experts in one native call instead of ~25 small torch operations.
             y, _, _ = native.moe_token(
                 x, self.router_weight, routing.top_k, self.gate_up, self.down, self.glu,
@@ -227,10 +235,7 @@ class MoELayer(nn.Module):
                 gate_up_bias=self.gate_up_bias, down_bias=self.down_bias,
             )  # fmt: skip
             return self._add_shared(x, y).reshape(shape)
-        else:
-            weights, ids = native.route_token(
-                x, self.router_weight, routing.top_k, routing.renormalize, routing.routed_scaling_factor
-            )
+        weights, ids = self.select_experts(x)
         plan = make_plan(ids, weights, self.num_experts)
         if self.offload is None:
             y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]

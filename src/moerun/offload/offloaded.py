@@ -19,7 +19,7 @@ from torch import nn
 from ..kernels.experts import ExpertWeights, experts_forward, experts_native, fuses_glu, native_supports
 from ..layer import MoELayer
 from ..quant.formats import ExpertMatrices, Weight
-from ..routing import RoutingPlan, route
+from ..routing import RoutingPlan
 from ..sizes import format_size, parse_size
 from .cache import ExpertCache, LFUPolicy, make_policy
 from .store import ExpertLayout, ExpertStore, meta_like
@@ -57,7 +57,7 @@ class OffloadedExperts:
 
     def _predict_next(self, x: torch.Tensor) -> None:
         layer, hook = self.next_layer
-        _, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)
+        _, ids = layer.select_experts(x)
         predicted = sorted(set(ids.flatten().tolist()))
         hook.expected = set(predicted)
         # A wrong prediction costs a read that delays the real misses behind it, so prefetch only while the
