@@ -53,6 +53,9 @@ class OffloadedExperts:
         self.next_layer = next_layer
         self.layouts: list[ExpertLayout] = cache.store.layouts[index]
         self.expected: set[int] | None = None  # experts the previous layer predicted for this one
+        # Slot address -> (expert, its (gate_up, down) views over the slot): decode reuses a cached expert's
+        # views instead of rebuilding a dozen tensor views per expert and token.
+        self._views: dict[int, tuple[int, tuple]] = {}
         self.accuracy = 0.5  # running share of those predictions this layer then selected
 
     def _predict_next(self, x: torch.Tensor) -> None:
@@ -65,6 +68,14 @@ class OffloadedExperts:
         # them all ahead would only evict this layer's.
         if hook.accuracy >= PREFETCH_MIN_ACCURACY and len(predicted) <= self.cache.num_slots // 2:
             self.cache.prefetch(self.index + 1, predicted)
+
+    def _matrices(self, expert: int, slot: torch.Tensor) -> tuple:
+        """(gate_up, down) of ``expert`` held in ``slot``."""
+        held = self._views.get(slot.data_ptr())
+        if held is None or held[0] != expert:
+            held = (expert, self.layouts[expert].matrices(slot))
+            self._views[slot.data_ptr()] = held
+        return held[1]
 
     def __call__(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """The experts' combined output [T, H] in x's dtype for x [T, H] routed by ``plan``."""
@@ -86,7 +97,7 @@ class OffloadedExperts:
             ids = [experts[g] for g in part]
             slots = self.cache.acquire(self.index, ids)
             try:
-                matrices = [self.layouts[e].matrices(slot) for e, slot in zip(ids, slots, strict=True)]
+                matrices = [self._matrices(e, slot) for e, slot in zip(ids, slots, strict=True)]
                 index = torch.tensor(ids)
                 w = ExpertWeights(
                     ExpertMatrices([m[0] for m in matrices]),
