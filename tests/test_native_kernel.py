@@ -521,3 +521,14 @@ def test_attention_inputs_match_the_torch_formulation(dtype, norm, clip):
     for got, want in ((q_out, expected_q), (keys[:, pos], expected_k), (values[:, :, pos], expected_v)):
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
     assert keys[:, :pos].abs().sum() == 0 and values[..., pos + 1 :].abs().sum() == 0  # only position pos written
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_softmax_matches_torch(dtype):
+    scores = torch.randn(5, 77, generator=torch.Generator().manual_seed(3)) * 10
+    out = torch.full((5, 80), 7.0, dtype=dtype)
+    native.softmax(scores, 0.3, out[:, :77])
+    expected = torch.softmax(scores * 0.3, dim=-1).to(dtype)
+    torch.testing.assert_close(out[:, :77].float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-7)  # fmt: skip
+    assert (out[:, 77:] == 7.0).all()  # past the row's n values nothing is written

@@ -135,6 +135,8 @@ def _library() -> ctypes.CDLL | None:
             cint,  # cache dtype
         ]  # fmt: skip
         lib.moerun_attention_inputs.restype = cint
+        lib.moerun_softmax.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, cint]
+        lib.moerun_softmax.restype = cint
         return lib
     return None
 
@@ -702,3 +704,28 @@ def attention_inputs(
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"native attention_inputs: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+
+
+def softmax(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(scores * scale, dim=-1)`` into ``out`` (rounded once to its dtype), in one native call.
+
+    Args:
+        scores: [R, N] float32, unit stride along N.
+        scale: multiplier of the scores.
+        out: [R, N] bfloat16 or float32, unit stride along N.
+
+    Returns:
+        out.
+    """
+    lib = _library_or_raise()
+    if scores.dtype != torch.float32 or scores.dim() != 2 or out.shape != scores.shape or out.dtype not in _DTYPE_CODES:
+        raise ValueError(f"softmax needs float32 scores and a bf16/fp32 out of one shape, got {tuple(scores.shape)}")
+    if scores.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("scores and out must have unit stride along N")
+    status = lib.moerun_softmax(
+        _ptr(scores), scores.shape[0], scores.shape[1], scores.stride(0), scale, _ptr(out), out.stride(0),
+        _DTYPE_CODES[out.dtype],
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"native softmax: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    return out

@@ -199,7 +199,7 @@ class NativeDecodeAttention:
         filled -> [Hq, D] float32."""
         capacity = keys.shape[1]
         scores = native.grouped_gemv(q, keys, *self._groups, out=self.scores[:, :capacity])  # [Hq, C]
-        self.probs[:, :length] = torch.softmax(scores[:, :length] * scale, dim=-1)
+        native.softmax(scores[:, :length], scale, self.probs[:, :length])
         return native.grouped_gemv(self.probs[:, :capacity], values, *self._groups)  # [Hq, D]
 
 

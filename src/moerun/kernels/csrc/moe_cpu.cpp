@@ -1464,4 +1464,36 @@ int moerun_attention_inputs(float* qkv, int64_t hq, int64_t hkv, int64_t d, int 
   return kOk;
 }
 
+// Softmax of rows of float32 scores times scale: out[s] = softmax(scale * scores[s, :n]), in the dtype code's
+// type (rounded once), rows scores_stride and out_stride elements apart.
+int moerun_softmax(const float* scores, int64_t rows, int64_t n, int64_t scores_stride, float scale, void* out,
+                   int64_t out_stride, int dtype) {
+  if (dtype != 0 && dtype != 1) return kBadDtype;
+  std::vector<float> e(n);
+  for (int64_t s = 0; s < rows; ++s) {
+    const float* row = scores + s * scores_stride;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n; i += kLanes)
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes(std::min<int64_t>(kLanes, n - i)), row + i));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top) * scale), k = _mm512_set1_ps(scale);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const __mmask16 mask = lanes(std::min<int64_t>(kLanes, n - i));
+      const __m512 v = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mask, row + i), k, shift));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, v));
+      _mm512_mask_storeu_ps(e.data() + i, mask, v);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const __mmask16 mask = lanes(std::min<int64_t>(kLanes, n - i));
+      const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, e.data() + i), inv);
+      if (dtype == 1)
+        Bf16::store_tail(static_cast<uint16_t*>(out) + s * out_stride + i, p, mask);
+      else
+        F32::store_tail(static_cast<float*>(out) + s * out_stride + i, p, mask);
+    }
+  }
+  return kOk;
+}
+
 }  // extern "C"
