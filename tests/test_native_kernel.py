@@ -387,12 +387,13 @@ def test_route_token_rounds_logits_and_scales(dtype):
         torch.testing.assert_close(weights, expected_weights * 2.5, rtol=1e-5, atol=0)  # fp32 sums differ
 
 
-MOE_TOKEN_FORMATS = [None, QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 128, symmetric=False)]
+# "mixed": experts cycling through plain, int8 and int4, so one token's x is quantized per format in turn.
+MOE_TOKEN_FORMATS = [None, QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 128, symmetric=False), "mixed"]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("activation", ["silu", "swiglu_clamped"])
-@pytest.mark.parametrize("fmt", MOE_TOKEN_FORMATS, ids=lambda f: "plain" if f is None else f.name)
+@pytest.mark.parametrize("fmt", MOE_TOKEN_FORMATS, ids=lambda f: "plain" if f is None else getattr(f, "name", f))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, threads):
     """Bit for bit what route_token, make_plan and experts_native's general path (taken with ``out``) compute,
@@ -402,11 +403,17 @@ def test_moe_token_equals_route_then_native_experts(dtype, fmt, activation, thre
 
     gen = torch.Generator().manual_seed(11)
     num_experts, hidden, top_k = 12, 256, 4
-    half = 128 if fmt is not None and fmt.bits == 4 else 70  # int4 needs K % 64 == 0 (down's K is half)
+    half = 70 if fmt is None or fmt == QuantFormat(8) else 128  # int4 needs K % 64 == 0 (down's K is half)
     router = (torch.randn(num_experts, hidden, generator=gen) * 0.2).to(dtype)
     gate_up = (torch.randn(num_experts, 2 * half, hidden, generator=gen) * 0.1).to(dtype)
     down = (torch.randn(num_experts, hidden, half, generator=gen) * 0.1).to(dtype)
-    if fmt is not None:
+    if fmt == "mixed":
+        cycle = [None, QuantFormat(8), QuantFormat(4, 32)]
+        gate_up, down = (
+            ExpertMatrices([m if cycle[e % 3] is None else quantize_weight(m, cycle[e % 3]) for e, m in enumerate(w)])
+            for w in (gate_up, down)
+        )
+    elif fmt is not None:
         gate_up, down = quantize_weight(gate_up, fmt), quantize_weight(down, fmt)
     biases = activation == "swiglu_clamped"
     w = ExpertWeights(

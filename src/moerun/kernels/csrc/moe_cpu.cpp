@@ -661,19 +661,33 @@ inline int64_t quant_x_row_bytes(int64_t k) {
 // Bytes the decode path stages for up to `rows` rows of a low-bit matrix.
 inline int64_t quant_staging_bytes(int64_t k, int64_t rows) { return rows * quant_x_row_bytes(k); }
 
+// The x rows a thread's buffer holds quantized, within one call: groups whose rows are the same memory
+// (one token against several experts, x_stride 0) reuse them.
+struct StagedX {
+  const void* rows = nullptr;  // the first row's address; null: nothing reusable staged
+  int64_t count = 0;
+  int64_t layout = 0;  // 8 (int8 weights), or the int4 lane group
+  Int8X int8[kTileMinRows];
+  Int4X int4[kTileMinRows];
+
+  bool holds(const void* first, int64_t n, int64_t code) const { return rows == first && count == n && layout == code; }
+};
+
 // Decode path for a low-bit matrix: rows [s0, s1) of x (fewer than kTileMinRows) quantized into buffer
-// (see Int8X, Int4X) against weight rows [n_lo, n_hi).
+// (see Int8X, Int4X; unless `staged` says the buffer holds them) against weight rows [n_lo, n_hi).
 template <typename Ops>
-void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi) {
+void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t s1, int64_t n_lo, int64_t n_hi,
+                  StagedX& staged_x) {
   using Elem = typename Ops::Elem;
   const Matrix& mat = p.mats[e];
   const Elem* x = static_cast<const Elem*>(p.x);
   const int64_t row_bytes = quant_x_row_bytes(p.k);
   char* staged = static_cast<char*>(buffer);
+  const void* first = x + s0 * p.x_stride;
   if (mat.format() == kFormatInt8) {
     const int64_t chunks = (p.k + kInt8Chunk - 1) / kInt8Chunk;
-    Int8X xs[kTileMinRows];
-    for (int64_t s = s0; s < s1; ++s) {
+    Int8X* xs = staged_x.int8;
+    for (int64_t s = s0; s < s1 && !staged_x.holds(first, s1 - s0, 8); ++s) {
       auto* q = reinterpret_cast<int8_t*>(staged + (s - s0) * row_bytes);
       auto* scales = reinterpret_cast<float*>(q + chunks * kInt8Chunk);
       float offset = 0.0f;
@@ -685,6 +699,7 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
       }
       xs[s - s0] = {q, scales, 128.0f * offset};
     }
+    staged_x.rows = first, staged_x.count = s1 - s0, staged_x.layout = 8;
     const auto* q = static_cast<const int8_t*>(mat.w);
     const auto* scales = static_cast<const float*>(mat.scales);
     tiles_against(p, e, p.k, s0, s1, n_lo, n_hi, [&](auto mc, int64_t s, int64_t n, int64_t rt, float* r) {
@@ -697,14 +712,15 @@ void stream_quant(const Problem& p, int64_t e, void* buffer, int64_t s0, int64_t
   }
   const int64_t group = mat.group_size(), groups = p.k / group;
   const int lane = lane_group(static_cast<int>(group));
-  Int4X xs[kTileMinRows];
-  for (int64_t s = s0; s < s1; ++s) {
+  const Int4X* xs = staged_x.int4;
+  for (int64_t s = s0; s < s1 && !staged_x.holds(first, s1 - s0, lane); ++s) {
     auto* q = reinterpret_cast<int8_t*>(staged + (s - s0) * row_bytes);
     auto* scales = reinterpret_cast<float*>(q + int4_x_bytes(p.k));
     float* sums = scales + int4_x_lanes(p.k);
     stage_int4_x<Ops>(x + s * p.x_stride, p.k, lane, q, scales, sums);
-    xs[s - s0] = {q, scales, sums};
+    staged_x.int4[s - s0] = {q, scales, sums};
   }
+  staged_x.rows = first, staged_x.count = s1 - s0, staged_x.layout = lane;
   const auto* q = static_cast<const uint8_t*>(mat.w);
   const auto* scales = static_cast<const uint16_t*>(mat.scales);
   const auto* mins = static_cast<const uint16_t*>(mat.mins);
@@ -1006,14 +1022,18 @@ void tile_rows(const Problem& p, int64_t e, int64_t s0, int64_t s1, int64_t n_lo
 template <typename Ops>
 void run_slice(const Problem& p, int64_t n_lo, int64_t n_hi, char* buffer, int64_t scratch_offset) {
   auto* scratch = reinterpret_cast<typename Ops::Elem*>(buffer + scratch_offset);
+  StagedX staged;
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t e = p.experts[g];
     const int64_t end = p.starts[g] + p.counts[g];
+    if (p.mats[e].quantized() && p.counts[g] < kTileMinRows && p.glu == kNoGlu) {
+      stream_quant<Ops>(p, e, buffer, p.starts[g], end, n_lo, n_hi, staged);
+      continue;
+    }
+    staged.rows = nullptr;  // the paths below overwrite the buffer
     if (p.counts[g] >= kTileMinRows || p.glu != kNoGlu) {
       for (int64_t s0 = p.starts[g]; s0 < end; s0 += kChunkRows)
         tile_rows<Ops>(p, e, s0, std::min(s0 + kChunkRows, end), n_lo, n_hi, buffer, scratch);
-    } else if (p.mats[e].quantized()) {
-      stream_quant<Ops>(p, e, buffer, p.starts[g], end, n_lo, n_hi);
     } else {
       auto* panel = reinterpret_cast<typename Ops::Elem*>(buffer);
       stage_rows<Ops>(p, p.starts[g], end, panel);
