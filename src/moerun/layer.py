@@ -196,9 +196,10 @@ class MoELayer(nn.Module):
         return out
 
     def routes_token_natively(self, x: torch.Tensor) -> bool:
-        """Whether one token x [1, H] is routed by the native kernel (``native.route_token``), and its experts
-        run in the same call unless offloaded: softmax top-k routing without router or score biases, an
-        activation the kernel computes, the native or auto backend, and weights the kernel reads."""
+        """Whether one token x [1, H] is routed by the native kernel (``native.route_token``): softmax top-k
+        routing without router or score biases, an activation the kernel computes, and the native or auto
+        backend. ``forward`` then also runs the experts in the same call where the kernel reads their weights
+        and they are not offloaded."""
         if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
             return False
         return (

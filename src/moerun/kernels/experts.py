@@ -185,6 +185,8 @@ def experts_native(
     Prefill-sized plans fuse the gated activation into the gate/up projection, so the [S, 2I] float32
     gate/up output is never materialised.
 
+    A one-token plan without ``out`` runs as one native call (``native.token_experts``), bit for bit the same.
+
     ``out`` ([T, H] float32) accumulates the result instead of a fresh zero tensor, and ``fused`` overrides
     the fusion choice: running a plan's groups in consecutive parts into one ``out``, each part fused as the
     whole plan would be (``fuses_glu``), adds exactly what one call would (the expert offload does this).
