@@ -539,3 +539,5 @@ def test_softmax_matches_torch(dtype):
     torch.testing.assert_close(out[:, :77].float(), expected.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                atol=1e-7)  # fmt: skip
     assert (out[:, 77:] == 7.0).all()  # past the row's n values nothing is written
+    with pytest.raises(ValueError, match="scale must be positive"):
+        native.softmax(scores, -0.3, out[:, :77])

@@ -161,6 +161,12 @@ def _index_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
 
+def _check_status(status: int, function: str) -> None:
+    """Raise ValueError naming the problem if a native call returned an error status."""
+    if status != 0:
+        raise ValueError(f"native {function}: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+
+
 def _library_or_raise() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
@@ -266,12 +272,7 @@ def _check_groups_and_bias(
             f"group_experts, group_starts and group_counts must have the same length, got "
             f"{experts.shape[0]}, {starts.shape[0]} and {counts.shape[0]}"
         )
-    if bias is not None:
-        if tuple(bias.shape) != (num_experts, n_out) or not bias.is_cpu:
-            raise ValueError(f"bias must be a CPU tensor of shape {(num_experts, n_out)}, got {tuple(bias.shape)}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.to(torch.float32).contiguous()
-    return experts, starts, counts, bias
+    return experts, starts, counts, _float_bias(bias, (num_experts, n_out))
 
 
 def grouped_gemv(
@@ -358,8 +359,7 @@ def grouped_gemv(
         _ptr(scatter_index), _ptr(scatter_weight),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native grouped_gemv: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "grouped_gemv")
     return out
 
 
@@ -415,8 +415,7 @@ def grouped_glu(
         _ptr(act), act.stride(0),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native grouped_glu: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "grouped_glu")
     return act
 
 
@@ -443,14 +442,17 @@ def glu(h: torch.Tensor, spec: GluSpec, dtype: torch.dtype) -> torch.Tensor:
         _ptr(h), h.shape[0], h.shape[1], h.stride(0), _GLU_CODES[spec.activation], spec.alpha, spec.limit,
         _ptr(act), act.stride(0), _DTYPE_CODES[dtype],
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native glu: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "glu")
     return act
 
 
-def _check_token(x: torch.Tensor, router: torch.Tensor, top_k: int) -> None:
+def _check_token_row(x: torch.Tensor) -> None:
     if x.dtype not in _DTYPE_CODES or x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or not x.is_cpu:
         raise ValueError(f"x must be one contiguous bfloat16 or float32 CPU row [1, K], got {x.dtype} {tuple(x.shape)}")
+
+
+def _check_token(x: torch.Tensor, router: torch.Tensor, top_k: int) -> None:
+    _check_token_row(x)
     if router.dtype != x.dtype or router.dim() != 2 or router.shape[1] != x.shape[1] or not router.is_contiguous():
         raise ValueError(
             f"the router weight must be a contiguous [E, {x.shape[1]}] {x.dtype} tensor, got {router.dtype} "
@@ -495,8 +497,7 @@ def route_token(
         _ptr(x), x.shape[1], _ptr(router), router.shape[0], top_k, int(renormalize), scaling,
         _ptr(ids), _ptr(weights), _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native route_token: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "route_token")
     return weights, ids
 
 
@@ -537,8 +538,7 @@ def token_experts(
         y [1, H] in x's dtype.
     """
     lib = _library_or_raise()
-    if x.dtype not in _DTYPE_CODES or x.dim() != 2 or x.shape[0] != 1 or not x.is_contiguous() or not x.is_cpu:
-        raise ValueError(f"x must be one contiguous bfloat16 or float32 CPU row [1, K], got {x.dtype} {tuple(x.shape)}")
+    _check_token_row(x)
     num_experts, two_i, hidden = _check_token_experts(x, gate_up, down, glu)
     ids = _index_tensor(ids.flatten(), "ids")
     weights = weights.flatten().to(torch.float32).contiguous()
@@ -553,12 +553,12 @@ def token_experts(
         _GLU_CODES[glu.activation], glu.alpha, glu.limit, _ptr(y),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native token_experts: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "token_experts")
     return y
 
 
 def _float_bias(bias: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """A bias [E, N] as the kernel reads it (float32, contiguous; a copy only if needed), or None."""
     if bias is None:
         return None
     if tuple(bias.shape) != shape or not bias.is_cpu:
@@ -622,8 +622,7 @@ def moe_token(
         _ptr(y), _ptr(ids), _ptr(weights),
         _DTYPE_CODES[x.dtype], num_threads or torch.get_num_threads(),
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native moe_token: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "moe_token")
     return y, weights, ids
 
 
@@ -648,8 +647,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
         _ptr(x), x.shape[0], x.shape[1], x.stride(0), _DTYPE_CODES[x.dtype], _ptr(weight), _DTYPE_CODES[weight.dtype],
         eps, _ptr(out), out.stride(0), _DTYPE_CODES[out.dtype],
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native rms_norm: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "rms_norm")
     return out
 
 
@@ -702,8 +700,7 @@ def attention_inputs(
         _ptr(q_out), _ptr(keys), keys.stride(0), _ptr(values), values.stride(0), values.stride(1),
         _DTYPE_CODES[q_out.dtype],
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native attention_inputs: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "attention_inputs")
 
 
 def softmax(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -711,7 +708,7 @@ def softmax(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tens
 
     Args:
         scores: [R, N] float32, unit stride along N.
-        scale: multiplier of the scores.
+        scale: multiplier of the scores, > 0.
         out: [R, N] bfloat16 or float32, unit stride along N.
 
     Returns:
@@ -722,10 +719,11 @@ def softmax(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tens
         raise ValueError(f"softmax needs float32 scores and a bf16/fp32 out of one shape, got {tuple(scores.shape)}")
     if scores.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError("scores and out must have unit stride along N")
+    if not scale > 0:  # the kernel shifts by scale times the row's largest score
+        raise ValueError(f"scale must be positive, got {scale}")
     status = lib.moerun_softmax(
         _ptr(scores), scores.shape[0], scores.shape[1], scores.stride(0), scale, _ptr(out), out.stride(0),
         _DTYPE_CODES[out.dtype],
     )  # fmt: skip
-    if status != 0:
-        raise ValueError(f"native softmax: {_STATUS_MESSAGES.get(status, f'status {status}')}")
+    _check_status(status, "softmax")
     return out

@@ -48,17 +48,15 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <cmath>
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-
 
 namespace {
 
@@ -99,6 +97,10 @@ enum {
 
 // Gated activations the kernel can fuse (codes mirrored in native.py).
 enum Glu { kNoGlu = -1, kSilu = 0, kGeluTanh = 1, kSwigluClamped = 2 };
+
+// Dtype codes of x and outputs: 0 float32, 1 bfloat16 (the Format codes of plain matrices).
+inline bool known_dtype(int dtype) { return dtype == 0 || dtype == 1; }
+inline bool fusable_glu(int glu) { return glu == kSilu || glu == kGeluTanh || glu == kSwigluClamped; }
 
 // Lanes [0, n) of a 16-lane mask, n <= 16.
 inline __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
@@ -1218,12 +1220,16 @@ inline void store_value(void* v, int dtype, int64_t i, float f) {
   }
 }
 
-// x [n] float32 scaled in place by rsqrt(mean(x^2) + eps) and the weight (w_dtype).
-inline void rms_norm_inplace(float* x, int64_t n, const void* w, int w_dtype, float eps) {
+// x [n] float32 scaled in place by rsqrt(mean(x^2) + eps) (rounded to bf16 if round_bf16) and the weight
+// (w_dtype).
+inline void rms_norm_inplace(float* x, int64_t n, const void* w, int w_dtype, float eps, bool round_bf16 = false) {
   float squares = 0.0f;
   for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
   const float r = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) x[i] = value_at(w, w_dtype, i) * (x[i] * r);
+  for (int64_t i = 0; i < n; ++i) {
+    const float normed = x[i] * r;
+    x[i] = value_at(w, w_dtype, i) * (round_bf16 ? round_to_bf16(normed) : normed);
+  }
 }
 
 // RoPE of heads x [heads, d] in place: x cos + rotate_half(x) signed_sin (signed_sin: sin, first half negated).
@@ -1295,7 +1301,7 @@ int moerun_grouped_gemv(const void* x, int64_t x_rows, int64_t x_stride, const i
                         const int64_t* group_counts, int64_t groups, const float* bias, float* out, int64_t out_rows,
                         int64_t out_stride, const int64_t* scatter_index, const float* scatter_weight, int dtype,
                         int nthreads) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (!known_dtype(dtype)) return kBadDtype;
   // Without scatter, row s of x writes row s of out.
   if (!scatter_index && out_rows < x_rows) return kBadOutRows;
   int64_t rows = 0, max_group_rows = 0;
@@ -1327,8 +1333,8 @@ int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const in
                        int64_t two_i, int64_t k, const int64_t* group_experts, const int64_t* group_starts,
                        const int64_t* group_counts, int64_t groups, const float* bias, int glu, float alpha,
                        float limit, void* act, int64_t act_stride, int dtype, int nthreads) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
-  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (!known_dtype(dtype)) return kBadDtype;
+  if (!fusable_glu(glu)) return kBadActivation;
   if (two_i % 2) return kBadShape;
   int64_t rows = 0, max_group_rows = 0;
   const int status = check_groups(x_rows, num_experts, group_experts, group_starts, group_counts, groups, &rows,
@@ -1354,8 +1360,8 @@ int moerun_grouped_glu(const void* x, int64_t x_rows, int64_t x_stride, const in
 // in the dtype code's type, act_stride apart; the arithmetic of moerun_grouped_glu.
 int moerun_glu(const float* h, int64_t rows, int64_t two_i, int64_t h_stride, int glu, float alpha, float limit,
                void* act, int64_t act_stride, int dtype) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
-  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (!known_dtype(dtype)) return kBadDtype;
+  if (!fusable_glu(glu)) return kBadActivation;
   if (two_i % 2) return kBadShape;
   Problem p{};
   p.glu = glu;
@@ -1372,7 +1378,7 @@ int moerun_glu(const float* h, int64_t rows, int64_t two_i, int64_t h_stride, in
 // weights [top_k], highest first (see softmax_topk).
 int moerun_route_token(const void* x, int64_t k, const void* router, int64_t num_experts, int top_k,
                        int renormalize, float scaling, int64_t* ids, float* weights, int dtype, int nthreads) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (!known_dtype(dtype)) return kBadDtype;
   if (top_k < 1 || top_k > num_experts) return kBadShape;
   std::vector<float> logits(num_experts);
   const int status = dtype == 1 ? router_logits<Bf16>(static_cast<const uint16_t*>(x), k,
@@ -1385,14 +1391,14 @@ int moerun_route_token(const void* x, int64_t k, const void* router, int64_t num
   return kOk;
 }
 
-// The routed experts of one token x [k] for a given routing (ids, weights [top_k], distinct ids, any order):
+// The routed experts of one token x [k] for a given routing (ids, weights [top_k], any order):
 // out [k] in x's dtype, exactly as moerun_moe_token computes it after routing.
 int moerun_token_experts(const void* x, int64_t k, const int64_t* ids, const float* weights, int top_k,
                          int64_t num_experts, const int64_t* gate_up, int64_t two_i, const float* gate_up_bias,
                          const int64_t* down, const float* down_bias, int glu, float alpha, float limit, void* out,
                          int dtype, int nthreads) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
-  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
+  if (!known_dtype(dtype)) return kBadDtype;
+  if (!fusable_glu(glu)) return kBadActivation;
   if (two_i % 2 || two_i == 0) return kBadShape;
   for (int j = 0; j < top_k; ++j)
     if (ids[j] < 0 || ids[j] >= num_experts) return kBadExpert;
@@ -1418,8 +1424,6 @@ int moerun_moe_token(const void* x, int64_t k, const void* router, int64_t num_e
                      float scaling, const int64_t* gate_up, int64_t two_i, const float* gate_up_bias,
                      const int64_t* down, const float* down_bias, int glu, float alpha, float limit, void* out,
                      int64_t* ids, float* weights, int dtype, int nthreads) {
-  if (glu != kSilu && glu != kGeluTanh && glu != kSwigluClamped) return kBadActivation;
-  if (two_i % 2 || two_i == 0) return kBadShape;
   const int status = moerun_route_token(x, k, router, num_experts, top_k, renormalize, scaling, ids, weights, dtype,
                                         nthreads);
   if (status != kOk) return status;
@@ -1431,21 +1435,12 @@ int moerun_moe_token(const void* x, int64_t k, const void* router, int64_t num_e
 // (round_x: to x's dtype), stored in out's dtype. Dtype codes: 0 float32, 1 bfloat16.
 int moerun_rms_norm(const void* x, int64_t rows, int64_t n, int64_t x_stride, int x_dtype, const void* weight,
                     int w_dtype, float eps, void* out, int64_t out_stride, int out_dtype) {
-  if ((x_dtype != 0 && x_dtype != 1) || (w_dtype != 0 && w_dtype != 1) || (out_dtype != 0 && out_dtype != 1))
-    return kBadDtype;
+  if (!known_dtype(x_dtype) || !known_dtype(w_dtype) || !known_dtype(out_dtype)) return kBadDtype;
   std::vector<float> row(n);
   for (int64_t s = 0; s < rows; ++s) {
-    float squares = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = value_at(x, x_dtype, s * x_stride + i);
-      squares += row[i] * row[i];
-    }
-    const float r = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
-    for (int64_t i = 0; i < n; ++i) {
-      float normed = row[i] * r;
-      if (x_dtype == 1) normed = round_to_bf16(normed);
-      store_value(out, out_dtype, s * out_stride + i, value_at(weight, w_dtype, i) * normed);
-    }
+    for (int64_t i = 0; i < n; ++i) row[i] = value_at(x, x_dtype, s * x_stride + i);
+    rms_norm_inplace(row.data(), n, weight, w_dtype, eps, x_dtype == 1);
+    for (int64_t i = 0; i < n; ++i) store_value(out, out_dtype, s * out_stride + i, row[i]);
   }
   return kOk;
 }
@@ -1459,7 +1454,7 @@ int moerun_attention_inputs(float* qkv, int64_t hq, int64_t hkv, int64_t d, int 
                             const void* k_norm, int w_dtype, float eps, float clip, const float* cos,
                             const float* signed_sin, void* q_out, void* keys, int64_t key_stride, void* values,
                             int64_t value_stride, int64_t value_step, int dtype) {
-  if ((dtype != 0 && dtype != 1) || (w_dtype != 0 && w_dtype != 1)) return kBadDtype;
+  if (!known_dtype(dtype) || !known_dtype(w_dtype)) return kBadDtype;
   if (d % 2 || norm < 0 || norm > 2) return kBadShape;
   float* q = qkv;
   float* k = qkv + hq * d;
@@ -1488,7 +1483,7 @@ int moerun_attention_inputs(float* qkv, int64_t hq, int64_t hkv, int64_t d, int 
 // type (rounded once), rows scores_stride and out_stride elements apart.
 int moerun_softmax(const float* scores, int64_t rows, int64_t n, int64_t scores_stride, float scale, void* out,
                    int64_t out_stride, int dtype) {
-  if (dtype != 0 && dtype != 1) return kBadDtype;
+  if (!known_dtype(dtype)) return kBadDtype;
   std::vector<float> e(n);
   for (int64_t s = 0; s < rows; ++s) {
     const float* row = scores + s * scores_stride;
