@@ -25,8 +25,8 @@ from ..sizes import format_size, parse_size
 from .cache import ExpertCache, LFUPolicy, make_policy
 from .store import ExpertLayout, ExpertStore, meta_like
 
-# Running means (prediction accuracy, lead time) weigh the last ~1 / DECAY tokens.
-ACCURACY_DECAY = 1 / 8
+# Running means (prediction accuracy, lead time) weigh the last ~1 / RUNNING_MEAN_DECAY tokens.
+RUNNING_MEAN_DECAY = 1 / 8
 # Storage speed assumed for the prefetch decision until reads have been timed.
 ASSUMED_STORAGE_BYTES_PER_S = 1e9
 
@@ -101,8 +101,8 @@ class OffloadedExperts:
             used = len(self.expected.intersection(experts))
             stats.predicted += len(self.expected)
             stats.predicted_used += used
-            self.accuracy += ACCURACY_DECAY * (used / len(self.expected) - self.accuracy)
-            self.lead_s += ACCURACY_DECAY * (time.perf_counter() - self._predicted_at - self.lead_s)
+            self.accuracy += RUNNING_MEAN_DECAY * (used / len(self.expected) - self.accuracy)
+            self.lead_s += RUNNING_MEAN_DECAY * (time.perf_counter() - self._predicted_at - self.lead_s)
             self.expected = None
         if self.next_layer is not None:
             self._predict_next(x)
