@@ -18,6 +18,7 @@ from moerun.models.convert import quantize_checkpoint
 from moerun.models.lean import make_lean_runner
 from moerun.models.loader import CheckpointError, default_model_dir
 from moerun.models.quantized import QuantConfig
+from moerun.offload import offloaded
 from moerun.offload.cache import LFUPolicy, LRUPolicy, make_policy
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
@@ -126,7 +127,9 @@ def test_statistics_add_up():
     assert report["stall_s"] > 0 and report["storage_gbps"] > 0
 
 
-def test_prefetch_predicts_the_next_layer_and_is_scored():
+def test_prefetch_predicts_the_next_layer_and_is_scored(monkeypatch):
+    # Whether prefetching pays depends on measured timings (prefetch_pays, tested below); here it always runs.
+    monkeypatch.setattr(offloaded, "prefetch_pays", lambda accuracy, lead_s, read_s: True)
     loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=True)
     runner = make_lean_runner(loaded.model)
     token = runner.prefill(IDS[0, :4]).argmax()
@@ -138,6 +141,17 @@ def test_prefetch_predicts_the_next_layer_and_is_scored():
     assert all(layer["predicted"] >= 16 for layer in report["layers"][1:])  # 2 per decoded token
     assert 0.0 < report["prediction_accuracy"] <= 1.0
     assert sum(layer["prefetch_hits"] for layer in report["layers"]) > 0
+
+
+@pytest.mark.parametrize(("accuracy", "lead_s", "read_s", "pays"), [
+    (0.6, 1.0, 1.0, True),  # a right read hidden whole, more often right than wrong
+    (0.5, 1.0, 1.0, False),  # as often wrong (a whole read added) as right
+    (0.39, 5.0, 1.0, False),  # a long lead does not help predictions that are mostly wrong
+    (0.75, 0.2, 1.0, False),  # right 3 times in 4, but each hides only a fifth of its read
+    (0.9, 0.2, 1.0, True),
+])  # fmt: skip
+def test_prefetch_pays_when_hidden_reads_outweigh_wrong_ones(accuracy, lead_s, read_s, pays):
+    assert offloaded.prefetch_pays(accuracy, lead_s, read_s) is pays
 
 
 def test_reads_drop_their_pages_from_the_page_cache(monkeypatch):
