@@ -18,7 +18,7 @@ from moerun.models.convert import quantize_checkpoint
 from moerun.models.lean import make_lean_runner
 from moerun.models.loader import CheckpointError, default_model_dir
 from moerun.models.quantized import QuantConfig
-from moerun.offload import offloaded
+from moerun.offload import offloaded, store
 from moerun.offload.cache import LFUPolicy, LRUPolicy, make_policy
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
@@ -154,13 +154,48 @@ def test_prefetch_pays_when_hidden_reads_outweigh_wrong_ones(accuracy, lead_s, r
     assert offloaded.prefetch_pays(accuracy, lead_s, read_s) is pays
 
 
-def test_reads_drop_their_pages_from_the_page_cache(monkeypatch):
+def _record_fadvise(monkeypatch) -> list[tuple[int, int, int]]:
     calls = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    return calls
+
+
+def test_reads_use_direct_io_in_chunks_and_stay_exact(monkeypatch, resident):
+    """Chunks much smaller than an expert's matrices (256 KiB) exercise reads that straddle chunk boundaries."""
+    monkeypatch.setattr(store, "_DIRECT_CHUNK", 3 * store._DIRECT_BLOCK)
+    fadvised = _record_fadvise(monkeypatch)
     loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=False)
-    logits(loaded)
+    assert torch.equal(logits(loaded), resident["fp32"])
+    assert all(fd is not None for fd in loaded.cache.store._direct_fds.values()) and not fadvised
+
+
+def test_without_direct_io_reads_drop_their_pages_from_the_page_cache(monkeypatch, resident):
+    real_open = os.open
+
+    def open_without_direct_io(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")  # as tmpfs answers
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_without_direct_io)
+    calls = _record_fadvise(monkeypatch)
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=False)
+    assert torch.equal(logits(loaded), resident["fp32"])
     assert calls and all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in calls)
     assert sum(length for _, length, _ in calls) == loaded.cache.report()["bytes_read"]
+
+
+def test_a_truncated_checkpoint_is_an_error_naming_the_expert(tmp_path):
+    path = tmp_path / "reference"
+    shutil.copytree(REFERENCE, path)
+    loaded = moerun.load(path, "fp32", memory_budget="50%", prefetch=False)
+    pieces = loaded.cache.store.pieces
+    last, li, e = max(
+        (p.offset + p.nbytes, li, e) for li, layer in enumerate(pieces) for e, ps in enumerate(layer) for p in ps
+    )
+    os.truncate(pieces[li][e][0].file, last - 1)
+    with pytest.raises(OSError, match=f"truncated: expert {e} of MoE layer {li}"):
+        loaded.cache.store.read(li, e, torch.empty(loaded.cache.slot_nbytes, dtype=torch.uint8))
 
 
 def test_lru_evicts_the_least_recent_and_never_used_first():

@@ -158,7 +158,7 @@ def offload_experts(
     memory_budget: str | int,
     policy: str = "lfu",
     prefetch: bool = True,
-    drop_page_cache: bool = True,
+    bypass_page_cache: bool = True,
 ) -> ExpertCache:
     """Leave the routed experts of ``layers`` in the checkpoint and run them through an expert cache.
 
@@ -168,7 +168,7 @@ def offload_experts(
         memory_budget: cache bytes: an int, or a size such as "6GB", "512MiB", or "40%" of the experts' bytes.
         policy: eviction policy, ``lru`` or ``lfu``.
         prefetch: predict each next layer's experts and read them in the background.
-        drop_page_cache: drop what is read from the OS page cache (reads then really come from storage).
+        bypass_page_cache: read storage, not the OS page cache (see :class:`ExpertStore`).
 
     Returns:
         the cache (its ``stats`` per layer, its ``store.stats`` for storage reads); the layers' expert
@@ -178,7 +178,7 @@ def offload_experts(
         ValueError: a budget below one layer's selected experts (the message names the minimum), or a
             checkpoint that does not hold every expert.
     """
-    store = ExpertStore(layers, destinations, drop_page_cache)
+    store = ExpertStore(layers, destinations, bypass_page_cache)
     expert_bytes = sum(store.expert_nbytes(li, e) for li, layer in enumerate(layers) for e in range(layer.num_experts))
     budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget, expert_bytes)
     slot = store.slot_nbytes()

@@ -7,16 +7,22 @@ would fill, and the byte ranges of that storage belonging to each expert's parts
 ("pieces"). This covers every layout the loader reads (one tensor per expert and projection, fused
 [E, 2I, H] stacks, moerun's per-format low-bit stacks) without naming any of them here.
 
-A slot holds one expert: its parts one after another, each 64-byte aligned. Reads use ``os.preadv``
-straight into the slot (or through a scratch buffer when the checkpoint's float dtype differs from the
-model's). With ``drop_page_cache`` every range read is dropped from the OS page cache right after
-(``posix_fadvise(DONTNEED)``), so each miss really reads storage; the store times its reads to report the
-storage bandwidth.
+A slot holds one expert: its parts one after another, each 64-byte aligned. With ``bypass_page_cache``
+(the default of an offloaded load) every miss really reads storage: reads use direct I/O (``O_DIRECT``),
+which moves whole aligned blocks by DMA into a page-aligned scratch buffer of each reading thread, the
+wanted bytes then copied into the slot. Measured on this project's 2-core host, that reads storage 1.5-2x
+faster than buffered reads and costs a tenth of their CPU time (0.05 against 0.46 ms per MB), which a
+background prefetch would otherwise take from the computation. A file system without direct I/O (tmpfs)
+gets buffered ``os.preadv`` reads straight into the slot, each range dropped from the OS page cache right
+after (``posix_fadvise(DONTNEED)``); so do all reads without ``bypass_page_cache``, minus the dropping. The
+store times its reads to report the storage bandwidth.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import mmap
 import os
 import threading
 import time
@@ -29,6 +35,10 @@ from ..layer import MoELayer
 from ..quant.formats import QuantizedWeight
 
 _ALIGN = 64
+# Direct reads start and end on this boundary: a multiple of every device's logical block size.
+_DIRECT_BLOCK = 4096
+# Bytes one direct read moves at most, the size of each reading thread's scratch buffer.
+_DIRECT_CHUNK = 4 << 20
 
 
 def matrix_parts(matrix: torch.Tensor | QuantizedWeight) -> list[torch.Tensor]:
@@ -120,7 +130,8 @@ class ExpertStore:
             storage that the store only inspects (addresses), never reads.
         destinations: (file, offset, stored dtype, destination tensor) for every checkpoint tensor, the
             destination being the model storage it would fill (elementwise, same numel).
-        drop_page_cache: drop each range read from the OS page cache, so that reads hit storage.
+        bypass_page_cache: read storage, not the OS page cache: direct I/O where the file system allows
+            it, else buffered reads whose pages are dropped right after.
 
     Raises:
         ValueError: some expert's storage is not covered by the checkpoint.
@@ -130,9 +141,9 @@ class ExpertStore:
         self,
         layers: list[MoELayer],
         destinations: list[tuple[Path, int, torch.dtype, torch.Tensor]],
-        drop_page_cache: bool = True,
+        bypass_page_cache: bool = True,
     ) -> None:
-        self.drop_page_cache = drop_page_cache
+        self.bypass_page_cache = bypass_page_cache
         self.layouts: list[list[ExpertLayout]] = []
         self.pieces: list[list[list[Piece]]] = []
         ranges = []  # (start address, end address, layer, expert, part, itemsize)
@@ -171,6 +182,8 @@ class ExpertStore:
                 expert_pieces.sort(key=lambda p: (p.file, p.offset))
         self.stats = ReadStats()
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: the file system refuses direct I/O
+        self._scratch = threading.local()
         self._lock = threading.Lock()
 
     @property
@@ -195,6 +208,47 @@ class ExpertStore:
                 self._fds[file] = os.open(file, os.O_RDONLY)
             return self._fds[file]
 
+    def _direct_fd(self, file: Path) -> int | None:
+        """A direct-I/O descriptor of ``file``, or None where the file system has no direct I/O."""
+        with self._lock:
+            if file not in self._direct_fds:
+                try:
+                    self._direct_fds[file] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    self._direct_fds[file] = None
+            return self._direct_fds[file]
+
+    def _scratch_buffer(self) -> tuple[memoryview, int]:
+        """This thread's page-aligned buffer for direct reads, as a memoryview and its address."""
+        held = getattr(self._scratch, "buffer", None)
+        if held is None:
+            memory = mmap.mmap(-1, _DIRECT_CHUNK)
+            held = (memoryview(memory), ctypes.addressof(ctypes.c_char.from_buffer(memory)))
+            self._scratch.buffer = held
+        return held
+
+    def _read_direct(self, fd: int, offset: int, into: torch.Tensor) -> int:
+        """Fill ``into`` (uint8) from ``offset`` of a direct-I/O descriptor, a chunk of whole blocks at a time.
+
+        Returns:
+            bytes copied: fewer than ``into`` holds only where the file ends first.
+        """
+        view, address = self._scratch_buffer()
+        done = 0
+        while done < into.numel():
+            at = offset + done
+            lead = at % _DIRECT_BLOCK
+            span = -(-(lead + into.numel() - done) // _DIRECT_BLOCK) * _DIRECT_BLOCK
+            got = os.preadv(fd, [view[: min(span, _DIRECT_CHUNK)]], at - lead) - lead
+            if got <= 0:
+                break
+            take = min(got, into.numel() - done)
+            # memmove, not Tensor.copy_: on the prefetch thread, torch's parallel copy would start a second
+            # OpenMP team that spins on the cores the computation runs on.
+            ctypes.memmove(into.data_ptr() + done, address + lead, take)
+            done += take
+        return done
+
     def read(self, layer: int, expert: int, slot: torch.Tensor) -> int:
         """Read expert ``expert`` of MoE layer ``layer`` into ``slot`` (uint8, at least its nbytes).
 
@@ -206,19 +260,23 @@ class ExpertStore:
         start = time.perf_counter()
         total = 0
         for piece in self.pieces[layer][expert]:
-            fd = self._fd(piece.file)
             dest = views[piece.part].view(-1)[piece.start : piece.start + piece.count]
             if piece.dtype == dest.dtype:
                 buffer = dest.view(torch.uint8)
             else:
                 buffer = torch.empty(piece.nbytes, dtype=torch.uint8)
-            got = os.preadv(fd, [memoryview(buffer.numpy())], piece.offset)
+            direct = self._direct_fd(piece.file) if self.bypass_page_cache else None
+            if direct is not None:
+                got = self._read_direct(direct, piece.offset, buffer)
+            else:
+                fd = self._fd(piece.file)
+                got = os.preadv(fd, [memoryview(buffer.numpy())], piece.offset)
+                if self.bypass_page_cache:
+                    os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
             if got != piece.nbytes:
                 raise OSError(f"{piece.file} is truncated: expert {expert} of MoE layer {layer} could not be read")
             if piece.dtype != dest.dtype:
                 dest.copy_(buffer.view(piece.dtype))
-            if self.drop_page_cache:
-                os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
             total += got
         seconds = time.perf_counter() - start
         with self._lock:
@@ -235,6 +293,8 @@ class ExpertStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in [*self._fds.values(), *self._direct_fds.values()]:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
