@@ -123,13 +123,13 @@ def test_statistics_add_up():
     misses = sum(layer["accesses"] - layer["hits"] for layer in layers)
     assert report["bytes_read"] == misses * loaded.cache.store.file_nbytes(0, 0)  # bf16 in the file
     assert loaded.cache.store.stats.reads == misses
-    assert all(layer["prefetch_hits"] == 0 and layer["predicted"] == 0 for layer in layers)
+    assert all(layer["prefetch_hits"] == layer["prefetched"] == layer["predicted"] == 0 for layer in layers)
     assert report["stall_s"] > 0 and report["storage_gbps"] > 0
 
 
 def test_prefetch_predicts_the_next_layer_and_is_scored(monkeypatch):
     # Whether prefetching pays depends on measured timings (prefetch_pays, tested below); here it always runs.
-    monkeypatch.setattr(offloaded, "prefetch_pays", lambda accuracy, lead_s, read_s: True)
+    monkeypatch.setattr(offloaded, "prefetch_pays", lambda *measured: True)
     loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=True)
     runner = make_lean_runner(loaded.model)
     token = runner.prefill(IDS[0, :4]).argmax()
@@ -140,18 +140,31 @@ def test_prefetch_predicts_the_next_layer_and_is_scored(monkeypatch):
     assert report["layers"][0]["predicted"] == 0  # nothing predicts the first layer
     assert all(layer["predicted"] >= 16 for layer in report["layers"][1:])  # 2 per decoded token
     assert 0.0 < report["prediction_accuracy"] <= 1.0
+    for layer in report["layers"][1:]:
+        # only predictions for uncached experts are read, and each such read is scored
+        assert layer["predicted_uncached"] <= layer["predicted"]
+        assert layer["prefetch_hits"] <= layer["prefetched"] <= layer["predicted_uncached"]
+        assert layer["predicted_uncached_used"] <= layer["predicted_uncached"]
     assert sum(layer["prefetch_hits"] for layer in report["layers"]) > 0
 
 
-@pytest.mark.parametrize(("accuracy", "lead_s", "read_s", "pays"), [
-    (0.6, 1.0, 1.0, True),  # a right read hidden whole, more often right than wrong
-    (0.5, 1.0, 1.0, False),  # as often wrong (a whole read added) as right
-    (0.39, 5.0, 1.0, False),  # a long lead does not help predictions that are mostly wrong
-    (0.75, 0.2, 1.0, False),  # right 3 times in 4, but each hides only a fifth of its read
-    (0.9, 0.2, 1.0, True),
+@pytest.mark.parametrize(("accuracy", "lead_s", "read_s", "busy", "pays"), [
+    (0.6, 1.0, 1.0, 1.0, True),  # a right read hidden whole, more often right than wrong
+    (0.5, 1.0, 1.0, 1.0, False),  # as often wrong (a whole read added) as right
+    (0.39, 5.0, 1.0, 1.0, False),  # a long lead does not help predictions that are mostly wrong
+    (0.39, 5.0, 1.0, 0.5, True),  # ... unless storage is idle half the time, where a wrong read costs half
+    (0.75, 0.2, 1.0, 1.0, False),  # right 3 times in 4, but each hides only a fifth of its read
+    (0.9, 0.2, 1.0, 1.0, True),
+    (0.05, 1.0, 1.0, 0.1, False),  # nearly always wrong: not worth it even with storage mostly idle
 ])  # fmt: skip
-def test_prefetch_pays_when_hidden_reads_outweigh_wrong_ones(accuracy, lead_s, read_s, pays):
-    assert offloaded.prefetch_pays(accuracy, lead_s, read_s) is pays
+def test_prefetch_pays_when_hidden_reads_outweigh_wrong_ones(accuracy, lead_s, read_s, busy, pays):
+    assert offloaded.prefetch_pays(accuracy, lead_s, read_s, busy) is pays
+
+
+def test_prefetch_pays_only_while_it_hides_more_than_its_cpu_time():
+    # the reference model on 2 busy cores: 70% right, a 0.5 ms read, 0.3 ms lead, storage busy a third of the time
+    assert offloaded.prefetch_pays(0.7, 0.3e-3, 0.5e-3, 0.3, cpu_s=0.1e-3)
+    assert not offloaded.prefetch_pays(0.7, 0.3e-3, 0.5e-3, 0.3, cpu_s=0.2e-3)
 
 
 def _record_fadvise(monkeypatch) -> list[tuple[int, int, int]]:
@@ -183,6 +196,31 @@ def test_without_direct_io_reads_drop_their_pages_from_the_page_cache(monkeypatc
     assert torch.equal(logits(loaded), resident["fp32"])
     assert calls and all(advice == os.POSIX_FADV_DONTNEED for _, _, advice in calls)
     assert sum(length for _, length, _ in calls) == loaded.cache.report()["bytes_read"]
+
+
+def test_an_experts_neighbouring_pieces_are_read_as_one_span():
+    def piece(file, offset, nbytes, dtype=torch.bfloat16):
+        return store.Piece(Path(file), offset, 0, 0, nbytes // 2, torch.bfloat16, dtype, 0)
+
+    pieces = [
+        piece("a", 0, 100), piece("a", 100, 100), piece("a", 210, 100),  # adjacent, then a 10-byte gap: one span
+        piece("a", 1000, 100),  # too far
+        piece("a", 1100, 100, torch.float32),  # converted through a buffer: alone
+        piece("b", 1200, 100),  # another file
+        piece("b", 1300, 902),  # would make the span longer than 1000 bytes
+    ]  # fmt: skip
+    spans = store.merge_pieces(pieces, max_gap=64, max_span=1000)
+    assert [(s.file.name, s.offset, s.nbytes, len(s.pieces)) for s in spans] == [
+        ("a", 0, 310, 3), ("a", 1000, 100, 1), ("a", 1100, 100, 1), ("b", 1200, 100, 1), ("b", 1300, 902, 1),
+    ]  # fmt: skip
+    loaded = moerun.load(REFERENCE, "bf16", memory_budget="50%")
+    assert all(len(spans) == 1 for layer in loaded.cache.store.spans for spans in layer)  # gate, up, down together
+
+
+def test_a_slot_too_small_for_the_expert_is_refused():
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%", prefetch=False)
+    with pytest.raises(ValueError, match="contiguous bytes"):
+        loaded.cache.store.read(0, 0, torch.empty(loaded.cache.slot_nbytes - 1, dtype=torch.uint8))
 
 
 def test_a_truncated_checkpoint_is_an_error_naming_the_expert(tmp_path):

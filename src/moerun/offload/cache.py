@@ -31,6 +31,15 @@ from .store import ExpertStore, ReadStats
 
 Key = tuple[int, int]  # (MoE layer, expert)
 
+# Running means (prediction accuracy, lead time, storage busy share, CPU time of a prefetch) weigh the last
+# ~1 / RUNNING_MEAN_DECAY observations.
+RUNNING_MEAN_DECAY = 1 / 8
+
+
+def running_mean(mean: float | None, value: float) -> float:
+    """``mean`` moved toward ``value`` by RUNNING_MEAN_DECAY; the first value (``mean`` None) as it is."""
+    return value if mean is None else mean + RUNNING_MEAN_DECAY * (value - mean)
+
 
 class LRUPolicy:
     """Evict the least recently used expert."""
@@ -100,10 +109,13 @@ class LayerCacheStats:
     accesses: int = 0
     hits: int = 0  # resident (or already in flight) when needed
     prefetch_hits: int = 0  # of the hits, experts a prefetch brought in
+    prefetched: int = 0  # experts a prefetch read (used or not)
     bytes_read: int = 0  # demand and prefetch reads of this layer's experts
     stall_s: float = 0.0  # time the forward pass waited for this layer's reads
     predicted: int = 0  # experts the cross-layer prediction named for this layer
     predicted_used: int = 0  # of those, experts the layer then selected
+    predicted_uncached: int = 0  # predicted experts that were not cached when predicted (a prefetch would read)
+    predicted_uncached_used: int = 0  # of those, experts the layer then selected
 
     @property
     def hit_rate(self) -> float:
@@ -113,8 +125,17 @@ class LayerCacheStats:
     def prediction_accuracy(self) -> float:
         return self.predicted_used / self.predicted if self.predicted else 0.0
 
+    @property
+    def uncached_prediction_accuracy(self) -> float:
+        return self.predicted_uncached_used / self.predicted_uncached if self.predicted_uncached else 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate, "prediction_accuracy": self.prediction_accuracy}
+        return {
+            **asdict(self),
+            "hit_rate": self.hit_rate,
+            "prediction_accuracy": self.prediction_accuracy,
+            "uncached_prediction_accuracy": self.uncached_prediction_accuracy,
+        }
 
 
 class ExpertCache:
@@ -144,6 +165,9 @@ class ExpertCache:
         self._pinned: set[Key] = set()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="moerun-prefetch") if prefetch else None
+        # Running CPU seconds the prefetch thread spends per expert it reads (None until one was read): time
+        # taken from the computation wherever its threads fill every core.
+        self.prefetch_cpu_s: float | None = None
         self.stats = [LayerCacheStats() for _ in range(store.num_layers)]
 
     @property
@@ -180,6 +204,11 @@ class ExpertCache:
         with self._lock:
             self.stats[layer].bytes_read += nbytes
 
+    def uncached(self, layer: int, experts: list[int]) -> list[int]:
+        """Those of ``experts`` of ``layer`` neither resident nor being read."""
+        with self._lock:
+            return [e for e in experts if (layer, e) not in self._slot]
+
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading these experts of ``layer`` in the background (no-op without a prefetch thread)."""
         if self._executor is None:
@@ -194,14 +223,17 @@ class ExpertCache:
                     return
                 self._slot[key] = slot
                 self._prefetched.add(key)
+                self.stats[layer].prefetched += 1
                 self._loading[key] = self._executor.submit(self._load_async, key, slot)
 
     def _load_async(self, key: Key, slot: int) -> None:
+        cpu = time.thread_time()
         try:
             self._load(key, slot)
         finally:
             with self._lock:
                 self._loading.pop(key, None)
+                self.prefetch_cpu_s = running_mean(self.prefetch_cpu_s, time.thread_time() - cpu)
 
     def acquire(self, layer: int, experts: list[int]) -> list[torch.Tensor]:
         """Make these experts of ``layer`` resident and pin them; returns their slots (uint8 views).
@@ -274,6 +306,7 @@ class ExpertCache:
         layers = [s.to_dict() for s in self.stats]
         accesses = sum(s.accesses for s in self.stats)
         predicted = sum(s.predicted for s in self.stats)
+        uncached = sum(s.predicted_uncached for s in self.stats)
         return {
             "budget_bytes": self.budget_bytes,
             "slots": self.num_slots,
@@ -284,6 +317,9 @@ class ExpertCache:
             "stall_s": sum(s.stall_s for s in self.stats),
             "storage_gbps": self.store.stats.gbps,
             "prediction_accuracy": sum(s.predicted_used for s in self.stats) / predicted if predicted else None,
+            "uncached_prediction_accuracy": (
+                sum(s.predicted_uncached_used for s in self.stats) / uncached if uncached else None
+            ),
             "layers": layers,
         }
 

@@ -39,6 +39,9 @@ _ALIGN = 64
 _DIRECT_BLOCK = 4096
 # Bytes one direct read moves at most, the size of each reading thread's scratch buffer.
 _DIRECT_CHUNK = 4 << 20
+# Pieces of an expert this close in a file are read as one span: a direct read of a few blocks more costs less
+# than another request (an expert stored as separate gate, up and down tensors lies in one stretch).
+_MERGE_GAP = 64 << 10
 
 
 def matrix_parts(matrix: torch.Tensor | QuantizedWeight) -> list[torch.Tensor]:
@@ -69,10 +72,47 @@ class Piece:
     start: int
     count: int
     dtype: torch.dtype  # as stored in the file
+    slot_dtype: torch.dtype  # as the slot holds it
+    slot_offset: int  # byte offset in the slot of element ``start``
 
     @property
     def nbytes(self) -> int:
         return self.count * self.dtype.itemsize
+
+    @property
+    def converted(self) -> bool:
+        return self.dtype != self.slot_dtype
+
+
+@dataclass(frozen=True)
+class Span:
+    """One read: a byte range of a file covering some of an expert's pieces (and the gaps between them)."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    pieces: tuple[Piece, ...]
+
+
+def merge_pieces(pieces: list[Piece], max_gap: int, max_span: int) -> list[Span]:
+    """Pieces sorted by (file, offset) as spans: neighbours in a file merge while the gap between them is at most
+    ``max_gap`` bytes and the span at most ``max_span``; a converted piece (read into a buffer) stays alone."""
+    spans: list[Span] = []
+    for piece in pieces:
+        last = spans[-1] if spans else None
+        end = piece.offset + piece.nbytes
+        if (
+            last is not None
+            and not piece.converted
+            and not last.pieces[-1].converted
+            and last.file == piece.file
+            and 0 <= piece.offset - (last.offset + last.nbytes) <= max_gap
+            and end - last.offset <= max_span
+        ):
+            spans[-1] = Span(last.file, last.offset, end - last.offset, (*last.pieces, piece))
+        else:
+            spans.append(Span(piece.file, piece.offset, piece.nbytes, (piece,)))
+    return spans
 
 
 @dataclass(frozen=True)
@@ -169,7 +209,12 @@ class ExpertStore:
                 a, b = max(lo, r0), min(hi, r1)
                 if a < b:
                     first = (a - lo) // size  # element index within the destination
-                    piece = Piece(file, offset + first * stored.itemsize, pi, (a - r0) // size, (b - a) // size, stored)
+                    start = (a - r0) // size
+                    dtype, _ = self.layouts[li][e].shapes[pi]
+                    slot_offset = self.layouts[li][e].offsets[pi] + start * size
+                    piece = Piece(
+                        file, offset + first * stored.itemsize, pi, start, (b - a) // size, stored, dtype, slot_offset
+                    )
                     self.pieces[li][e].append(piece)
                     self.consumed.add(index)
                 i += 1
@@ -180,7 +225,9 @@ class ExpertStore:
                 if covered != needed:
                     raise ValueError(f"the checkpoint does not hold all of expert {e} of MoE layer {li}")
                 expert_pieces.sort(key=lambda p: (p.file, p.offset))
+        self.spans = [[merge_pieces(ps, _MERGE_GAP, _DIRECT_CHUNK) for ps in layer] for layer in self.pieces]
         self.stats = ReadStats()
+        self.busy_s = 0.0  # seconds spent reading since the store opened (``stats`` may be reset)
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int | None] = {}  # None: the file system refuses direct I/O
         self._scratch = threading.local()
@@ -227,62 +274,76 @@ class ExpertStore:
             self._scratch.buffer = held
         return held
 
-    def _read_direct(self, fd: int, offset: int, into: torch.Tensor) -> int:
-        """Fill ``into`` (uint8) from ``offset`` of a direct-I/O descriptor, a chunk of whole blocks at a time.
+    def _read_direct(self, fd: int, span: Span, addresses: list[int]) -> int:
+        """Read ``span`` from a direct-I/O descriptor, a chunk of whole blocks at a time, copying each of its pieces
+        to its address.
 
         Returns:
-            bytes copied: fewer than ``into`` holds only where the file ends first.
+            bytes copied: fewer than the pieces hold only where the file ends first.
         """
-        view, address = self._scratch_buffer()
-        done = 0
-        while done < into.numel():
-            at = offset + done
-            lead = at % _DIRECT_BLOCK
-            span = -(-(lead + into.numel() - done) // _DIRECT_BLOCK) * _DIRECT_BLOCK
-            got = os.preadv(fd, [view[: min(span, _DIRECT_CHUNK)]], at - lead) - lead
-            if got <= 0:
+        view, scratch = self._scratch_buffer()
+        at, end, copied = span.offset, span.offset + span.nbytes, 0
+        while at < end:
+            first = at - at % _DIRECT_BLOCK
+            want = min(-(-(end - first) // _DIRECT_BLOCK) * _DIRECT_BLOCK, _DIRECT_CHUNK)
+            arrived = min(first + os.preadv(fd, [view[:want]], first), end)
+            if arrived <= at:
                 break
-            take = min(got, into.numel() - done)
-            # memmove, not Tensor.copy_: on the prefetch thread, torch's parallel copy would start a second
-            # OpenMP team that spins on the cores the computation runs on.
-            ctypes.memmove(into.data_ptr() + done, address + lead, take)
-            done += take
-        return done
+            for piece, address in zip(span.pieces, addresses, strict=True):
+                lo, hi = max(piece.offset, at), min(piece.offset + piece.nbytes, arrived)
+                if lo < hi:
+                    # memmove, not Tensor.copy_: on the prefetch thread, torch's parallel copy would start a
+                    # second OpenMP team that spins on the cores the computation runs on.
+                    ctypes.memmove(address + lo - piece.offset, scratch + lo - first, hi - lo)
+                    copied += hi - lo
+            at = arrived
+        return copied
+
+    def _read_buffered(self, span: Span, addresses: list[int]) -> int:
+        """Read each piece of ``span`` straight to its address; bytes read."""
+        fd = self._fd(span.file)
+        got = 0
+        for piece, address in zip(span.pieces, addresses, strict=True):
+            got += os.preadv(fd, [(ctypes.c_char * piece.nbytes).from_address(address)], piece.offset)
+            if self.bypass_page_cache:
+                os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
+        return got
 
     def read(self, layer: int, expert: int, slot: torch.Tensor) -> int:
         """Read expert ``expert`` of MoE layer ``layer`` into ``slot`` (uint8, at least its nbytes).
 
         Returns:
-            bytes read from the checkpoint.
+            bytes of the expert's pieces read from the checkpoint.
+
+        Raises:
+            OSError: the checkpoint ends before the expert does.
         """
-        layout = self.layouts[layer][expert]
-        views = layout.views(slot)
+        need = self.layouts[layer][expert].nbytes
+        if slot.dtype != torch.uint8 or not slot.is_contiguous() or slot.numel() < need:
+            raise ValueError(f"a slot for expert {expert} of MoE layer {layer} must be {need} contiguous bytes or more")
         start = time.perf_counter()
+        base = slot.data_ptr()
         total = 0
-        for piece in self.pieces[layer][expert]:
-            dest = views[piece.part].view(-1)[piece.start : piece.start + piece.count]
-            if piece.dtype == dest.dtype:
-                buffer = dest.view(torch.uint8)
-            else:
-                buffer = torch.empty(piece.nbytes, dtype=torch.uint8)
-            direct = self._direct_fd(piece.file) if self.bypass_page_cache else None
-            if direct is not None:
-                got = self._read_direct(direct, piece.offset, buffer)
-            else:
-                fd = self._fd(piece.file)
-                got = os.preadv(fd, [memoryview(buffer.numpy())], piece.offset)
-                if self.bypass_page_cache:
-                    os.posix_fadvise(fd, piece.offset, piece.nbytes, os.POSIX_FADV_DONTNEED)
-            if got != piece.nbytes:
-                raise OSError(f"{piece.file} is truncated: expert {expert} of MoE layer {layer} could not be read")
-            if piece.dtype != dest.dtype:
-                dest.copy_(buffer.view(piece.dtype))
+        for span in self.spans[layer][expert]:
+            buffers = [torch.empty(p.nbytes, dtype=torch.uint8) if p.converted else None for p in span.pieces]
+            addresses = [
+                base + p.slot_offset if b is None else b.data_ptr() for p, b in zip(span.pieces, buffers, strict=True)
+            ]
+            direct = self._direct_fd(span.file) if self.bypass_page_cache else None
+            got = self._read_buffered(span, addresses) if direct is None else self._read_direct(direct, span, addresses)
+            if got != sum(p.nbytes for p in span.pieces):
+                raise OSError(f"{span.file} is truncated: expert {expert} of MoE layer {layer} could not be read")
+            for piece, buffer in zip(span.pieces, buffers, strict=True):
+                if buffer is not None:
+                    dest = self.layouts[layer][expert].views(slot)[piece.part].view(-1)
+                    dest[piece.start : piece.start + piece.count].copy_(buffer.view(piece.dtype))
             total += got
         seconds = time.perf_counter() - start
         with self._lock:
             self.stats.bytes += total
             self.stats.seconds += seconds
             self.stats.reads += 1
+            self.busy_s += seconds
         return total
 
     def drop_files_from_page_cache(self) -> None:

@@ -56,7 +56,10 @@ from ..models.quantized import QuantConfig, expert_nbytes, model_nbytes, quantiz
 from .model_bench import SYNTHETIC_MODELS, load_model, resolve_model_dir
 
 SWEEP_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
-_LAYER_COUNTERS = ("accesses", "hits", "prefetch_hits", "bytes_read", "stall_s", "predicted", "predicted_used")
+_LAYER_COUNTERS = (
+    "accesses", "hits", "prefetch_hits", "prefetched", "bytes_read", "stall_s",
+    "predicted", "predicted_used", "predicted_uncached", "predicted_uncached_used",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class OffloadRecord:
     stall_ms_per_token: float  # decode time spent waiting for reads
     storage_gbps: float  # bytes read over the time the reads took
     prediction_accuracy: float | None  # predicted next-layer experts the layer then used (prefetch only)
+    uncached_prediction_accuracy: float | None  # the same, of the predictions for experts not cached
     cache_filled_bytes: int  # slots an expert was read into, in bytes (at most budget_bytes)
     rss_added_bytes: int  # peak resident memory over what the process held before loading
     rss_expected_bytes: int  # the promise: budget_bytes + non_expert_bytes
@@ -204,6 +208,9 @@ class OffloadRecord:
             "stall_s": total["stall_s"],
             "storage_gbps": self.storage_gbps,
             "prediction_accuracy": total["predicted_used"] / total["predicted"] if total["predicted"] else None,
+            "uncached_prediction_accuracy": (
+                total["predicted_uncached_used"] / total["predicted_uncached"] if total["predicted_uncached"] else None
+            ),
             "layers": self.layers,
         }
 
@@ -272,6 +279,9 @@ def _sum_layers(reports: list[dict]) -> list[dict]:
         s = {key: sum(layer[key] for layer in layers) for key in _LAYER_COUNTERS}
         s["hit_rate"] = s["hits"] / s["accesses"] if s["accesses"] else 0.0
         s["prediction_accuracy"] = s["predicted_used"] / s["predicted"] if s["predicted"] else 0.0
+        s["uncached_prediction_accuracy"] = (
+            s["predicted_uncached_used"] / s["predicted_uncached"] if s["predicted_uncached"] else 0.0
+        )
         out.append(s)
     return out
 
@@ -283,6 +293,7 @@ def _record(common: dict, setup: Setup, budget: str, runs: list[dict]) -> Offloa
     decode = statistics.median(r["decode"] for r in runs)
     decode_tokens = common["decode_tokens"]
     accuracy = [r["prediction_accuracy"] for r in reports if r["prediction_accuracy"] is not None]
+    uncached = [r["uncached_prediction_accuracy"] for r in reports if r["uncached_prediction_accuracy"] is not None]
     return OffloadRecord(
         **common,
         setup=setup.label,
@@ -303,6 +314,7 @@ def _record(common: dict, setup: Setup, budget: str, runs: list[dict]) -> Offloa
         stall_ms_per_token=statistics.median(r["stall_s"] for r in reports) / decode_tokens * 1e3,
         storage_gbps=statistics.median(r["storage_gbps"] for r in reports),
         prediction_accuracy=statistics.median(accuracy) if accuracy else None,
+        uncached_prediction_accuracy=statistics.median(uncached) if uncached else None,
         cache_filled_bytes=max(r["filled_bytes"] for r in runs),
         rss_added_bytes=max(r["rss_added"] for r in runs),
         rss_expected_bytes=first["budget_bytes"] + first["non_expert_bytes"],
