@@ -423,12 +423,12 @@ def print_offload_table(records: list) -> None:
     )
     columns = (
         "budget", "setup", "slots", "decode tok/s", "vs LRU", "hit rate", "read MB/tok", "stall ms/tok",
-        "storage GB/s", "prediction", "TTFT ms", "cache filled", "RSS added", "budget+weights", "overhead",
+        "storage GB/s", "prediction (uncached)", "TTFT ms", "cache filled", "RSS added", "budget+weights", "overhead",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("budget", "setup") else "right", no_wrap=True)
     for r in records:
-        accuracy = "" if r.prediction_accuracy is None else f"{r.prediction_accuracy:.0%}"
+        accuracy = _accuracy(r.prediction_accuracy, r.uncached_prediction_accuracy)
         ratio = f"{r.decode_tokens_per_s / base[r.budget]:.2f}x" if r.budget in base else ""
         table.add_row(
             f"{r.budget} ({_format_bytes(r.budget_bytes)})", r.setup, str(r.slots), f"{r.decode_tokens_per_s:.2f}",
@@ -750,23 +750,39 @@ def _load_model(
     return loaded
 
 
+def _accuracy(all_predictions: float | None, uncached: float | None) -> str:
+    """A prediction accuracy cell: all predictions, and in parentheses those for uncached experts."""
+    if all_predictions is None:
+        return ""
+    return f"{all_predictions:.0%}" + ("" if uncached is None else f" ({uncached:.0%})")
+
+
 def print_cache_report(report: dict) -> None:
     """Per-layer expert cache statistics (``ExpertCache.report()``) as a table on stderr."""
     table = Table(title="expert cache")
-    for column in ("MoE layer", "accesses", "hit rate", "prefetch hits", "read", "stalled s", "prediction"):
+    columns = (
+        "MoE layer", "accesses", "hit rate", "prefetched", "prefetch hits", "read", "stalled s",
+        "prediction (uncached)",
+    )  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for i, layer in enumerate(report["layers"]):
-        predicted = f"{layer['prediction_accuracy']:.0%}" if layer["predicted"] else ""
+        predicted = (
+            _accuracy(layer["prediction_accuracy"], layer["uncached_prediction_accuracy"] or None)
+            if layer["predicted"]
+            else ""
+        )
         table.add_row(
-            str(i), str(layer["accesses"]), f"{layer['hit_rate']:.1%}", str(layer["prefetch_hits"]),
-            _format_bytes(layer["bytes_read"]), f"{layer['stall_s']:.3f}", predicted,
+            str(i), str(layer["accesses"]), f"{layer['hit_rate']:.1%}", str(layer["prefetched"]),
+            str(layer["prefetch_hits"]), _format_bytes(layer["bytes_read"]), f"{layer['stall_s']:.3f}", predicted,
         )  # fmt: skip
     console.print(table)
-    accuracy = report["prediction_accuracy"]
+    accuracy, uncached = report["prediction_accuracy"], report["uncached_prediction_accuracy"]
     console.print(
         f"hit rate {report['hit_rate']:.1%}; read {_format_bytes(report['bytes_read'])} from storage at "
         f"{report['storage_gbps']:.2f} GB/s; stalled {report['stall_s']:.2f} s"
-        + ("" if accuracy is None else f"; next-layer prediction {accuracy:.1%} right"),
+        + ("" if accuracy is None else f"; next-layer prediction {accuracy:.1%} right")
+        + ("" if uncached is None else f", {uncached:.1%} for uncached experts"),
         highlight=False,
         soft_wrap=True,
     )

@@ -3,8 +3,9 @@ the checkpoint and read through an expert cache (:mod:`moerun.offload`), on-dema
 prefetching.
 
 Honest I/O: every measured sequence starts from a fresh load (an empty cache), with the checkpoint's files
-evicted from the OS page cache (``posix_fadvise(DONTNEED)``) before the prompt; the store drops every range
-it reads, so each miss reads storage, and the storage bandwidth those reads achieved is reported.
+evicted from the OS page cache (``posix_fadvise(DONTNEED)``) before the prompt; the store reads with direct
+I/O (or drops every range it reads), so each miss reads storage, and the storage bandwidth those reads
+achieved is reported.
 
 Memory: each load and its sequence are measured alone: the process's peak resident memory over what it held
 just before loading is set against what offloading promises, the cache budget plus the non-expert weights.
