@@ -43,7 +43,7 @@ def prefetch_pays(accuracy: float, lead_s: float, read_s: float, busy: float, cp
         busy: share of the time storage spends reading, in [0, 1].
         cpu_s: CPU time the prefetch thread spends on a read, right or wrong. On a host whose cores the
             computation fills (2 cores, 2 threads here) it comes out of the computation: 0.13 ms for a 384 KiB
-            expert of the reference model, as much as a right prediction hides of its 0.5 ms read.
+            expert of the reference model, a quarter of the 0.5 ms read a right prediction hides at best.
 
     Only predictions for uncached experts count: a prediction for an expert already cached costs nothing and
     saves nothing. On the random-weight OLMoE-shaped model, 39% of all predictions come true but only 1-17% of
