@@ -22,8 +22,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -136,6 +137,29 @@ class LayerCacheStats:
             "prediction_accuracy": self.prediction_accuracy,
             "uncached_prediction_accuracy": self.uncached_prediction_accuracy,
         }
+
+    @classmethod
+    def from_dict(cls, counters: dict) -> LayerCacheStats:
+        """The counters of a ``to_dict`` result (its rates are dropped: they follow from the counters)."""
+        return cls(**{f.name: counters[f.name] for f in fields(cls)})
+
+    def __add__(self, other: LayerCacheStats) -> LayerCacheStats:
+        return LayerCacheStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @classmethod
+    def total(cls, stats: Iterable[LayerCacheStats]) -> LayerCacheStats:
+        return sum(stats, cls())
+
+
+def summarize(stats: Iterable[LayerCacheStats]) -> dict:
+    """Totals over layers: hit rate, time stalled, and prediction accuracies (None where nothing was predicted)."""
+    total = LayerCacheStats.total(stats)
+    return {
+        "hit_rate": total.hit_rate,
+        "stall_s": total.stall_s,
+        "prediction_accuracy": total.prediction_accuracy if total.predicted else None,
+        "uncached_prediction_accuracy": total.uncached_prediction_accuracy if total.predicted_uncached else None,
+    }
 
 
 class ExpertCache:
@@ -303,24 +327,15 @@ class ExpertCache:
 
     def report(self) -> dict:
         """Per-layer statistics and totals, as JSON-ready numbers."""
-        layers = [s.to_dict() for s in self.stats]
-        accesses = sum(s.accesses for s in self.stats)
-        predicted = sum(s.predicted for s in self.stats)
-        uncached = sum(s.predicted_uncached for s in self.stats)
         return {
             "budget_bytes": self.budget_bytes,
             "slots": self.num_slots,
             "policy": self.policy.name,
             "prefetch": self._executor is not None,
-            "hit_rate": sum(s.hits for s in self.stats) / accesses if accesses else 0.0,
             "bytes_read": self.store.stats.bytes,
-            "stall_s": sum(s.stall_s for s in self.stats),
             "storage_gbps": self.store.stats.gbps,
-            "prediction_accuracy": sum(s.predicted_used for s in self.stats) / predicted if predicted else None,
-            "uncached_prediction_accuracy": (
-                sum(s.predicted_uncached_used for s in self.stats) / uncached if uncached else None
-            ),
-            "layers": layers,
+            **summarize(self.stats),
+            "layers": [s.to_dict() for s in self.stats],
         }
 
     def reset_stats(self) -> None:

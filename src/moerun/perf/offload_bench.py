@@ -54,13 +54,10 @@ from ..models.loader import (
     rss_bytes,
 )
 from ..models.quantized import QuantConfig, expert_nbytes, model_nbytes, quantize
+from ..offload.cache import LayerCacheStats, summarize
 from .model_bench import SYNTHETIC_MODELS, load_model, resolve_model_dir
 
 SWEEP_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
-_LAYER_COUNTERS = (
-    "accesses", "hits", "prefetch_hits", "prefetched", "bytes_read", "stall_s",
-    "predicted", "predicted_used", "predicted_uncached", "predicted_uncached_used",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -198,20 +195,15 @@ class OffloadRecord:
 
     def cache_report(self) -> dict:
         """The decode steps of all rounds as ``ExpertCache.report()`` gives one run (totals of ``layers``)."""
-        total = {key: sum(layer[key] for layer in self.layers) for key in _LAYER_COUNTERS}
+        layers = [LayerCacheStats.from_dict(layer) for layer in self.layers]
         return {
             "budget_bytes": self.budget_bytes,
             "slots": self.slots,
             "policy": self.policy,
             "prefetch": self.prefetch,
-            "hit_rate": total["hits"] / total["accesses"] if total["accesses"] else 0.0,
-            "bytes_read": total["bytes_read"],
-            "stall_s": total["stall_s"],
+            "bytes_read": LayerCacheStats.total(layers).bytes_read,
             "storage_gbps": self.storage_gbps,
-            "prediction_accuracy": total["predicted_used"] / total["predicted"] if total["predicted"] else None,
-            "uncached_prediction_accuracy": (
-                total["predicted_uncached_used"] / total["predicted_uncached"] if total["predicted_uncached"] else None
-            ),
+            **summarize(layers),
             "layers": self.layers,
         }
 
@@ -275,16 +267,10 @@ def _run_once(
 
 def _sum_layers(reports: list[dict]) -> list[dict]:
     """Per-layer counters summed over runs, with hit rate and prediction accuracy of the sums."""
-    out = []
-    for layers in zip(*(r["layers"] for r in reports), strict=True):
-        s = {key: sum(layer[key] for layer in layers) for key in _LAYER_COUNTERS}
-        s["hit_rate"] = s["hits"] / s["accesses"] if s["accesses"] else 0.0
-        s["prediction_accuracy"] = s["predicted_used"] / s["predicted"] if s["predicted"] else 0.0
-        s["uncached_prediction_accuracy"] = (
-            s["predicted_uncached_used"] / s["predicted_uncached"] if s["predicted_uncached"] else 0.0
-        )
-        out.append(s)
-    return out
+    return [
+        LayerCacheStats.total(LayerCacheStats.from_dict(layer) for layer in layers).to_dict()
+        for layers in zip(*(r["layers"] for r in reports), strict=True)
+    ]
 
 
 def _record(common: dict, setup: Setup, budget: str, runs: list[dict]) -> OffloadRecord:
