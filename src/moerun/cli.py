@@ -86,8 +86,7 @@ def _check_json_destination(json_path: Path | None) -> None:
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place when complete."""
     path = path.expanduser()
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
+    _check_json_destination(path)
     with file_written_whole(path) as f:
         json.dump(data, f, indent=2)
 
