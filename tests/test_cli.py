@@ -34,16 +34,28 @@ def test_bench_writes_json_records(tiny_presets, tmp_path, capsys) -> None:
     code = cli.main([*args, "--budget", "0.01", "--json", str(out)])
     assert code == 0
     records = json.loads(out.read_text())
-    assert len(records) == 2 * 2 * 4
+    impls = set(bench.IMPLS) - set(bench.unavailable_impls(bench.IMPLS, "bf16"))  # prepacked needs bf16 packing
+    assert len(records) == 2 * 2 * len(impls)
     required = {"preset", "dtype", "bits", "tokens", "impl", "median_ms", "gbps", "gflops", "roofline_fraction"}
     for r in records:
         assert required <= r.keys()
         assert r["machine"]["gemm_gflops"]["bfloat16"] == 100.0  # cached peak, bandwidth measured alongside
         assert r["machine"]["read_gbps"] > 0
         assert r["median_ms"] > 0 and 0 < r["roofline_fraction"]
-    assert {r["impl"] for r in records} == {"moerun", "moerun-prepacked", "hf-eager", "hf-grouped_mm"}
+    assert {r["impl"] for r in records} == impls
     assert "tiny-olmoe" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_bench_leaves_out_prepacked_where_onednn_cannot_pack(tiny_presets, monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr("moerun.kernels.onednn.is_available", lambda dtype: False)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny-olmoe", "--tokens", "3", "--threads", "1", "--budget", "0.01"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    assert {r["impl"] for r in json.loads(out.read_text())} == {"moerun", "hf-eager", "hf-grouped_mm"}
+    assert "moerun-prepacked left out: oneDNN cannot pack bf16" in " ".join(capsys.readouterr().err.split())
+    assert cli.main([*args, "--impl", "moerun-prepacked"]) == 2
+    assert "moerun-prepacked cannot run here" in capsys.readouterr().err
 
 
 def test_fit_to_memory_scales_experts_down() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from moerun import MoELayer, RoutingConfig, make_plan
-from moerun.kernels import native
-from moerun.kernels.experts import BACKENDS, select_backend
+from moerun.kernels import native, onednn
+from moerun.kernels.experts import BACKENDS, combine, experts_torch, select_backend
 
 BACKEND_NAMES = [b for b in BACKENDS if b != "native" or native.is_available()]
 # bf16 backends round the activation between the GEMMs to bf16; the oracle keeps float32.
@@ -116,6 +118,8 @@ def test_bad_input_is_rejected() -> None:
 @pytest.mark.parametrize("variant", ["silu", "swiglu_clamped_biases"])
 @torch.inference_mode()
 def test_prepacked_weights_match_reference(variant: str, dtype: torch.dtype) -> None:
+    if not onednn.is_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} with this torch build on this CPU (bf16 needs AVX-512 BW/VL/DQ)")
     layer = make_layer(dtype, **VARIANTS[variant])
     x = torch.randn(300, 96, generator=torch.Generator().manual_seed(5)).to(dtype)
     layer.backend = "reference"
@@ -127,6 +131,72 @@ def test_prepacked_weights_match_reference(variant: str, dtype: torch.dtype) -> 
     assert err <= TOLERANCE[dtype] * expected.abs().max().item()
     layer.unpack()
     assert layer.expert_weights().packed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_onednn_availability_says_whether_prepack_works(dtype: torch.dtype) -> None:
+    """The probe agrees with packing a real layer, and where it says no, prepack refuses with a ValueError."""
+    layer = make_layer(dtype)
+    if onednn.is_available(dtype):
+        layer.prepack()
+        assert layer.expert_weights().packed is not None
+    else:
+        with pytest.raises(ValueError, match="cannot pack|can be packed"):
+            layer.prepack()
+        assert layer.expert_weights().packed is None
+
+
+def test_prepack_refuses_where_onednn_cannot_pack(monkeypatch) -> None:
+    monkeypatch.setattr(onednn, "is_available", lambda dtype: False)
+    layer = make_layer(torch.float32)
+    with pytest.raises(ValueError, match=r"oneDNN cannot pack torch\.float32 weights .* run without prepacking"):
+        layer.prepack()
+    assert layer.expert_weights().packed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@torch.inference_mode()
+def test_zero_tokens_give_zero_rows(backend: str, dtype: torch.dtype) -> None:
+    layer = make_layer(dtype, **VARIANTS["grouped_shared_gate"], backend=backend)
+    for shape in ((0, 96), (2, 0, 96)):
+        y = layer(torch.zeros(shape, dtype=dtype))
+        assert y.shape == shape and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 100, 600])
+@pytest.mark.parametrize("part_size", [1, 2, 5])
+@pytest.mark.parametrize("variant", ["silu", "swiglu_clamped_biases", "grouped_shared_gate"])
+@torch.inference_mode()
+def test_torch_backend_in_parts_equals_one_call(variant: str, part_size: int, tokens: int, dtype: torch.dtype) -> None:
+    """A plan's groups run in consecutive parts into one sorted buffer, combined once, give bit for bit what one
+    call gives (how the expert offload runs more experts than its cache holds), on however many threads."""
+    layer = make_layer(dtype, **VARIANTS[variant])
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    weights, ids = layer.select_experts(x)
+    plan = make_plan(ids, weights, layer.num_experts)
+    w = layer.expert_weights()
+    out_sorted = torch.full((plan.num_slots, 96), float("nan"), dtype=dtype)  # rows no part writes would show
+    for first in range(0, plan.num_groups, part_size):
+        part = slice(first, first + part_size)
+        sub = replace(
+            plan,
+            group_experts=plan.group_experts[part],
+            group_starts=plan.group_starts[part],
+            group_counts=plan.group_counts[part],
+        )
+        assert experts_torch(x, sub, w, out_sorted=out_sorted) is out_sorted
+    assert torch.equal(combine(out_sorted, plan), experts_torch(x, plan, w))
+
+
+def test_torch_backend_rejects_a_sorted_buffer_that_does_not_fit() -> None:
+    layer = make_layer(torch.float32)
+    plan = make_plan(torch.tensor([[0, 1], [1, 2]]), torch.full((2, 2), 0.5), layer.num_experts)
+    x, w = torch.randn(2, 96), layer.expert_weights()
+    for bad in (torch.empty(3, 96), torch.empty(4, 95), torch.empty(4, 96, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"out_sorted must be \(4, 96\) in torch.float32"):
+            experts_torch(x, plan, w, out_sorted=bad)
 
 
 def test_experts_forward_rejects_mismatches() -> None:

@@ -14,10 +14,11 @@ import torch
 import moerun
 from families import FAMILIES
 from moerun import cli
+from moerun.kernels import native
 from moerun.models.convert import quantize_checkpoint
 from moerun.models.lean import make_lean_runner
 from moerun.models.loader import CheckpointError, default_model_dir
-from moerun.models.quantized import QuantConfig
+from moerun.models.quantized import QuantConfig, moe_layers
 from moerun.offload import offloaded, store
 from moerun.offload.cache import LFUPolicy, LRUPolicy, make_policy
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
@@ -60,6 +61,59 @@ def test_offloaded_logits_equal_resident_bit_for_bit(resident, dtype, budget, po
     loaded = moerun.load(REFERENCE, dtype, memory_budget=budget, cache_policy=policy, prefetch=prefetch)
     assert torch.equal(logits(loaded), resident[dtype])
     assert torch.equal(logits(loaded), resident[dtype])  # again, now with a warm cache
+    loaded.cache.close()
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """The native kernel disabled for one test, so that it runs the torch fallback on any host."""
+    monkeypatch.setenv("MOERUN_DISABLE_NATIVE", "1")
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()  # monkeypatch restores the variable after this
+
+
+def with_backend(loaded, backend: str):
+    """``loaded`` with every MoE layer set to run its experts on ``backend``."""
+    for layer in moe_layers(loaded.model).values():
+        layer.backend = backend
+    return loaded
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("forced_by", ["native off", "torch backend"])
+def test_torch_parts_equal_resident_torch_bit_for_bit(request, monkeypatch, forced_by, dtype):
+    """With torch running the experts (the native kernel off, or the layers' backend set to torch), prefill at
+    the minimum budget (2 slots) runs each layer's selected experts in parts into one sorted buffer, combined once."""
+    if forced_by == "native off":
+        request.getfixturevalue("native_off")
+        assert not native.is_available()
+    backend = "torch" if forced_by == "torch backend" else "auto"
+    parts = []
+    real = offloaded.experts_torch
+    monkeypatch.setattr(offloaded, "experts_torch", lambda *a, **k: parts.append(k) or real(*a, **k))
+    want = logits(with_backend(moerun.load(REFERENCE, dtype), backend))
+    loaded = with_backend(moerun.load(REFERENCE, dtype, memory_budget=2 * expert_bytes(dtype), prefetch=False), backend)
+    assert torch.equal(logits(loaded), want)
+    assert len(parts) >= 4 * 2 and all("out_sorted" in k for k in parts)  # 4 layers of 2 parts or more
+    loaded.cache.close()
+
+
+def test_reference_backend_in_parts_is_close_to_resident():
+    """Backends without a shared-output path run each part as a plan of its own slots and sum the parts."""
+    want = logits(with_backend(moerun.load(REFERENCE, "fp32"), "reference"))
+    loaded = with_backend(moerun.load(REFERENCE, "fp32", memory_budget=2 * expert_bytes("fp32")), "reference")
+    torch.testing.assert_close(logits(loaded), want, rtol=1e-4, atol=1e-4)
+    loaded.cache.close()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_offloaded_layer_takes_zero_tokens(backend):
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget=2 * expert_bytes("fp32"))
+    layer = next(iter(moe_layers(loaded.model).values()))
+    layer.backend = backend
+    assert layer(torch.zeros(0, layer.hidden_size)).shape == (0, layer.hidden_size)
+    assert loaded.cache.report()["layers"][0]["accesses"] == 0
     loaded.cache.close()
 
 

@@ -149,7 +149,7 @@ def bench(
     With --model and --memory-budget (or --sweep-memory) the routed experts stay in the checkpoint: decode
     speed, cache hit rate, storage reads and resident memory, on-demand LRU vs --cache-policy with prefetch.
     """
-    from .perf.bench import DTYPES, IMPLS, PRESETS, record_dicts, run_bench
+    from .perf.bench import DTYPES, IMPLS, PRESETS, record_dicts, run_bench, unavailable_impls
     from .perf.roofline import load_or_measure_roofline
 
     bit_widths = _parse_bits(bits)
@@ -188,6 +188,10 @@ def bench(
     bad_impl = [i for i in impls if i not in IMPLS]
     if bad_impl:
         raise UserError(f"unknown implementation {bad_impl[0]!r}; choose from {', '.join(IMPLS)}")
+    unavailable = unavailable_impls(impls, dtype)
+    if unavailable and len(unavailable) == len(impls):
+        raise UserError("; ".join(f"{name} cannot run here: {why}" for name, why in unavailable.items()))
+    impls = tuple(i for i in impls if i not in unavailable)
     token_counts = _parse_tokens(tokens)
     threads = threads or os.cpu_count() or 1
     if threads < 1:
@@ -195,6 +199,8 @@ def bench(
     if budget <= 0:
         raise UserError(f"--budget must be positive, got {budget}")
     _check_json_destination(json_path)
+    for name, why in unavailable.items():
+        console.print(f"[yellow]note[/] {name} left out: {why}")
 
     with console.status(f"measuring this machine's roofline ({threads} threads)..."):
         roofline = load_or_measure_roofline(threads, remeasure=remeasure)

@@ -172,6 +172,10 @@ class MoELayer(nn.Module):
         Costs memory equal to the expert weights again; decode still reads the plain weights.
         The copy is a snapshot: call again after changing the weights, or ``unpack()`` to drop it.
         Low-bit experts are not packed (their prefill dequantizes tiles in the native kernel).
+
+        Raises:
+            ValueError: quantized experts, or weights that oneDNN cannot pack with this torch build on this CPU
+                (``moerun.kernels.onednn.is_available(dtype)`` says which dtypes it can).
         """
         if self.expert_formats is not None:
             raise ValueError("prepack is for float experts; these are quantized")

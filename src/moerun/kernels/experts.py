@@ -109,9 +109,10 @@ def combine(out_sorted: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         return combine_fp32(out_sorted, plan, out_sorted.shape[1]).to(out_sorted.dtype)
     position = torch.empty_like(plan.slot_of)
     position[plan.slot_of] = torch.arange(plan.num_slots, device=out_sorted.device)  # [S] slot -> sorted
-    per_token = out_sorted.index_select(0, position).view(num_tokens, top_k, -1)  # [T, k, H]
+    hidden = out_sorted.shape[1]  # spelled out, not -1: a view of zero tokens cannot infer it
+    per_token = out_sorted.index_select(0, position).view(num_tokens, top_k, hidden)  # [T, k, H]
     weights = plan.weights[position].view(num_tokens, 1, top_k).to(out_sorted.dtype)  # [T, 1, k]
-    return torch.bmm(weights, per_token).view(num_tokens, -1)
+    return torch.bmm(weights, per_token).view(num_tokens, hidden)
 
 
 def _groups(plan: RoutingPlan) -> list[tuple[int, int, int]]:
@@ -143,12 +144,15 @@ def _grouped_mm(
     bias: torch.Tensor | None,
     groups: list[tuple[int, int, int]],
     packed: list[torch.Tensor] | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> [S, N].
+    """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> out [S, N].
 
-    Low-bit experts are dequantized to a's dtype one at a time (the pure-torch fallback of the kernel).
+    ``out`` defaults to a fresh tensor whose rows outside the groups are left unset. Low-bit experts are
+    dequantized to a's dtype one at a time (the pure-torch fallback of the kernel).
     """
-    out = a.new_empty(a.shape[0], weight.shape[1])
+    if out is None:
+        out = a.new_empty(a.shape[0], weight.shape[1])
     for e, start, end in groups:
         b = None if bias is None else bias[e].to(a.dtype)
         if packed is not None:
@@ -162,14 +166,39 @@ def _grouped_mm(
     return out
 
 
-def experts_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
-    """One GEMM per non-empty group over contiguous sorted rows (oneDNN-packed weights when present)."""
+def experts_torch(
+    x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, out_sorted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One GEMM per non-empty group over contiguous sorted rows (oneDNN-packed weights when present).
+
+    Args:
+        x: [T, H] hidden states.
+        plan: the routing plan; with ``out_sorted``, possibly only some of a plan's groups (a plan whose
+            ``group_*`` fields are a subset of the whole plan's and whose experts index ``w``).
+        w: the expert weights.
+        out_sorted: [S, H] in x's dtype, or None. When given, the down projection writes the plan's groups'
+            rows into it, the other rows are left as they are, and it is returned uncombined. Running a plan's
+            groups in consecutive parts into one ``out_sorted`` and then ``combine(out_sorted, plan)`` with the
+            whole plan gives bit for bit what one call gives (the expert offload does this).
+
+    Returns:
+        [T, H] in x's dtype, or ``out_sorted`` when given.
+    """
+    expected = (plan.num_slots, w.hidden_size)
+    if out_sorted is not None and (tuple(out_sorted.shape) != expected or out_sorted.dtype != x.dtype):
+        got = f"{tuple(out_sorted.shape)} in {out_sorted.dtype}"
+        raise ValueError(f"out_sorted must be {expected} in {x.dtype}, got {got}")
     groups = _groups(plan)
     packed = w.packed if w.packed is not None and x.dtype == w.float_dtype else None
     xs = x.index_select(0, plan.token_index)  # [S, H]
-    h = _grouped_mm(xs, w.gate_up, w.gate_up_bias, groups, packed and packed.gate_up)  # [S, 2I]
-    out = _grouped_mm(apply_glu(h, w.glu), w.down, w.down_bias, groups, packed and packed.down)  # [S, H]
-    return combine(out, plan)
+    # A part still computes on all S rows as one call does: elementwise kernels split their work (vector
+    # body, scalar tail, threads) by the tensor's shape, so the activation only rounds each row the same way
+    # over a tensor of the same shape. Zeros keep the rows of the other parts' groups defined.
+    h_out = None if out_sorted is None else xs.new_zeros(xs.shape[0], 2 * w.intermediate_size)
+    h = _grouped_mm(xs, w.gate_up, w.gate_up_bias, groups, packed and packed.gate_up, h_out)  # [S, 2I]
+    act = apply_glu(h, w.glu)  # [S, I]
+    out = _grouped_mm(act, w.down, w.down_bias, groups, packed and packed.down, out_sorted)  # [S, H]
+    return out if out_sorted is not None else combine(out, plan)
 
 
 def fuses_glu(plan: RoutingPlan, w: ExpertWeights) -> bool:

@@ -1,13 +1,16 @@
 """MoE layers whose routed experts come from an :class:`ExpertCache` instead of resident weights.
 
 Each layer computes its routing as usual, then takes its selected experts from the cache, at most a
-cache's worth at a time: groups run in consecutive parts that accumulate into one float32 output, each
-part with the fusion choice of the whole plan, so the native kernel adds exactly what the resident layer's
-single call adds (bit for bit). A layer also predicts the next layer's experts (Fate's cross-layer gate:
-the next router applied to this layer's input) and has the cache read them in the background while it
-computes; the next layer scores the prediction against its real selection. Prefetching pays only when the
-predictions for experts that are not cached come true often enough (see :func:`prefetch_pays`); each layer
-measures that accuracy whether it prefetches or not, so a layer that stopped can start again.
+cache's worth at a time: groups run in consecutive parts into one shared output, so the parts give bit for
+bit what the resident layer's single call gives: with the native kernel they accumulate into one float32
+[T, H], each part with the fusion choice of the whole plan; with torch they write their rows of one sorted
+[S, H] buffer, combined once at the end.
+
+A layer also predicts the next layer's experts (Fate's cross-layer gate: the next router applied to this
+layer's input) and has the cache read them in the background while it computes; the next layer scores the
+prediction against its real selection. Prefetching pays only when the predictions for experts that are not
+cached come true often enough (see :func:`prefetch_pays`); each layer measures that accuracy whether it
+prefetches or not, so a layer that stopped can start again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kernels.experts import ExpertWeights, experts_forward, experts_native, fuses_glu, native_supports
+from ..kernels.experts import (
+    ExpertWeights,
+    combine,
+    experts_forward,
+    experts_native,
+    experts_torch,
+    fuses_glu,
+    native_supports,
+)
 from ..layer import MoELayer
 from ..quant.formats import ExpertMatrices, Weight
 from ..routing import RoutingPlan
@@ -58,6 +69,21 @@ def _cores_are_full() -> bool:
     """Whether torch's threads take every core this process may run on (a prefetch then preempts them)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return torch.get_num_threads() >= cores
+
+
+def _own_slots(plan: RoutingPlan, sub: RoutingPlan) -> RoutingPlan:
+    """``sub`` (consecutive groups of ``plan``) as a plan of its groups' slots alone, [S'] of ``plan``'s [S]: any
+    backend runs it on its own, as it computes and combines only the slots it is given."""
+    lo = int(sub.group_starts[0])
+    hi = int(sub.group_starts[-1] + sub.group_counts[-1])
+    return replace(
+        sub,
+        token_index=plan.token_index[lo:hi],
+        weights=plan.weights[lo:hi],
+        counts=sub.group_counts,
+        group_starts=sub.group_starts - lo,
+        slot_of=plan.slot_of[lo:hi],
+    )
 
 
 class OffloadedExperts:
@@ -145,13 +171,33 @@ class OffloadedExperts:
             self._views[slot.data_ptr()] = held
         return held[1]
 
+    def _parts_output(self, x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> tuple[str, torch.Tensor]:
+        """How a plan's parts add up, and the output they share, for x [T, H] and a part's weights ``w``.
+
+        ``native``: each part accumulates into one float32 [T, H] (``experts_native(out=...)``), fused as the
+        whole plan would be. ``torch``: each part writes its groups' rows of one sorted [S, H] buffer in x's
+        dtype (``experts_torch(out_sorted=...)``), combined once with the whole plan. Both give bit for bit
+        what the layer's backend gives resident; ``auto`` picks between them by the fixed rule for unpacked
+        weights (native where it runs). ``sum``: any other backend (the reference) runs each part as a plan of
+        its own slots (``_own_slots``) and the parts' outputs are summed in float32: close to one call, but
+        rounded per part.
+        """
+        backend = self.layer.backend
+        if backend in ("auto", "native") and native_supports(x, w):
+            return "native", torch.zeros(plan.num_tokens, self.layer.hidden_size, dtype=torch.float32)
+        if backend in ("auto", "torch"):
+            return "torch", x.new_empty(plan.num_slots, self.layer.hidden_size)  # every part writes its rows
+        # The native backend where it cannot run lands here too: its first part raises as a resident call does.
+        return "sum", torch.zeros(plan.num_tokens, self.layer.hidden_size, dtype=torch.float32)
+
     def __call__(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """The experts' combined output [T, H] in x's dtype for x [T, H] routed by ``plan``."""
+        layer = self.layer
+        if plan.num_tokens == 0:  # no experts selected: nothing to read, predict or score
+            return x.new_zeros(0, layer.hidden_size)
         experts = plan.group_experts.tolist()
         self._score_prediction(experts)
-        layer = self.layer
-        out = None
-        fused = None
+        mode, out, fused = None, None, None
         for first in range(0, len(experts), self.cache.num_slots):
             part = list(range(first, min(first + self.cache.num_slots, len(experts))))
             ids = [experts[g] for g in part]
@@ -177,17 +223,18 @@ class OffloadedExperts:
                 )
                 if len(part) == len(experts):  # one part: exactly the resident layer's call
                     return experts_forward(x, sub, w, layer.backend)
-                if not native_supports(x, w):
-                    y = experts_forward(x, sub, w, layer.backend).float()
-                    out = y if out is None else out.add_(y)
-                    continue
-                if out is None:
-                    out = torch.zeros(plan.num_tokens, layer.hidden_size, dtype=torch.float32)
-                    fused = fuses_glu(plan, w)
-                experts_native(x, sub, w, out=out, fused=fused)
+                if mode is None:
+                    mode, out = self._parts_output(x, plan, w)
+                    fused = mode == "native" and fuses_glu(plan, w)
+                if mode == "native":
+                    experts_native(x, sub, w, out=out, fused=fused)
+                elif mode == "torch":
+                    experts_torch(x, sub, w, out_sorted=out)
+                else:
+                    out.add_(experts_forward(x, _own_slots(plan, sub), w, layer.backend).float())
             finally:
                 self.cache.release(self.index, ids)
-        return out.to(x.dtype)
+        return combine(out, plan) if mode == "torch" else out.to(x.dtype)
 
 
 def _meta_like(weight: Weight) -> Weight:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from ..kernels import onednn
 from ..layer import MoELayer
 from ..models.hf import layer_from_hf_block
 from ..quant.formats import QuantFormat, weight_nbytes
@@ -136,6 +137,13 @@ def available_memory_bytes() -> int:
     return 8 * 2**30
 
 
+def unavailable_impls(impls: tuple[str, ...], dtype_name: str) -> dict[str, str]:
+    """The implementations of ``impls`` that cannot run on this host at ``dtype_name``, each with the reason."""
+    if "moerun-prepacked" in impls and not onednn.is_available(DTYPES[dtype_name]):
+        return {"moerun-prepacked": f"oneDNN cannot pack {dtype_name} weights with this torch build on this CPU"}
+    return {}
+
+
 def work_of(layer: MoELayer, x: torch.Tensor) -> tuple[int, int]:
     """(bytes of weights touched, FLOPs) of one forward of ``layer`` on x [T, H].
 
@@ -208,7 +216,8 @@ def run_bench(
     """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish.
 
     ``bits`` 8 and 4 add moerun on the same experts quantized (``moerun-int8``, ``moerun-int4`` with groups
-    of ``group_size``).
+    of ``group_size``). ``impls`` must all run on this host (leave out ``unavailable_impls``): packing the
+    weights for ``moerun-prepacked`` raises ValueError where oneDNN cannot pack the dtype.
     """
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(threads)
