@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -208,6 +209,7 @@ def bench(
         f"roofline, {threads} threads: read {roofline.read_gbps:.1f} GB/s, "
         + ", ".join(f"{k} GEMM {v:.0f} GFLOP/s" for k, v in roofline.gemm_gflops.items())
     )
+    perf_model = _layer_perf_model(presets, dtype, bit_widths, group_size, threads, roofline)
     records = []
     total = len(presets) * len(token_counts)
     with Progress(
@@ -218,7 +220,7 @@ def bench(
         done_cases: set[tuple[str, int]] = set()
         for record in run_bench(
             presets, token_counts, dtype, threads, roofline, impls, bits=bit_widths, group_size=group_size,
-            budget_s=budget,
+            budget_s=budget, perf_model=perf_model,
             on_step=lambda text: progress.update(task, description=text),
         ):  # fmt: skip
             records.append(record)
@@ -233,13 +235,36 @@ def bench(
         console.print(f"wrote {len(records)} records to {json_path}")
 
 
+def _layer_perf_model(presets: list[str], dtype: str, bits: tuple[int, ...], group_size: int, threads: int, roofline):
+    """The host's performance model for the layer bench, tuning the presets' cases first where missing."""
+    from .perf.bench import DTYPES
+    from .perf.predict import host_model
+    from .perf.tune import missing_cases, preset_cases, tuning_enabled
+
+    if tuning_enabled():
+        cases = [c for name in presets for c in preset_cases(name, dtype, bits, group_size, threads)]
+        missing = missing_cases(cases)
+        if missing:
+            console.print(f"measuring {len(missing)} kernel case(s) on this host, once", highlight=False)
+            _run_tune(missing)
+    with console.status("measuring fixed overheads (once per host)..."):
+        return host_model(threads, roofline, DTYPES[dtype])
+
+
+def _error_cell(error: float | None) -> str:
+    return "" if error is None else f"{error:+.0%}"
+
+
 def print_bench_table(records: list) -> None:
     """The bench table on stdout, with speed-up over transformers' grouped_mm where both ran."""
     base = {(r.preset, r.tokens): r.median_ms for r in records if r.impl == "hf-grouped_mm"}
     ours = {(r.preset, r.tokens): r.median_ms for r in records if r.impl == "moerun"}
     low_bit = any(r.impl.startswith("moerun-int") for r in records)
     table = Table(title="MoE layer, median of alternating runs")
-    columns = ("preset", "dtype", "tokens", "impl", "ms", "tokens/s", "GB/s", "GFLOP/s", "roofline", "vs grouped_mm")
+    columns = (
+        "preset", "dtype", "tokens", "impl", "ms", "predicted", "error", "tokens/s", "GB/s", "GFLOP/s", "roofline",
+        "bound", "vs grouped_mm",
+    )  # fmt: skip
     columns += ("vs moerun",) if low_bit else ()
     for column in columns:
         table.add_column(column, justify="left" if column in ("preset", "impl", "dtype") else "right")
@@ -248,8 +273,9 @@ def print_bench_table(records: list) -> None:
         mine = ours.get((r.preset, r.tokens))
         vs_moerun = ("" if mine is None else f"{mine / r.median_ms:.2f}x",) if low_bit else ()
         table.add_row(
-            r.preset, r.dtype, str(r.tokens), r.impl, f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}",
-            f"{r.gbps:.1f}", f"{r.gflops:.0f}", f"{r.roofline_fraction:.0%}",
+            r.preset, r.dtype, str(r.tokens), r.impl, f"{r.median_ms:.2f}",
+            "" if r.predicted_ms is None else f"{r.predicted_ms:.2f}", _error_cell(r.prediction_error),
+            f"{r.tokens_per_s:,.0f}", f"{r.gbps:.1f}", f"{r.gflops:.0f}", f"{r.roofline_fraction:.0%}", r.bound,
             "" if ref is None else f"{ref / r.median_ms:.2f}x",
             *vs_moerun,
         )  # fmt: skip
@@ -296,6 +322,8 @@ def _bench_model(
             run_model_bench(
                 model, dtype, threads, impls, prompt_tokens, decode_tokens, rounds, bits=bits,
                 group_size=group_size,
+                prepare=lambda m: tune_on_first_use(m, threads, lambda text: progress.update(task, description=text)),
+                perf_model=lambda: _whole_model_perf(threads, dtype),
                 on_step=lambda text: progress.update(task, description=text),
             )
         )  # fmt: skip
@@ -308,6 +336,14 @@ def _bench_model(
         console.print(f"wrote {len(records)} records to {json_path}")
 
 
+def _whole_model_perf(threads: int, dtype: str):
+    from .perf.bench import DTYPES
+    from .perf.predict import host_model
+    from .perf.roofline import load_or_measure_roofline
+
+    return host_model(threads, load_or_measure_roofline(threads), DTYPES[dtype])
+
+
 def print_model_table(records: list) -> None:
     """The whole-model bench table on stdout, with speed-ups over transformers' grouped_mm."""
     base = next((r for r in records if r.impl == "hf-grouped_mm"), None)
@@ -317,7 +353,8 @@ def print_model_table(records: list) -> None:
         f"{first.decode_tokens} decode steps, median of {first.rounds} alternating rounds"
     )
     columns = (
-        "impl", "TTFT ms", "prefill tok/s", "decode tok/s", "decode GB/s", "roofline", "outside MoE", "vs grouped_mm",
+        "impl", "TTFT ms", "prefill tok/s", "predicted", "error", "decode tok/s", "predicted", "error", "decode GB/s",
+        "roofline", "outside MoE", "vs grouped_mm",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "impl" else "right")
@@ -329,7 +366,11 @@ def print_model_table(records: list) -> None:
                 f"decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x"
             )
         table.add_row(
-            r.impl, f"{r.ttft_ms:,.1f}", f"{r.prefill_tokens_per_s:,.1f}", f"{r.decode_tokens_per_s:.1f}",
+            r.impl, f"{r.ttft_ms:,.1f}", f"{r.prefill_tokens_per_s:,.1f}",
+            "" if r.predicted_prefill_tokens_per_s is None else f"{r.predicted_prefill_tokens_per_s:,.1f}",
+            _error_cell(r.prefill_prediction_error), f"{r.decode_tokens_per_s:.1f}",
+            "" if r.predicted_decode_tokens_per_s is None else f"{r.predicted_decode_tokens_per_s:.1f}",
+            _error_cell(r.decode_prediction_error),
             f"{r.decode_gbps:.1f}", f"{r.decode_roofline_fraction:.0%}", f"{r.decode_non_moe_share:.0%}", speedup,
         )  # fmt: skip
     out = Console()
@@ -389,6 +430,8 @@ def _bench_offload(
         dtype_name=dtype, threads=threads, bits=bits[0], group_size=group_size, prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens, rounds=rounds,
     )  # fmt: skip
+    with console.status("measuring fixed overheads (once per host)..."):
+        options["perf_model"] = _whole_model_perf(threads, dtype)
     with Progress(
         TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip
@@ -427,8 +470,9 @@ def print_offload_table(records: list) -> None:
         f"median of {first.rounds} alternating rounds"
     )
     columns = (
-        "budget", "setup", "slots", "decode tok/s", "vs LRU", "hit rate", "read MB/tok", "stall ms/tok",
-        "storage GB/s", "prediction (uncached)", "TTFT ms", "cache filled", "RSS added", "budget+weights", "overhead",
+        "budget", "setup", "slots", "decode tok/s", "predicted", "error", "vs LRU", "hit rate", "read MB/tok",
+        "stall ms/tok", "storage GB/s", "prediction (uncached)", "TTFT ms", "prefill error", "cache filled",
+        "RSS added", "budget+weights", "overhead",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("budget", "setup") else "right", no_wrap=True)
@@ -437,8 +481,10 @@ def print_offload_table(records: list) -> None:
         ratio = f"{r.decode_tokens_per_s / base[r.budget]:.2f}x" if r.budget in base else ""
         table.add_row(
             f"{r.budget} ({_format_bytes(r.budget_bytes)})", r.setup, str(r.slots), f"{r.decode_tokens_per_s:.2f}",
-            ratio, f"{r.hit_rate:.1%}", f"{r.read_mb_per_token:.1f}", f"{r.stall_ms_per_token:.1f}",
-            f"{r.storage_gbps:.2f}", accuracy, f"{r.ttft_ms:,.0f}", _format_bytes(r.cache_filled_bytes),
+            "" if r.predicted_decode_tokens_per_s is None else f"{r.predicted_decode_tokens_per_s:.2f}",
+            _error_cell(r.decode_prediction_error), ratio, f"{r.hit_rate:.1%}", f"{r.read_mb_per_token:.1f}",
+            f"{r.stall_ms_per_token:.1f}", f"{r.storage_gbps:.2f}", accuracy, f"{r.ttft_ms:,.0f}",
+            _error_cell(r.prefill_prediction_error), _format_bytes(r.cache_filled_bytes),
             _format_bytes(r.rss_added_bytes), _format_bytes(r.rss_expected_bytes), _format_bytes(r.rss_overhead_bytes),
         )  # fmt: skip
     out = Console()
@@ -461,6 +507,85 @@ def _root(
     debug: Debug = False,
 ) -> None:
     """Run Mixture-of-Experts models fast on the hardware you have."""
+
+
+@app.command()
+def tune(
+    model: Annotated[
+        str | None,
+        typer.Option(help="Tune for a whole model: a checkpoint directory, 'reference' or 'olmoe-1b-7b-4l'."),
+    ] = None,
+    preset: Annotated[
+        list[str] | None, typer.Option(help="Tune for a layer preset (as in bench), repeat for several, or 'all'.")
+    ] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
+    bits: Annotated[str, typer.Option(help="Comma-separated weight bits to tune: 16 (the dtype), 8, 4.")] = "16",
+    group_size: Annotated[int, typer.Option(help="With --bits 4: int4 values per scale (32, 64 or 128).")] = 32,
+    force: Annotated[bool, typer.Option(help="Measure every case again, replacing what the cache holds.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the cases as JSON here.")] = None,
+    debug: Debug = False,
+) -> None:
+    """Measure which kernel is fastest for each case a model meets on this host, and cache it.
+
+    Without options: the reference model. Results go to tuning.json in moerun's cache directory, keyed by
+    this host's fingerprint; `auto` uses them from then on. Prints each case's winner and its margin.
+    """
+    import torch
+
+    from .perf.bench import DTYPES, PRESETS
+    from .perf.tune import model_cases, preset_cases
+
+    bit_widths = _parse_bits(bits)
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if model is not None and preset:
+        raise UserError("--model tunes a whole model and --preset one layer shape; give one of them")
+    _check_json_destination(json_path)
+    threads = threads or torch.get_num_threads()
+    cases = []
+    if preset:
+        presets = list(PRESETS) if preset == ["all"] else preset
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown:
+            raise UserError(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+        for name in presets:
+            cases += preset_cases(name, dtype, bit_widths, group_size, threads)
+    else:
+        from .perf.model_bench import load_model, quantized_copy
+
+        with console.status("loading the model..."):
+            loaded = load_model(model or "reference", DTYPES[dtype])
+        for b in bit_widths:
+            cases += model_cases(loaded if b == 16 else quantized_copy(loaded, b, group_size), threads)
+    results = _run_tune(cases, force=force)
+    print_tune_table(results)
+    if json_path is not None:
+        records = [{"case": r.key, "label": r.label, "times_ms": r.times_ms, "winner": r.winner} for r in results]
+        write_json_atomic(json_path, records)
+        console.print(f"wrote {len(records)} cases to {json_path}")
+
+
+def print_tune_table(results: list) -> None:
+    """Each case's winner, its time and its margin over the runner-up."""
+    from .kernels.tuning import default_table_path
+
+    table = Table(title=f"fastest implementation per case on this host (cached in {default_table_path()})")
+    for column in ("case", "winner", "ms", "runner-up", "margin"):
+        table.add_column(column, justify="left" if column in ("case", "winner", "runner-up") else "right")
+    for r in results:
+        ordered = sorted(r.times_ms, key=r.times_ms.__getitem__)
+        runner_up = ordered[1] if len(ordered) > 1 else ""
+        margin = "" if r.margin is None else f"{r.margin:.2f}x"
+        table.add_row(escape(r.label), r.winner, f"{r.times_ms[r.winner]:.3f}", runner_up, margin)
+    out = Console()
+    if not out.is_terminal:
+        out.width = 160
+    out.print(table)
 
 
 @app.command()
@@ -707,6 +832,53 @@ def quantize(
     )
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _tuning_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    )  # fmt: skip
+
+
+def _run_tune(cases: list, force: bool = False) -> list:
+    """Measure the cases (the missing ones unless ``force``) with a progress bar; every case's result."""
+    from .perf.tune import tune
+
+    with _tuning_progress() as progress:
+        task = progress.add_task("tuning kernels for this host", total=None)
+
+        def on_case(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"tuning: {label}")
+
+        return tune(cases, force=force, on_case=on_case)
+
+
+def tune_on_first_use(model, threads: int, on_text=None) -> None:
+    """Measure the kernel cases this model meets that this host's tuning table lacks (once per host;
+    ``MOERUN_TUNING=0`` skips it and auto keeps its fixed rules). Progress goes to a bar of its own, or to
+    ``on_text(message)`` where a caller already shows one."""
+    from .perf.tune import missing_cases, model_cases, tune, tuning_enabled
+
+    if not tuning_enabled():
+        return
+    missing = missing_cases(model_cases(model, threads))
+    if not missing:
+        return
+    if on_text is not None:
+        tune(missing, on_case=lambda done, total, label: on_text(f"tuning ({done + 1}/{total}): {label}"))
+        return
+    console.print(
+        f"measuring {len(missing)} kernel case(s) on this host, once (moerun tune; MOERUN_TUNING=0 skips)",
+        highlight=False,
+    )
+    _run_tune(missing)
+
+
 def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -744,6 +916,7 @@ def _load_model(
         highlight=False,
         soft_wrap=True,
     )
+    tune_on_first_use(loaded.model, torch_threads())
     if loaded.cache is not None:
         c = loaded.cache
         console.print(

@@ -41,3 +41,13 @@ def directory_written_whole(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_directory() -> Path:
+    """moerun's cache directory: ``$MOERUN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/moerun``, else
+    ``~/.cache/moerun`` (not created here)."""
+    if os.environ.get("MOERUN_CACHE_DIR"):
+        return Path(os.environ["MOERUN_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "moerun"
+    return Path.home() / ".cache" / "moerun"

@@ -8,23 +8,27 @@ Backends, all with the signature ``fn(x, plan, weights) -> [T, H]``:
 - ``torch``: one torch matmul per non-empty group over contiguous sorted rows; the prefill path.
 - ``native``: the AVX-512 grouped kernel: streams weight rows for decode-sized groups, runs register
   tiles over packed rows for prefill-sized ones.
-- ``auto``: ``native`` when the kernel supports the input, else ``torch``.
+- ``grouped_mm``: torch's ``_grouped_mm``, one call per projection over all experts (plain float weights).
+- ``auto``: the implementation measured fastest on this host for the case (``tuning.active_table``), else
+  ``native`` when the kernel supports the input, else ``torch``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..quant.formats import Weight, dequantize_matrix
 from ..routing import RoutingPlan
-from . import native
+from . import native, tuning
 from .activation import GluSpec, apply_glu
 from .onednn import PackedExperts, packed_linear
 
-# From this many rows per group on average the native kernel fuses the activation into the gate/up
+# Fixed rules for hosts where nothing was measured (see ``tuning``). From this many rows per group on
+# average the native kernel fuses the activation into the gate/up
 # projection. Measured on the olmoe-1b-7b layer (bf16, CPU time): fused is 12% faster at 64 rows per
 # group, even at 16, and 12% slower at 8, where the unfused call streams small groups' weight rows one
 # at a time (the fused path reads gate and up rows in tiles).
@@ -201,9 +205,47 @@ def experts_torch(
     return out if out_sorted is not None else combine(out, plan)
 
 
+def grouped_mm_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
+    """Whether ``experts_grouped_mm`` can run this input: plain float stacks of x's dtype, and a torch with it."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and isinstance(w.gate_up, torch.Tensor)
+        and isinstance(w.down, torch.Tensor)
+        and x.dtype == w.float_dtype
+        and x.dtype in (torch.bfloat16, torch.float32)
+    )
+
+
+def experts_grouped_mm(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """torch's ``_grouped_mm``: one call per projection over all E experts, empty experts given no rows.
+
+    The plan's groups must tile its sorted rows in ascending expert order, as ``make_plan`` builds them.
+    """
+    if not grouped_mm_supports(x, w):
+        raise ValueError("grouped_mm needs plain bf16/fp32 expert stacks of the hidden states' dtype")
+    counts = torch.zeros(w.num_experts, dtype=torch.int32)
+    counts[plan.group_experts] = plan.group_counts.to(torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert's group
+    xs = x.index_select(0, plan.token_index)  # [S, H]
+    row_expert = plan.group_experts.repeat_interleave(plan.group_counts)  # [S]
+    h = torch._grouped_mm(xs, w.gate_up.transpose(1, 2), offs=offsets)  # [S, 2I]
+    if w.gate_up_bias is not None:
+        h = h + w.gate_up_bias.to(h.dtype)[row_expert]
+    out = torch._grouped_mm(apply_glu(h, w.glu).to(x.dtype), w.down.transpose(1, 2), offs=offsets)  # [S, H]
+    if w.down_bias is not None:
+        out = out + w.down_bias.to(out.dtype)[row_expert]
+    return combine(out, plan)
+
+
 def fuses_glu(plan: RoutingPlan, w: ExpertWeights) -> bool:
-    """Whether ``experts_native`` fuses the gated activation into the gate/up projection for this plan."""
-    return native.fuses_glu(w.glu) and plan.num_slots >= FUSED_GLU_MIN_ROWS_PER_GROUP * plan.num_groups
+    """Whether ``experts_native`` fuses the gated activation into the gate/up projection for this plan: as
+    measured faster on this host for the case, else from ``FUSED_GLU_MIN_ROWS_PER_GROUP`` rows per group."""
+    if not native.fuses_glu(w.glu):
+        return False
+    measured = _measured_best(plan, w, ("native-fused", "native-unfused"))
+    if measured is not None:
+        return measured == "native-fused"
+    return plan.num_slots >= FUSED_GLU_MIN_ROWS_PER_GROUP * plan.num_groups
 
 
 def experts_native(
@@ -253,7 +295,8 @@ def native_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
 
 
 def experts_auto(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
-    """The native kernel where it supports the input, else torch."""
+    """The implementation measured fastest on this host for the case, else native where it supports the
+    input, else torch."""
     return select_backend(x, plan, w)(x, plan, w)
 
 
@@ -262,7 +305,49 @@ BACKENDS: dict[str, Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.T
     "reference": experts_reference,
     "torch": experts_torch,
     "native": experts_native,
+    "grouped_mm": experts_grouped_mm,
 }
+
+
+def _unpacked_torch(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    return experts_torch(x, plan, replace(w, packed=None))
+
+
+# The tuning table's expert implementations as backends.
+IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]] = {
+    "native-fused": functools.partial(experts_native, fused=True),
+    "native-unfused": functools.partial(experts_native, fused=False),
+    "torch": _unpacked_torch,
+    "torch-packed": experts_torch,
+    "torch-grouped_mm": experts_grouped_mm,
+}
+
+
+def applicable_implementations(x: torch.Tensor, w: ExpertWeights) -> tuple[str, ...]:
+    """The keys of ``IMPLEMENTATIONS`` that can run this input."""
+    impls = ["torch"]
+    if w.packed is not None and x.dtype == w.float_dtype:
+        impls.append("torch-packed")
+    if grouped_mm_supports(x, w):
+        impls.append("torch-grouped_mm")
+    if native_supports(x, w):
+        impls.append("native-unfused")
+        if native.fuses_glu(w.glu):
+            impls.append("native-fused")
+    return tuple(impls)
+
+
+def _measured_best(plan: RoutingPlan, w: ExpertWeights, allowed: tuple[str, ...]) -> str | None:
+    """The fastest of ``allowed`` measured on this host for this plan's case, or None."""
+    table = tuning.active_table()
+    if table is None or plan.num_groups == 0:
+        return None
+    fmt = tuning.format_key(w.gate_up)
+    if fmt is None:
+        return None
+    rows = plan.num_slots / plan.num_groups
+    key = tuning.case_key("experts", fmt, (w.hidden_size, w.intermediate_size), rows, torch.get_num_threads())
+    return table.best(key, allowed)
 
 
 def select_backend(
@@ -270,9 +355,14 @@ def select_backend(
 ) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
     """The backend ``auto`` uses for this input.
 
-    The native kernel picks its decode or prefill path per group and beats torch's GEMMs on plain
-    weights at every size measured; only oneDNN-packed weights (``MoELayer.prepack``) win a middle range.
+    The fastest applicable implementation measured on this host for (format, shape, rows per expert,
+    threads); where nothing was measured, the native kernel (which picks its decode or prefill path per
+    group), except oneDNN-packed weights in ``PACKED_TORCH_ROWS_PER_GROUP``, and torch where the kernel
+    cannot run.
     """
+    measured = _measured_best(plan, w, applicable_implementations(x, w))
+    if measured is not None:
+        return IMPLEMENTATIONS[measured]
     if not native_supports(x, w):
         return experts_torch
     low, high = PACKED_TORCH_ROWS_PER_GROUP

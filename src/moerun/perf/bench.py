@@ -20,6 +20,7 @@ from ..layer import MoELayer
 from ..models.hf import layer_from_hf_block
 from ..quant.formats import QuantFormat, weight_nbytes
 from ..routing import make_plan, route
+from .predict import FormatPlan, ModelShape, PerfModel
 from .roofline import Roofline
 
 # moerun-prepacked: moerun with a second, oneDNN-packed copy of the expert weights for prefill GEMMs.
@@ -178,6 +179,9 @@ class Record:
     gbps: float
     gflops: float
     roofline_fraction: float
+    bound: str  # which roofline bound applies: "bandwidth" or "compute"
+    predicted_ms: float | None  # the performance model's prediction (moerun's own implementations)
+    prediction_error: float | None  # (predicted - measured) / measured
     num_experts: int
     note: str | None
     machine: dict
@@ -212,6 +216,7 @@ def run_bench(
     min_reps: int = 5,
     budget_s: float = 3.0,
     on_step: Callable[[str], None] | None = None,
+    perf_model: PerfModel | None = None,
 ) -> Iterator[Record]:
     """Measure every (preset, tokens) case with each impl, alternating; yields records as they finish.
 
@@ -261,6 +266,15 @@ def run_bench(
             case_roofline = replace(roofline, read_gbps=read_buffer.numel() * 4 / medians.pop(_READ_PROBE) / 1e9)
             for impl, seconds in medians.items():
                 touched, flops = work[impl]
+                predicted = None
+                if perf_model is not None and (impl == "moerun" or impl in quantized):
+                    impl_bits = int(impl.removeprefix("moerun-int")) if impl in quantized else 16
+                    shape = ModelShape.of_layer(
+                        preset.hidden_size, preset.intermediate_size, preset.num_experts, preset.top_k,
+                        preset.shared_intermediate_size,
+                    )  # fmt: skip
+                    plan = FormatPlan.of(dtype, impl_bits, group_size)
+                    predicted = perf_model.moe_layer(shape, plan, count).ms
                 yield Record(
                     preset=name,
                     dtype=dtype_name,
@@ -273,6 +287,9 @@ def run_bench(
                     gbps=touched / seconds / 1e9,
                     gflops=flops / seconds / 1e9,
                     roofline_fraction=case_roofline.fraction(seconds, touched, flops, dtype),
+                    bound=case_roofline.bound(touched, flops, dtype),
+                    predicted_ms=predicted,
+                    prediction_error=None if predicted is None else predicted / (seconds * 1e3) - 1,
                     num_experts=preset.num_experts,
                     note=note,
                     machine=case_roofline.to_dict(),

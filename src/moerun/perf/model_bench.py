@@ -31,6 +31,7 @@ from ..models.lean import LeanRunner, Runner
 from ..models.quantized import QuantConfig, low_bit_weights, moe_layers, quantize
 from ..quant.formats import weight_nbytes
 from .bench import DTYPES, available_memory_bytes
+from .predict import FormatPlan, ModelShape, PerfModel
 
 IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
 _HF_EXPERTS = {"hf-eager": "eager", "hf-grouped_mm": "grouped_mm", "moerun": "moerun"}
@@ -270,6 +271,11 @@ class ModelRecord:
     prefill_non_moe_share: float
     path: str  # how the impl ran: lean runner or transformers forward
     note: str | None
+    # The performance model's predictions for moerun's lean runner, and their errors (predicted / measured - 1).
+    predicted_prefill_tokens_per_s: float | None = None
+    predicted_decode_tokens_per_s: float | None = None
+    prefill_prediction_error: float | None = None
+    decode_prediction_error: float | None = None
 
 
 def _one_sequence(runner: Runner, prompt: torch.Tensor, decode_tokens: int, timer: MoETimer) -> dict[str, float]:
@@ -301,6 +307,8 @@ def run_model_bench(
     on_step: Callable[[str], None] | None = None,
     bits: tuple[int, ...] = (16,),
     group_size: int = 32,
+    prepare: Callable[[nn.Module], None] | None = None,
+    perf_model: Callable[[], PerfModel] | None = None,
 ) -> Iterator[ModelRecord]:
     """Measure each impl on one model, alternating round by round after one warm-up round; yields records.
 
@@ -316,6 +324,8 @@ def run_model_bench(
         rounds: timed rounds (the medians are reported).
         seed: seed of the prompt.
         on_step: called with a progress message before each step.
+        prepare: called with each model moerun runs before any timing (the CLI tunes kernels there).
+        perf_model: makes the performance model, after ``prepare``; its predictions join moerun's records.
     """
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(threads)
@@ -339,6 +349,10 @@ def run_model_bench(
         runners[label] = make_runners(quantized, ("moerun",), prompt_tokens + decode_tokens, timer)[0]["moerun"]
         models[label] = quantized
     impls = tuple(runners)
+    if prepare is not None:
+        for impl in dict.fromkeys(i for i in impls if i.startswith("moerun")):
+            prepare(models[impl])
+    model_of_host = perf_model() if perf_model is not None else None
     read_buffer = torch.ones(_READ_PROBE_BYTES // 4, dtype=torch.float32)
     samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
     read_seconds = []
@@ -358,6 +372,14 @@ def run_model_bench(
         runs = samples[impl]
         med = {key: statistics.median(s[key] for s in runs) for key in ("ttft", "decode")}
         decode_per_s = decode_tokens / med["decode"]
+        prefill_per_s = prompt_tokens / med["ttft"]
+        predicted: dict[str, float | None] = dict.fromkeys(("prefill", "decode"))
+        if model_of_host is not None and isinstance(runners[impl], LeanRunner):
+            shape = ModelShape.of_model(models[impl])
+            plan = FormatPlan.of(dtype, int(impl.removeprefix("moerun-int")) if "int" in impl else 16, group_size)
+            predicted["prefill"] = prompt_tokens / model_of_host.prefill(shape, plan, prompt_tokens).ms * 1e3
+            step_ms = model_of_host.decode_step(shape, plan, position=prompt_tokens + decode_tokens // 2).ms
+            predicted["decode"] = 1e3 / step_ms
         yield ModelRecord(
             model=model_spec,
             impl=impl,
@@ -368,7 +390,7 @@ def run_model_bench(
             decode_tokens=decode_tokens,
             rounds=rounds,
             ttft_ms=med["ttft"] * 1e3,
-            prefill_tokens_per_s=prompt_tokens / med["ttft"],
+            prefill_tokens_per_s=prefill_per_s,
             decode_tokens_per_s=decode_per_s,
             decode_ms_per_token=med["decode"] / decode_tokens * 1e3,
             decode_gbps=bytes_per_token * decode_per_s / 1e9,
@@ -378,7 +400,15 @@ def run_model_bench(
             prefill_non_moe_share=statistics.median(1 - s["prefill_moe"] / s["ttft"] for s in runs),
             path="lean" if isinstance(runners[impl], LeanRunner) else "transformers",
             note=notes.get(impl),
+            predicted_prefill_tokens_per_s=predicted["prefill"],
+            predicted_decode_tokens_per_s=predicted["decode"],
+            prefill_prediction_error=_error(predicted["prefill"], prefill_per_s),
+            decode_prediction_error=_error(predicted["decode"], decode_per_s),
         )
+
+
+def _error(predicted: float | None, measured: float) -> float | None:
+    return None if predicted is None else predicted / measured - 1
 
 
 def record_dicts(records: list[ModelRecord]) -> list[dict]:

@@ -30,17 +30,16 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
-import os
 import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..files import directory_written_whole, file_written_whole
+from ..files import cache_directory, directory_written_whole, file_written_whole
 from ..models.convert import quantize_checkpoint, save_quantized
 from ..models.hf import patch
 from ..models.lean import make_lean_runner
@@ -55,7 +54,9 @@ from ..models.loader import (
 )
 from ..models.quantized import QuantConfig, expert_nbytes, model_nbytes, quantize
 from ..offload.cache import LayerCacheStats, summarize
+from .bench import DTYPES
 from .model_bench import SYNTHETIC_MODELS, load_model, resolve_model_dir
+from .predict import FormatPlan, ModelShape, PerfModel
 
 SWEEP_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
@@ -78,8 +79,8 @@ ON_DEMAND_LRU = Setup("lru", False)  # the baseline: read each miss when it is n
 
 
 def checkpoint_cache_dir() -> Path:
-    """Where converted checkpoints are kept: ``$XDG_CACHE_HOME/moerun/checkpoints`` (default ``~/.cache``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moerun" / "checkpoints"
+    """Where converted checkpoints are kept: ``checkpoints`` in moerun's cache directory."""
+    return cache_directory() / "checkpoints"
 
 
 def _suffix(bits: int, group_size: int) -> str:
@@ -192,6 +193,12 @@ class OffloadRecord:
     rss_expected_bytes: int  # the promise: budget_bytes + non_expert_bytes
     rss_overhead_bytes: int  # rss_added_bytes - cache_filled_bytes - non_expert_bytes (the largest of the runs)
     layers: list[dict]  # per MoE layer, the decode steps of all rounds: counters summed, rates of the sums
+    # The performance model's predictions at this record's hit rate and storage bandwidth, and their errors
+    # (predicted / measured - 1).
+    predicted_prefill_tokens_per_s: float | None = None
+    predicted_decode_tokens_per_s: float | None = None
+    prefill_prediction_error: float | None = None
+    decode_prediction_error: float | None = None
 
     def cache_report(self) -> dict:
         """The decode steps of all rounds as ``ExpertCache.report()`` gives one run (totals of ``layers``)."""
@@ -323,6 +330,7 @@ def run_offload_bench(
     rounds: int = 3,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
+    perf_model: PerfModel | None = None,
 ) -> list[OffloadRecord]:
     """Measure each setup at each budget, setups alternating round by round; one record per (budget, setup).
 
@@ -339,6 +347,7 @@ def run_offload_bench(
         rounds: runs per (budget, setup), each from a fresh load; one uncounted warm-up run comes first.
         seed: seed of the prompt and of the sampling.
         on_step: called with a progress message before each step.
+        perf_model: this host's performance model; its predictions join the records.
 
     Raises:
         ValueError / CheckpointError: an unknown model, a budget below one layer's selected experts, a
@@ -373,7 +382,30 @@ def run_offload_bench(
                 step(f"{model_spec} budget {budget}, round {round_index + 1}/{rounds}: {setup.label}")
                 runs[setup].append(_run_once(path, budget, setup, dtype_name, threads, prompt, decode_tokens, seed))
         records += [_record(common, s, budget, runs[s]) for s in setups]
+    if perf_model is not None:
+        records = [_with_prediction(r, perf_model, ModelShape.of_config(config), group_size) for r in records]
     return records
+
+
+def _with_prediction(record: OffloadRecord, perf_model: PerfModel, shape: ModelShape, group_size: int) -> OffloadRecord:
+    """The record with the performance model's prediction at its measured hit rate and storage bandwidth."""
+    plan = FormatPlan.of(DTYPES[record.dtype], record.bits, group_size)
+    storage = record.storage_gbps if record.storage_gbps > 0 else None
+    position = record.prompt_tokens + record.decode_tokens // 2
+    hit_rate = record.hit_rate if storage else 1.0
+    step_ms = perf_model.decode_step(shape, plan, position, hit_rate, storage).ms
+    cached = record.slots // shape.num_layers if storage else None
+    prefill_ms = perf_model.prefill(shape, plan, record.prompt_tokens, cached, storage).ms
+    decode = 1e3 / step_ms
+    prefill = record.prompt_tokens / prefill_ms * 1e3
+    prefill_measured = record.prompt_tokens / record.ttft_ms * 1e3
+    return replace(
+        record,
+        predicted_prefill_tokens_per_s=prefill,
+        predicted_decode_tokens_per_s=decode,
+        prefill_prediction_error=prefill / prefill_measured - 1,
+        decode_prediction_error=decode / record.decode_tokens_per_s - 1,
+    )
 
 
 def run_memory_sweep(

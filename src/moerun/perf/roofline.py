@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..files import file_written_whole
+from ..files import cache_directory, file_written_whole
 
 GEMM_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -115,6 +115,14 @@ class Roofline:
         if name not in self.gemm_gflops:
             raise ValueError(f"no GEMM peak measured for {name}; have {', '.join(self.gemm_gflops)}")
         return max(bytes_read / (self.read_gbps * 1e9), flops / (self.gemm_gflops[name] * 1e9))
+
+    def bound(self, bytes_read: float, flops: float, dtype: torch.dtype) -> str:
+        """Which bound of :meth:`time_bound_s` applies: ``"bandwidth"`` or ``"compute"``."""
+        name = _dtype_name(dtype)
+        if name not in self.gemm_gflops:
+            raise ValueError(f"no GEMM peak measured for {name}; have {', '.join(self.gemm_gflops)}")
+        memory_s = bytes_read / (self.read_gbps * 1e9)
+        return "bandwidth" if memory_s >= flops / (self.gemm_gflops[name] * 1e9) else "compute"
 
     def fraction(self, seconds: float, bytes_read: float, flops: float, dtype: torch.dtype) -> float:
         """How close a measured time is to the roofline: time_bound_s / seconds (1.0 = at the roofline).
@@ -229,19 +237,9 @@ def measure_roofline(threads: int | None = None, *, quick: bool = False) -> Roof
 
 
 def default_cache_path() -> Path:
-    """Where the roofline cache lives unless told otherwise.
-
-    Returns:
-        ``roofline.json`` in ``$MOERUN_CACHE_DIR`` if that is set, else in ``$XDG_CACHE_HOME/moerun``,
-        else in ``~/.cache/moerun``.
-    """
-    if os.environ.get("MOERUN_CACHE_DIR"):
-        directory = Path(os.environ["MOERUN_CACHE_DIR"]).expanduser()
-    elif os.environ.get("XDG_CACHE_HOME"):
-        directory = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "moerun"
-    else:
-        directory = Path.home() / ".cache" / "moerun"
-    return directory / "roofline.json"
+    """Where the roofline cache lives unless told otherwise: ``roofline.json`` in moerun's cache directory
+    (``$MOERUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/moerun``, else ``~/.cache/moerun``)."""
+    return cache_directory() / "roofline.json"
 
 
 def _cache_key(cpu: str, threads: int, torch_version: str) -> str:

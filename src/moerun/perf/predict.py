@@ -1,0 +1,457 @@
+"""The performance model: how long an MoE layer, a decode step or a prefill will take on this host.
+
+Every term comes from a measurement on this host, none from a run of the thing predicted:
+
+- **kernel times** from the tuning table (``moerun.kernels.tuning``): ms per expert group at a rows-per-
+  expert bucket, ms per dense projection at a rows bucket, for the fastest implementation ``auto`` may use;
+  interpolated between buckets. Where a case was not measured, the roofline bound of its bytes and FLOPs
+  stands in (and the prediction says so).
+- **the roofline** (``moerun.perf.roofline``): read bandwidth for the attention's KV reads and elementwise
+  passes.
+- **overheads** (:func:`measure_overheads`), fitted on a tiny model of the same code path whose kernels are
+  timed separately: the fixed cost of an MoE layer call (routing, plan, combine), of a decoder layer
+  outside its matrices (norms, RoPE, cache writes, attention ops), and of a step outside its layers;
+  and the attention's GFLOP/s.
+
+An MoE layer of E experts and top-k at T tokens touches G(T) = E (1 - (1 - k/E)^T) experts on average
+(uniform routing), each with T k / G rows:
+
+    layer(T) = moe_call + G(T) * group(T k / G) + router(T) + shared(T) + 3 T k H b / BW
+
+A decode step at position p (``hit_rate`` < 1 with experts offloaded adds the reads that miss):
+
+    step = sum over layers [qkv(1) + o(1) + layer(1) + layer_fixed + 2 p Hkv D b / BW
+                            + k (1 - hit) expert_bytes / storage_BW] + head(1) + step_fixed
+
+A prefill of T tokens: per layer qkv(T) + o(T) + layer(T) + layer_fixed + causal attention FLOPs / rate
++ elementwise passes over [T, H] / BW, plus the output head on one row.
+
+Shape legend: T tokens, k experts per token, E experts, G distinct experts, H hidden, I expert
+intermediate, D head dim, b bytes per value.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import measure, native, tuning
+from ..layer import MoELayer
+from ..quant.formats import QuantFormat
+from .roofline import Roofline
+
+# Elementwise passes over a [T, H] activation per decoder layer in prefill (two norms, two residual adds,
+# the attention output's transpose) and over [T, qkv] (split, q/k norms, RoPE, cache writes).
+_HIDDEN_PASSES = 10
+_QKV_PASSES = 6
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the model's size terms need of a decoder-only MoE model (every layer MoE).
+
+    Attributes:
+        num_layers, hidden, intermediate (expert I), num_experts, top_k, num_heads, num_kv_heads, head_dim,
+        vocab: the config's sizes.
+        shared_intermediate: the shared expert's intermediate size (0 without one).
+    """
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    shared_intermediate: int = 0
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def of_layer(cls, hidden: int, intermediate: int, num_experts: int, top_k: int, shared: int = 0) -> ModelShape:
+        """The shape of a lone MoE layer (the layer bench's presets)."""
+        return cls(1, hidden, intermediate, num_experts, top_k, 1, 1, 1, 1, shared)
+
+    @classmethod
+    def of_config(cls, config: object) -> ModelShape:
+        """The shape a transformers MoE config describes (the names its families use for each size)."""
+
+        def first(*names: str, default: int | None = None) -> int:
+            for name in names:
+                value = getattr(config, name, None)
+                if value is not None:
+                    return int(value)
+            if default is None:
+                raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}")
+            return default
+
+        hidden = first("hidden_size")
+        heads = first("num_attention_heads")
+        intermediate = first("moe_intermediate_size", "intermediate_size")
+        shared = first("shared_expert_intermediate_size", default=0)
+        if not shared:
+            shared = first("n_shared_experts", default=0) * intermediate
+        return cls(
+            num_layers=first("num_hidden_layers"),
+            hidden=hidden,
+            intermediate=intermediate,
+            num_experts=first("num_experts", "num_local_experts", "n_routed_experts"),
+            top_k=first("num_experts_per_tok"),
+            num_heads=heads,
+            num_kv_heads=first("num_key_value_heads", default=heads),
+            head_dim=first("head_dim", default=hidden // heads),
+            vocab=first("vocab_size"),
+            shared_intermediate=shared,
+        )
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> ModelShape:
+        """A transformers MoE CausalLM's shape, patched or not; ValueError where it has no MoE layer."""
+        from .tune import moe_layer_views
+
+        layers = moe_layer_views(model)
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no MoE layer the performance model knows")
+        first = layers[0]
+        config = model.config
+        attn = model.model.layers[0].self_attn
+        shared = 0 if first.shared_down is None else first.shared_down.shape[1]
+        return cls(
+            num_layers=len(model.model.layers),
+            hidden=first.hidden_size,
+            intermediate=first.intermediate_size,
+            num_experts=first.num_experts,
+            top_k=first.routing.top_k,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            vocab=model.lm_head.weight.shape[0],
+            shared_intermediate=shared,
+        )
+
+
+@dataclass(frozen=True)
+class FormatPlan:
+    """The weight formats of a run: format keys of the routed experts and of the dense matrices (attention,
+    shared experts, head), as ``tuning.format_key`` names them, and the activations' dtype."""
+
+    experts: str
+    dense: str
+    dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, bits: int = 16, group_size: int = 32) -> FormatPlan:
+        """Every large matrix at ``bits`` (16 = the dtype), as ``moerun quantize --bits`` makes them."""
+        name = str(dtype).removeprefix("torch.") if bits == 16 else QuantFormat(bits, group_size).name
+        return cls(name, name, dtype)
+
+    def bytes_of(self, fmt: str, rows: int, cols: int) -> int:
+        if fmt in ("bfloat16", "float32", "float16"):
+            return rows * cols * getattr(torch, fmt).itemsize
+        return QuantFormat.parse(fmt).nbytes(rows, cols)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Fixed costs on this host at one thread count, in ms, and the attention's rate (see the module doc)."""
+
+    moe_call_ms: float
+    decode_layer_ms: float
+    decode_step_ms: float
+    prefill_layer_ms: float
+    attention_gflops: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Overheads:
+        return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Prediction:
+    """A predicted time and its parts (ms), and the cases the tuning table lacked (estimated from the
+    roofline instead)."""
+
+    ms: float
+    parts: dict[str, float] = field(default_factory=dict)
+    estimated: set[str] = field(default_factory=set)
+
+    def add(self, part: str, ms: float) -> None:
+        self.ms += ms
+        self.parts[part] = self.parts.get(part, 0.0) + ms
+
+
+def expected_groups(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts among ``tokens`` tokens routing to ``top_k`` each, uniformly at random."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+class PerfModel:
+    """Predicts times from a roofline, a tuning table and the overheads, at ``threads`` threads.
+
+    Args:
+        roofline: this host's roofline at ``threads``.
+        table: this host's tuning table.
+        overheads: this host's overheads at ``threads``.
+        threads: the thread count the run uses.
+        native: whether the native kernel runs here (which dense implementations decode uses).
+    """
+
+    def __init__(
+        self, roofline: Roofline, table: tuning.TuningTable, overheads: Overheads, threads: int, native: bool
+    ) -> None:
+        self.roofline, self.table, self.overheads = roofline, table, overheads
+        self.threads, self.native = threads, native
+
+    # ---- kernels
+    def _bound_ms(self, nbytes: float, flops: float, dtype: torch.dtype) -> float:
+        return self.roofline.time_bound_s(nbytes, flops, dtype) * 1e3
+
+    def linear_ms(self, fmt: str, out_features: int, in_features: int, rows: int, plan: FormatPlan,
+                  pred: Prediction, decode: bool = False) -> float:  # fmt: skip
+        """One dense projection of ``rows`` rows (decode: the lean runner's matrix-vector path)."""
+        if decode and self.native:
+            allowed: tuple[str, ...] = ("native",)
+        elif fmt in ("bfloat16", "float32", "float16"):
+            allowed = ("torch",)
+        else:
+            allowed = tuning.LINEAR_IMPLS
+        ms = self.table.time_ms("linear", fmt, (out_features, in_features), rows, self.threads, allowed)
+        if ms is None:
+            pred.estimated.add(f"linear {fmt} {out_features}x{in_features}")
+            nbytes = plan.bytes_of(fmt, out_features, in_features)
+            ms = self._bound_ms(nbytes, 2 * rows * out_features * in_features, plan.dtype)
+        return ms
+
+    def group_ms(self, shape: ModelShape, plan: FormatPlan, rows: float, pred: Prediction) -> float:
+        """One expert group of ``rows`` rows (gate/up, activation, down)."""
+        allowed = tuple(i for i in tuning.EXPERT_IMPLS if i != "torch-packed")
+        key_shape = (shape.hidden, shape.intermediate)
+        ms = self.table.time_ms("experts", plan.experts, key_shape, rows, self.threads, allowed)
+        if ms is None:
+            pred.estimated.add(f"experts {plan.experts} H={shape.hidden} I={shape.intermediate}")
+            nbytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, shape.hidden)
+            ms = self._bound_ms(nbytes, 6 * rows * shape.hidden * shape.intermediate, plan.dtype)
+        return ms
+
+    # ---- one MoE layer
+    def moe_layer(self, shape: ModelShape, plan: FormatPlan, tokens: int, pred: Prediction | None = None) -> Prediction:
+        """An MoE layer's forward on ``tokens`` tokens: router, routed experts, shared expert, combine."""
+        pred = Prediction(0.0) if pred is None else pred
+        groups = expected_groups(shape.num_experts, shape.top_k, tokens)
+        rows = tokens * shape.top_k / groups
+        pred.add("moe call", self.overheads.moe_call_ms)
+        pred.add("experts", groups * self.group_ms(shape, plan, rows, pred))
+        itemsize = plan.dtype.itemsize
+        router_bytes = shape.num_experts * shape.hidden * itemsize
+        pred.add("router", self._bound_ms(router_bytes, 2 * tokens * shape.num_experts * shape.hidden, plan.dtype))
+        # Gathering rows into expert order, and the combine: about three passes over [T k, H].
+        slots_bytes = 3 * tokens * shape.top_k * shape.hidden * itemsize
+        pred.add("gather and combine", slots_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
+        if shape.shared_intermediate:
+            s = shape.shared_intermediate
+            pred.add("shared expert", self.linear_ms(plan.dense, 2 * s, shape.hidden, tokens, plan, pred))
+            pred.add("shared expert", self.linear_ms(plan.dense, shape.hidden, s, tokens, plan, pred))
+        return pred
+
+    # ---- whole model
+    def decode_step(
+        self,
+        shape: ModelShape,
+        plan: FormatPlan,
+        position: int = 0,
+        hit_rate: float = 1.0,
+        storage_gbps: float | None = None,
+    ) -> Prediction:
+        """One decode step at ``position`` (tokens already cached); ``hit_rate`` of offloaded experts found in
+        the cache, the misses read at ``storage_gbps``."""
+        pred = Prediction(0.0)
+        h, dtype = shape.hidden, plan.dtype
+        for _ in range(shape.num_layers):
+            pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, 1, plan, pred, decode=True))
+            pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, 1, plan, pred, decode=True))
+            self.moe_layer(shape, plan, 1, pred)
+            pred.add("layer fixed", self.overheads.decode_layer_ms)
+            kv_bytes = 2 * position * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+            pred.add("attention", kv_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
+            if hit_rate < 1.0:
+                if not storage_gbps:
+                    raise ValueError("predicting offloaded experts needs the storage read bandwidth")
+                expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
+                misses = shape.top_k * (1.0 - hit_rate)
+                pred.add("expert reads", misses * expert_bytes / (storage_gbps * 1e9) * 1e3)
+        pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred, decode=True))
+        pred.add("step fixed", self.overheads.decode_step_ms)
+        return pred
+
+    def prefill(
+        self,
+        shape: ModelShape,
+        plan: FormatPlan,
+        tokens: int,
+        cached_experts: int | None = None,
+        storage_gbps: float | None = None,
+    ) -> Prediction:
+        """A ``tokens``-token prompt from an empty sequence, up to the first token's logits. With experts
+        offloaded, ``cached_experts`` per layer are assumed resident and the rest of those the prompt touches
+        are read at ``storage_gbps``."""
+        pred = Prediction(0.0)
+        h, dtype = shape.hidden, plan.dtype
+        for _ in range(shape.num_layers):
+            pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, tokens, plan, pred))
+            pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, tokens, plan, pred))
+            self.moe_layer(shape, plan, tokens, pred)
+            pred.add("layer fixed", self.overheads.prefill_layer_ms)
+            # Causal attention: QK^T and PV over half the [T, T] scores.
+            flops = 2 * tokens * tokens * shape.num_heads * shape.head_dim
+            pred.add("attention", flops / (self.overheads.attention_gflops * 1e9) * 1e3)
+            passes = (_HIDDEN_PASSES * h + _QKV_PASSES * shape.qkv_rows) * tokens * dtype.itemsize
+            pred.add("elementwise", passes / (self.roofline.read_gbps * 1e9) * 1e3)
+            if cached_experts is not None and cached_experts < shape.num_experts:
+                if not storage_gbps:
+                    raise ValueError("predicting offloaded experts needs the storage read bandwidth")
+                touched = expected_groups(shape.num_experts, shape.top_k, tokens)
+                reads = touched * (1.0 - cached_experts / shape.num_experts)
+                expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
+                pred.add("expert reads", reads * expert_bytes / (storage_gbps * 1e9) * 1e3)
+        pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred))
+        pred.add("step fixed", self.overheads.decode_step_ms)
+        return pred
+
+
+# ---- measuring the overheads
+
+_TINY = dict(
+    hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4, num_experts=4,
+    num_experts_per_tok=2, norm_topk_prob=False, vocab_size=256, max_position_embeddings=512,
+    tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)  # fmt: skip
+_PROBE_PROMPT = 32
+
+
+def _tiny_model(layers: int, dtype: torch.dtype) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OlmoeConfig(num_hidden_layers=layers, **_TINY)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _runner_times(layers: int, dtype: torch.dtype, reps: int) -> tuple[float, float, nn.Module]:
+    """(decode step ms, prefill ms of a 32-token prompt) of the lean runner over a tiny OLMoE."""
+    from ..models.lean import LeanRunner
+
+    model = _tiny_model(layers, dtype)
+    runner = LeanRunner(model, 256)
+    prompt = torch.arange(_PROBE_PROMPT) % 256
+
+    def prefill() -> None:
+        runner.reset()
+        runner.prefill(prompt)
+
+    def decode_steps() -> None:
+        runner.reset()
+        runner.prefill(prompt[:4])
+        for i in range(16):
+            runner.decode(i)
+
+    prefill_ms = _median_ms(prefill, reps)
+    steps_ms = _median_ms(decode_steps, reps)
+    first_ms = _median_ms(lambda: (runner.reset(), runner.prefill(prompt[:4])), reps)
+    return (steps_ms - first_ms) / 16, prefill_ms, model
+
+
+def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: int = 15) -> Overheads:
+    """Fit the fixed costs on tiny OLMoE models of 1 and 3 layers (about 5 s).
+
+    A layer's fixed decode cost is the per-layer slope of the step time less the tiny layer's own matrices
+    (q/k/v, o and its MoE layer, each timed alone); the step's is the intercept less the tiny head.
+    """
+    from ..models.hf import layer_from_hf_block
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            one_step, one_prefill, _ = _runner_times(1, dtype, reps)
+            three_step, three_prefill, model = _runner_times(3, dtype, reps)
+            block = model.model.layers[0]
+            layer: MoELayer = layer_from_hf_block(block.mlp)
+            attn = block.self_attn
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+            dense = {"qkv": qkv, "o": attn.o_proj.weight.detach(), "head": model.lm_head.weight.detach()}
+            decode_ms = {n: min(measure.measure_linear(w, dtype, 1, threads).values()) for n, w in dense.items()}
+            prefill_ms = {
+                n: measure.measure_linear(w, dtype, _PROBE_PROMPT, threads)["torch"] for n, w in dense.items()
+            }
+            hidden = _TINY["hidden_size"]
+            x1 = torch.randn(1, hidden).to(dtype)
+            xp = torch.randn(_PROBE_PROMPT, hidden).to(dtype)
+            moe_decode = _median_ms(lambda: layer(x1), 50)
+            moe_prefill = _median_ms(lambda: layer(xp), 20)
+            groups = min(measure.measure_experts(layer.expert_weights(), dtype, 1, threads).values())
+            q = torch.randn(1, 8, 256, 64).to(dtype)
+            attention_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 10)
+    finally:
+        torch.set_num_threads(previous)
+    top_k = _TINY["num_experts_per_tok"]
+    moe_call = max(moe_decode - top_k * groups, 0.0)
+    decode_slope = (three_step - one_step) / 2
+    decode_layer = decode_slope - decode_ms["qkv"] - decode_ms["o"] - moe_decode
+    prefill_slope = (three_prefill - one_prefill) / 2
+    prefill_layer = prefill_slope - prefill_ms["qkv"] - prefill_ms["o"] - moe_prefill
+    decode_step = one_step - decode_slope - decode_ms["head"]
+    attention_gflops = 2 * 256 * 256 * 8 * 64 / (attention_ms * 1e-3) / 1e9
+    # A negative remainder is noise around zero: those costs are then too small to see at this size.
+    return Overheads(
+        moe_call_ms=moe_call,
+        decode_layer_ms=max(decode_layer, 0.0),
+        decode_step_ms=max(decode_step, 0.0),
+        prefill_layer_ms=max(prefill_layer, 0.0),
+        attention_gflops=attention_gflops,
+    )
+
+
+def load_or_measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, remeasure: bool = False) -> Overheads:
+    """This host's overheads from the tuning cache, measured (and stored) when missing or corrupt."""
+    if not remeasure:
+        stored = tuning.load_overheads(threads)
+        if stored is not None:
+            try:
+                return Overheads.from_dict(stored)
+            except (KeyError, TypeError, ValueError):
+                pass
+    overheads = measure_overheads(threads, dtype)
+    try:
+        tuning.save_overheads(threads, overheads.to_dict())
+    except OSError:
+        pass  # the prediction still stands; it is measured again next time
+    return overheads
+
+
+def host_model(threads: int, roofline: Roofline, dtype: torch.dtype = torch.bfloat16) -> PerfModel:
+    """The performance model of this host at ``threads``: its roofline, tuning table and overheads."""
+    return PerfModel(
+        roofline, tuning.load_table(), load_or_measure_overheads(threads, dtype), threads, native.is_available()
+    )

@@ -1,0 +1,147 @@
+"""The performance model: its terms against hand computations, its fallbacks, and the shapes it reads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from moerun.kernels import tuning
+from moerun.perf import predict
+from moerun.perf.predict import FormatPlan, ModelShape, Overheads, PerfModel, expected_groups
+from moerun.perf.roofline import Roofline
+
+ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
+OVERHEADS = Overheads(moe_call_ms=0.5, decode_layer_ms=0.25, decode_step_ms=1.0, prefill_layer_ms=2.0,
+                      attention_gflops=20.0)  # fmt: skip
+SHAPE = ModelShape(num_layers=2, hidden=64, intermediate=32, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
+                   head_dim=16, vocab=100)  # fmt: skip
+PLAN = FormatPlan.of(torch.bfloat16)
+
+
+def full_table(ms_per_group: float = 2.0, linear_ms: float = 0.1) -> tuning.TuningTable:
+    cases = {}
+    for rows in tuning.ROW_BUCKETS:
+        cases[tuning.case_key("experts", "bfloat16", (64, 32), rows, 2)] = {"torch": ms_per_group}
+        for shape in ((128, 64), (64, 64), (100, 64)):  # qkv, o, head
+            cases[tuning.case_key("linear", "bfloat16", shape, rows, 2)] = {"torch": linear_ms, "native": linear_ms}
+    return tuning.TuningTable(cases)
+
+
+def test_expected_groups() -> None:
+    assert expected_groups(8, 2, 1) == pytest.approx(2.0)
+    assert expected_groups(8, 2, 2) == pytest.approx(8 * (1 - 0.75**2))
+    assert expected_groups(64, 8, 10_000) == pytest.approx(64.0)
+    assert expected_groups(1, 1, 5) == 1.0
+
+
+def test_layer_prediction_is_the_sum_of_its_terms() -> None:
+    model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
+    pred = model.moe_layer(SHAPE, PLAN, 4)
+    groups = expected_groups(8, 2, 4)
+    router_s = max(8 * 64 * 2 / 10e9, 2 * 4 * 8 * 64 / 100e9)
+    gather_s = 3 * 4 * 2 * 64 * 2 / 10e9
+    assert pred.parts["experts"] == pytest.approx(groups * 2.0)
+    assert pred.ms == pytest.approx(0.5 + groups * 2.0 + (router_s + gather_s) * 1e3)
+    assert not pred.estimated
+
+
+def test_missing_cases_fall_back_to_the_roofline_and_say_so() -> None:
+    model = PerfModel(ROOFLINE, tuning.TuningTable(), OVERHEADS, threads=2, native=False)
+    pred = model.moe_layer(SHAPE, PLAN, 1)
+    # one token, two experts: each reads its 3 x 32 x 64 bf16 weights at 10 GB/s
+    assert pred.parts["experts"] == pytest.approx(2 * 3 * 32 * 64 * 2 / 10e9 * 1e3)
+    assert pred.estimated == {"experts bfloat16 H=64 I=32"}
+
+
+def test_low_bit_formats_count_their_packed_bytes() -> None:
+    assert FormatPlan.of(torch.bfloat16, 8).bytes_of("int8", 96, 64) == 96 * 64 + 4 * 96
+    assert FormatPlan.of(torch.bfloat16, 4, 64).experts == "int4-g64"
+    assert FormatPlan.of(torch.float32).bytes_of("float32", 3, 5) == 60
+
+
+def test_decode_step_adds_layers_head_and_misses() -> None:
+    model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
+    resident = model.decode_step(SHAPE, PLAN, position=10)
+    layer = model.moe_layer(SHAPE, PLAN, 1).ms
+    kv_s = 2 * 10 * 2 * 16 * 2 / 10e9
+    expected = 2 * (0.1 + 0.1 + layer + 0.25 + kv_s * 1e3) + 0.1 + 1.0
+    assert resident.ms == pytest.approx(expected)
+    offloaded = model.decode_step(SHAPE, PLAN, position=10, hit_rate=0.75, storage_gbps=1.0)
+    misses = 2 * 2 * 0.25 * (3 * 32 * 64 * 2) / 1e9 * 1e3
+    assert offloaded.ms - resident.ms == pytest.approx(misses)
+    with pytest.raises(ValueError, match="storage read bandwidth"):
+        model.decode_step(SHAPE, PLAN, hit_rate=0.5)
+
+
+def test_prefill_grows_with_the_prompt_and_reads_uncached_experts() -> None:
+    model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
+    short, long = model.prefill(SHAPE, PLAN, 16), model.prefill(SHAPE, PLAN, 256)
+    assert long.ms > short.ms > 0
+    assert long.parts["attention"] == pytest.approx(2 * 2 * 256 * 256 * 4 * 16 / 20e9 * 1e3)
+    offloaded = model.prefill(SHAPE, PLAN, 16, cached_experts=2, storage_gbps=1.0)
+    touched = expected_groups(8, 2, 16)
+    assert offloaded.parts["expert reads"] == pytest.approx(2 * touched * 0.75 * 3 * 32 * 64 * 2 / 1e9 * 1e3)
+
+
+def test_decode_uses_the_native_matrix_vector_time_where_the_kernel_runs() -> None:
+    table = full_table()
+    for key in list(table.cases):
+        if key.startswith("linear"):
+            table.cases[key] = {"torch": 5.0, "native": 0.1}
+    with_native = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=True).decode_step(SHAPE, PLAN)
+    without = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=False).decode_step(SHAPE, PLAN)
+    assert without.ms - with_native.ms == pytest.approx((2 * 2 + 1) * 4.9)
+
+
+def tiny_olmoe(**changes) -> transformers.PreTrainedModel:
+    config = transformers.OlmoeConfig(
+        hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+        num_experts_per_tok=2, vocab_size=100, num_hidden_layers=3, **changes,
+    )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_model_shape_from_a_model_and_its_config_agree() -> None:
+    model = tiny_olmoe()
+    expected = ModelShape(3, 64, 32, 8, 2, 4, 2, 16, 100)
+    assert ModelShape.of_model(model) == expected
+    assert ModelShape.of_config(model.config) == expected
+    assert expected.qkv_rows == (4 + 2 * 2) * 16
+
+
+def test_model_shape_reads_shared_experts_from_the_config() -> None:
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_attention_heads=4,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, vocab_size=50,
+    )  # fmt: skip
+    assert ModelShape.of_config(config).shared_intermediate == 48
+    with pytest.raises(ValueError, match="num_experts"):
+        ModelShape.of_config(transformers.LlamaConfig())
+
+
+def test_overheads_are_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake(threads: int, dtype: torch.dtype) -> Overheads:
+        calls.append(threads)
+        return OVERHEADS
+
+    monkeypatch.setattr(predict, "measure_overheads", fake)
+    assert predict.load_or_measure_overheads(3) == OVERHEADS
+    assert predict.load_or_measure_overheads(3) == OVERHEADS
+    assert calls == [3]
+    tuning.save_overheads(3, {"moe_call_ms": "nope"})  # a corrupt entry is measured again
+    assert predict.load_or_measure_overheads(3) == OVERHEADS
+    assert calls == [3, 3]
+
+
+def test_measured_overheads_are_finite_and_not_negative() -> None:
+    overheads = predict.measure_overheads(1, reps=3)
+    for name, value in overheads.to_dict().items():
+        assert math.isfinite(value) and value >= 0, name
+    assert overheads.attention_gflops > 0
