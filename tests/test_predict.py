@@ -11,7 +11,7 @@ import transformers
 
 from moerun.kernels import tuning
 from moerun.perf import predict
-from moerun.perf.predict import FormatPlan, ModelShape, Overheads, PerfModel, expected_groups
+from moerun.perf.predict import FormatPlan, ModelShape, Overheads, PerfModel, expected_groups, rows_distribution
 from moerun.perf.roofline import Roofline
 
 ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
@@ -145,3 +145,13 @@ def test_measured_overheads_are_finite_and_not_negative() -> None:
     for name, value in overheads.to_dict().items():
         assert math.isfinite(value) and value >= 0, name
     assert overheads.attention_gflops > 0
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 512])
+def test_rows_distribution_is_the_binomial_without_zero(tokens: int) -> None:
+    p = 8 / 64
+    dist = rows_distribution(tokens, p)
+    assert 64 * sum(q for _, q in dist) == pytest.approx(expected_groups(64, 8, tokens))
+    assert sum(r * q for r, q in dist) == pytest.approx(tokens * p)  # zero rows add nothing to the mean
+    assert all(r >= 1 for r, _ in dist)
+    assert rows_distribution(0, p) == [] and rows_distribution(5, 1.0) == [(5, 1.0)]

@@ -72,14 +72,16 @@ def measure_experts(
     threads: int,
     *,
     impls: tuple[str, ...] | None = None,
-    min_reps: int = 3,
+    groups: int | None = None,
+    min_reps: int = 5,
     budget_s: float = 0.3,
 ) -> dict[str, float]:
     """Milliseconds per group of ``rows`` rows of each expert implementation on the weights ``w``.
 
     A timed call runs G groups of ``rows`` rows, a different set of experts each call (cycling through
-    all E), so weights come from wherever they would in the model; G is at most E and 1024 / rows, and
-    no more than fill ~50 ms.
+    all E), so weights come from wherever they would in the model. G is ``groups`` (the groups a layer has
+    at this many rows per expert, so each group carries its share of the call's fixed cost), else as many
+    as fill 1024 rows; at most E, and no more than fill ~50 ms.
 
     Args:
         w: the experts, as a layer holds them.
@@ -87,6 +89,7 @@ def measure_experts(
         rows: rows per group (>= 1).
         threads: torch threads to time with (restored afterwards).
         impls: implementations to time (default: every applicable one).
+        groups: groups per timed call (default: 1024 / rows).
         min_reps, budget_s: at least ``min_reps`` timed calls each, more while ``budget_s`` seconds last.
 
     Returns:
@@ -123,7 +126,8 @@ def measure_experts(
                 budget_s=0.0,
             )
             fastest = min(single.values())
-            groups = max(1, min(num_experts, -(-_ROWS_PER_CALL // rows), int(_CALL_SECONDS / fastest)))
+            wanted = groups if groups is not None else -(-_ROWS_PER_CALL // rows)
+            groups = max(1, min(num_experts, wanted, int(_CALL_SECONDS / fastest)))
             plans = plans_of(groups)
             x = x_all[: groups * rows]  # [G*r, H]
             fns = {n: (lambda call, fn=IMPLEMENTATIONS[n]: fn(x, plans[call % len(plans)], w)) for n in single}
@@ -144,7 +148,7 @@ def measure_linear(
     rows: int,
     threads: int,
     *,
-    min_reps: int = 3,
+    min_reps: int = 5,
     budget_s: float = 0.2,
 ) -> dict[str, float]:
     """Milliseconds per call of x [rows, K] @ weight [N, K].T for each implementation of a dense projection.

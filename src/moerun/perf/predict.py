@@ -13,10 +13,10 @@ Every term comes from a measurement on this host, none from a run of the thing p
   outside its matrices (norms, RoPE, cache writes, attention ops), and of a step outside its layers;
   and the attention's GFLOP/s.
 
-An MoE layer of E experts and top-k at T tokens touches G(T) = E (1 - (1 - k/E)^T) experts on average
-(uniform routing), each with T k / G rows:
+An MoE layer of E experts and top-k at T tokens routes each expert r ~ Binomial(T, k/E) rows (uniform
+routing; E (1 - (1 - k/E)^T) experts receive any on average):
 
-    layer(T) = moe_call + G(T) * group(T k / G) + router(T) + shared(T) + 3 T k H b / BW
+    layer(T) = moe_call + E * sum over r >= 1 of P(r) group(r) + router(T) + shared(T) + 3 T k H b / BW
 
 A decode step at position p (``hit_rate`` < 1 with experts offloaded adds the reads that miss):
 
@@ -32,6 +32,7 @@ intermediate, D head dim, b bytes per value.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -197,6 +198,23 @@ def expected_groups(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
+def rows_distribution(tokens: int, p: float, spread: float = 8.0) -> list[tuple[int, float]]:
+    """(rows, probability) of an expert receiving ``rows`` >= 1 of ``tokens`` tokens, each with probability
+    ``p``: Binomial(T, p) without r = 0, over mean +- ``spread`` standard deviations (the rest is negligible)."""
+    if tokens <= 0 or p <= 0:
+        return []
+    if p >= 1:
+        return [(tokens, 1.0)]
+    mean, sd = tokens * p, math.sqrt(tokens * p * (1 - p))
+    low, high = max(1, int(mean - spread * sd)), min(tokens, int(math.ceil(mean + spread * sd)) + 1)
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_norm = math.lgamma(tokens + 1)
+    return [
+        (r, math.exp(log_norm - math.lgamma(r + 1) - math.lgamma(tokens - r + 1) + r * log_p + (tokens - r) * log_q))
+        for r in range(low, high + 1)
+    ]
+
+
 class PerfModel:
     """Predicts times from a roofline, a tuning table and the overheads, at ``threads`` threads.
 
@@ -249,10 +267,13 @@ class PerfModel:
     def moe_layer(self, shape: ModelShape, plan: FormatPlan, tokens: int, pred: Prediction | None = None) -> Prediction:
         """An MoE layer's forward on ``tokens`` tokens: router, routed experts, shared expert, combine."""
         pred = Prediction(0.0) if pred is None else pred
-        groups = expected_groups(shape.num_experts, shape.top_k, tokens)
-        rows = tokens * shape.top_k / groups
         pred.add("moe call", self.overheads.moe_call_ms)
-        pred.add("experts", groups * self.group_ms(shape, plan, rows, pred))
+        # Each expert's rows are Binomial(T, k/E); a group's time depends on its own rows, not on the mean.
+        experts_ms = sum(
+            shape.num_experts * probability * self.group_ms(shape, plan, rows, pred)
+            for rows, probability in rows_distribution(tokens, shape.top_k / shape.num_experts)
+        )
+        pred.add("experts", experts_ms)
         itemsize = plan.dtype.itemsize
         router_bytes = shape.num_experts * shape.hidden * itemsize
         pred.add("router", self._bound_ms(router_bytes, 2 * tokens * shape.num_experts * shape.hidden, plan.dtype))
@@ -390,6 +411,7 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
     """
     from ..models.hf import layer_from_hf_block
 
+    top_k = _TINY["num_experts_per_tok"]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -410,12 +432,11 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
             xp = torch.randn(_PROBE_PROMPT, hidden).to(dtype)
             moe_decode = _median_ms(lambda: layer(x1), 50)
             moe_prefill = _median_ms(lambda: layer(xp), 20)
-            groups = min(measure.measure_experts(layer.expert_weights(), dtype, 1, threads).values())
+            groups = min(measure.measure_experts(layer.expert_weights(), dtype, 1, threads, groups=top_k).values())
             q = torch.randn(1, 8, 256, 64).to(dtype)
             attention_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 10)
     finally:
         torch.set_num_threads(previous)
-    top_k = _TINY["num_experts_per_tok"]
     moe_call = max(moe_decode - top_k * groups, 0.0)
     decode_slope = (three_step - one_step) / 2
     decode_layer = decode_slope - decode_ms["qkv"] - decode_ms["o"] - moe_decode

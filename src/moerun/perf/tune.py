@@ -44,6 +44,19 @@ def expected_groups(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
+def groups_at_rows(num_experts: int, top_k: int, rows: int) -> int:
+    """The distinct experts a layer routes to when its groups average ``rows`` rows: G(T) at the T where
+    T k / G(T) reaches ``rows`` (k at one row, tending to E as rows grow)."""
+    low, high = 1, 1 << 24
+    while low < high:  # rows per group grows with T: the smallest T reaching ``rows``
+        mid = (low + high) // 2
+        if mid * top_k / expected_groups(num_experts, top_k, mid) >= rows:
+            high = mid
+        else:
+            low = mid + 1
+    return max(1, min(num_experts, round(expected_groups(num_experts, top_k, low))))
+
+
 def expert_row_buckets(num_experts: int, top_k: int, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple[int, ...]:
     """Row buckets a layer's groups reach, from decode (1 row) to a ``max_tokens`` prompt (T k / G rows),
     plus the next bucket so that interpolation has a point on each side."""
@@ -66,7 +79,9 @@ def _experts_cases(layer: MoELayer, threads: int, max_tokens: int) -> list[CaseS
             CaseSpec(
                 tuning.case_key("experts", fmt, shape, rows, threads),
                 f"experts {fmt} H={shape[0]} I={shape[1]} x{layer.num_experts}, {rows} rows/expert",
-                lambda rows=rows: measure.measure_experts(w, layer.dtype, rows, threads),
+                lambda rows=rows: measure.measure_experts(
+                    w, layer.dtype, rows, threads, groups=groups_at_rows(layer.num_experts, layer.routing.top_k, rows)
+                ),
             )
         )
     return cases
@@ -179,7 +194,13 @@ def preset_cases(preset: str, dtype_name: str, bits: tuple[int, ...], group_size
                 CaseSpec(
                     tuning.case_key("experts", fmt, shape, rows, threads),
                     f"{preset} experts {fmt}, {rows} rows/expert",
-                    lambda b=b, rows=rows: measure.measure_experts(layer_at(b).expert_weights(), dtype, rows, threads),
+                    lambda b=b, rows=rows: measure.measure_experts(
+                        layer_at(b).expert_weights(),
+                        dtype,
+                        rows,
+                        threads,
+                        groups=groups_at_rows(p.num_experts, p.top_k, rows),
+                    ),
                 )
             )
     return cases
