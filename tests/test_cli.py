@@ -42,8 +42,15 @@ def test_bench_writes_json_records(tiny_presets, tmp_path, capsys) -> None:
         assert r["machine"]["gemm_gflops"]["bfloat16"] == 100.0  # cached peak, bandwidth measured alongside
         assert r["machine"]["read_gbps"] > 0
         assert r["median_ms"] > 0 and 0 < r["roofline_fraction"]
+        assert r["bound"] in ("bandwidth", "compute")
+        if r["impl"] == "moerun":  # the performance model predicts moerun's own layer, not transformers'
+            assert r["predicted_ms"] > 0
+            assert r["prediction_error"] == pytest.approx(r["predicted_ms"] / r["median_ms"] - 1)
+        else:
+            assert r["predicted_ms"] is None and r["prediction_error"] is None
     assert {r["impl"] for r in records} == impls
-    assert "tiny-olmoe" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "tiny-olmoe" in out_text and "predicted" in out_text and "bound" in out_text
     assert not list(tmp_path.glob(".*tmp"))
 
 

@@ -39,6 +39,12 @@ def test_bench_model_writes_json_records(tiny_dir, tmp_path, capsys) -> None:
         assert 0 < r["decode_non_moe_share"] < 1 and 0 < r["prefill_non_moe_share"] < 1
         assert r["decode_gbps"] > 0 and r["read_gbps"] > 0 and r["decode_roofline_fraction"] > 0
     assert records[0]["path"] == "lean" and {r["path"] for r in records[1:]} == {"transformers"}
+    lean = records[0]  # the performance model predicts the lean runner only
+    assert lean["predicted_decode_tokens_per_s"] > 0 and lean["predicted_prefill_tokens_per_s"] > 0
+    assert lean["decode_prediction_error"] == pytest.approx(
+        lean["predicted_decode_tokens_per_s"] / lean["decode_tokens_per_s"] - 1
+    )
+    assert all(r["predicted_decode_tokens_per_s"] is None for r in records[1:])
     assert "hf-grouped_mm" in capsys.readouterr().out
 
 

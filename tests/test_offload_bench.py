@@ -53,6 +53,11 @@ def test_memory_budget_run_compares_with_on_demand_lru(tmp_path, capsys) -> None
     rows = json.loads(out.read_text())
     assert [r["setup"] for r in rows] == ["on-demand LRU", "LRU + prefetch"]
     assert all(r["budget"] == "50%" and r["slots"] == 16 for r in rows)
+    for r in rows:  # predicted at the measured hit rate and storage bandwidth
+        assert r["predicted_decode_tokens_per_s"] > 0 and r["predicted_prefill_tokens_per_s"] > 0
+        assert r["decode_prediction_error"] == pytest.approx(
+            r["predicted_decode_tokens_per_s"] / r["decode_tokens_per_s"] - 1
+        )
     captured = capsys.readouterr()
     assert "vs LRU" in captured.out and "expert cache" in captured.err
 

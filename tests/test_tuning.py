@@ -296,6 +296,13 @@ def test_measure_experts_times_each_applicable_implementation(bits: int) -> None
     assert "torch" in times and all(t > 0 for t in times.values())
 
 
+@pytest.mark.parametrize("rows, groups", [(1, 6), (300, 4), (7, None)])
+def test_measure_experts_takes_any_rows_and_groups(rows: int, groups: int | None) -> None:
+    layer = make_layer(torch.float32)
+    times = measure.measure_experts(layer.expert_weights(), torch.float32, rows, 1, groups=groups, min_reps=1)
+    assert times["torch"] > 0
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_measure_linear_times_torch_and_native_where_it_runs(quantized: bool) -> None:
     weight = torch.randn(96, 64).bfloat16()
@@ -304,3 +311,75 @@ def test_measure_linear_times_torch_and_native_where_it_runs(quantized: bool) ->
     times = measure.measure_linear(weight, torch.bfloat16, 2, 1, min_reps=1, budget_s=0.0)
     assert set(times) == ({"torch", "native"} if native.is_available() else {"torch"})
     assert all(t > 0 for t in times.values())
+
+
+# ---- the commands
+
+
+def test_tune_command_measures_once_and_prints_winners(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    from moerun import cli
+
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_experts(w, dtype, rows, threads, **kwargs):
+        calls.append(("experts", rows))
+        return {"torch": 1.0 + rows, "torch-grouped_mm": 2.0}
+
+    def fake_linear(weight, dtype, rows, threads, **kwargs):
+        calls.append(("linear", rows))
+        return {"torch": 0.5}
+
+    monkeypatch.setattr(measure, "measure_experts", fake_experts)
+    monkeypatch.setattr(measure, "measure_linear", fake_linear)
+    out = tmp_path / "tune.json"
+    assert cli.main(["tune", "--threads", "1", "--json", str(out)]) == 0
+    first = len(calls)
+    assert first > 0 and ("experts", 1) in calls and ("linear", 512) in calls
+    records = json.loads(out.read_text())
+    winners = {r["case"]: r["winner"] for r in records}
+    assert winners[tuning.case_key("experts", "bfloat16", (256, 256), 1, 1)] == "torch"  # 2 ms vs 2 ms: first
+    assert winners[tuning.case_key("experts", "bfloat16", (256, 256), 4, 1)] == "torch-grouped_mm"
+    text = capsys.readouterr().out
+    assert "winner" in text and "margin" in text
+    assert cli.main(["tune", "--threads", "1"]) == 0  # cached: nothing measured again
+    assert len(calls) == first
+    assert cli.main(["tune", "--threads", "1", "--force"]) == 0
+    assert len(calls) == 2 * first
+    table = tuning.load_table(tmp_path / "tuning.json")
+    assert len(table) == len(records)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--model", "reference", "--preset", "olmoe-1b-7b"], "give one of them"),
+        (["--bits", "3"], "bits"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--dtype", "fp16"], "unknown dtype"),
+        (["--group-size", "7"], "--group-size must be 32, 64 or 128"),
+    ],
+)
+def test_tune_command_refuses_bad_input(args: list[str], message: str, capsys) -> None:
+    from moerun import cli
+
+    assert cli.main(["tune", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_first_use_measures_the_model_cases_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    from moerun import cli
+
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(tuning.DISABLE_ENV, "1")
+    monkeypatch.setattr(measure, "measure_experts", lambda *a, **k: {"torch": 1.0})
+    monkeypatch.setattr(measure, "measure_linear", lambda *a, **k: {"torch": 1.0})
+    args = ["generate", "--prompt", "def f(x):", "--max-new-tokens", "2", "--threads", "1"]
+    assert cli.main(args) == 0
+    assert "kernel case(s) on this host, once" in capsys.readouterr().err
+    assert len(tuning.load_table(tmp_path / "tuning.json")) > 0
+    assert cli.main(args) == 0
+    assert "kernel case" not in capsys.readouterr().err
+    tuning.active_table.cache_clear()

@@ -281,7 +281,7 @@ def print_bench_table(records: list) -> None:
         )  # fmt: skip
     out = Console()
     if not out.is_terminal:  # redirected output: never wrap the table's cells
-        out.width = 160
+        out.width = 200
     out.print(table)
 
 
@@ -375,7 +375,7 @@ def print_model_table(records: list) -> None:
         )  # fmt: skip
     out = Console()
     if not out.is_terminal:  # redirected output: never wrap the table's cells
-        out.width = 160
+        out.width = 240
     out.print(table)
 
 

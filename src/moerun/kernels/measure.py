@@ -31,8 +31,9 @@ _ROWS_PER_CALL = 1024
 _COLD_MATRIX_BYTES = 1 << 20
 _COLD_WORKING_SET_BYTES = 256 << 20
 _MAX_COPIES = 8
-# Seconds a timed call of the experts aims at (more groups per call while they take less).
-_CALL_SECONDS = 0.05
+# Seconds a timed call of the experts may take at most (fewer groups than the layer has beyond that): a
+# call has fixed costs of its own, so fewer groups than the layer has would overstate the cost per group.
+_CALL_SECONDS = 0.5
 # An implementation whose warm-up call takes this many times the best median so far is left out.
 _HOPELESS_FACTOR = 8.0
 
@@ -81,7 +82,7 @@ def measure_experts(
     A timed call runs G groups of ``rows`` rows, a different set of experts each call (cycling through
     all E), so weights come from wherever they would in the model. G is ``groups`` (the groups a layer has
     at this many rows per expert, so each group carries its share of the call's fixed cost), else as many
-    as fill 1024 rows; at most E, and no more than fill ~50 ms.
+    as fill 1024 rows; at most E, and no more than fill ~0.5 s.
 
     Args:
         w: the experts, as a layer holds them.
@@ -99,7 +100,8 @@ def measure_experts(
         raise ValueError(f"rows must be >= 1, got {rows}")
     num_experts, hidden = w.num_experts, w.hidden_size
     generator = torch.Generator().manual_seed(rows)
-    x_all = (torch.randn(_ROWS_PER_CALL + rows, hidden, generator=generator) * 0.5).to(dtype)
+    most = max(1, min(num_experts, groups if groups is not None else -(-_ROWS_PER_CALL // rows)))
+    x_all = (torch.randn(most * rows, hidden, generator=generator) * 0.5).to(dtype)  # [G*r, H] at most
 
     def plans_of(groups: int) -> list:
         """Plans of ``groups`` groups of ``rows`` rows, each a different set of experts."""
@@ -126,8 +128,7 @@ def measure_experts(
                 budget_s=0.0,
             )
             fastest = min(single.values())
-            wanted = groups if groups is not None else -(-_ROWS_PER_CALL // rows)
-            groups = max(1, min(num_experts, wanted, int(_CALL_SECONDS / fastest)))
+            groups = max(1, min(most, int(_CALL_SECONDS / fastest)))
             plans = plans_of(groups)
             x = x_all[: groups * rows]  # [G*r, H]
             fns = {n: (lambda call, fn=IMPLEMENTATIONS[n]: fn(x, plans[call % len(plans)], w)) for n in single}
