@@ -350,25 +350,27 @@ def _measured_best(plan: RoutingPlan, w: ExpertWeights, allowed: tuple[str, ...]
     return table.best(key, allowed)
 
 
-def select_backend(
+def rules_backend(
     x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights
 ) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
-    """The backend ``auto`` uses for this input.
-
-    The fastest applicable implementation measured on this host for (format, shape, rows per expert,
-    threads); where nothing was measured, the native kernel (which picks its decode or prefill path per
-    group), except oneDNN-packed weights in ``PACKED_TORCH_ROWS_PER_GROUP``, and torch where the kernel
-    cannot run.
-    """
-    measured = _measured_best(plan, w, applicable_implementations(x, w))
-    if measured is not None:
-        return IMPLEMENTATIONS[measured]
+    """``auto``'s choice where nothing was measured: the native kernel (which picks its decode or prefill path
+    per group), except oneDNN-packed weights in ``PACKED_TORCH_ROWS_PER_GROUP``, and torch where the kernel
+    cannot run."""
     if not native_supports(x, w):
         return experts_torch
     low, high = PACKED_TORCH_ROWS_PER_GROUP
     if w.packed is not None and low <= plan.num_slots / max(plan.num_groups, 1) < high:
         return experts_torch
     return experts_native
+
+
+def select_backend(
+    x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights
+) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
+    """The backend ``auto`` uses for this input: the fastest applicable implementation measured on this host
+    for (format, shape, rows per expert, threads), else ``rules_backend``."""
+    measured = _measured_best(plan, w, applicable_implementations(x, w))
+    return IMPLEMENTATIONS[measured] if measured is not None else rules_backend(x, plan, w)
 
 
 def get_backend(name: str) -> Callable[[torch.Tensor, RoutingPlan, ExpertWeights], torch.Tensor]:
