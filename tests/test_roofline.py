@@ -73,7 +73,8 @@ def test_cache_round_trip(tmp_path, fake_measure) -> None:
     second = load_or_measure_roofline(1, cache_path=path)
     assert second == first
     assert fake_measure == [(1, False)]
-    assert [p.name for p in path.parent.iterdir()] == ["roofline.json"]  # no temp file left behind
+    # no temp file left behind, only the lock file that serialises writers
+    assert sorted(p.name for p in path.parent.iterdir()) == ["roofline.json", "roofline.json.lock"]
 
     load_or_measure_roofline(2, cache_path=path)  # another thread count is another entry
     assert load_or_measure_roofline(1, cache_path=path) == first
@@ -148,3 +149,18 @@ def test_zero_threads_is_rejected(tmp_path) -> None:
         load_or_measure_roofline(0, cache_path=tmp_path / "roofline.json")
     with pytest.raises(ValueError, match="threads"):
         replace(HAND_MADE, threads=0)
+
+
+def test_entry_stored_by_another_process_while_measuring_is_kept(tmp_path, monkeypatch) -> None:
+    """Two processes measuring at once: the one that stores last keeps the other's entry (no lost update)."""
+    path = tmp_path / "roofline.json"
+
+    def measure(threads: int, *, quick: bool) -> Roofline:
+        if threads == 1:  # meanwhile another process measures 2 threads and stores its entry
+            load_or_measure_roofline(2, cache_path=path)
+        return replace(HAND_MADE, threads=threads)
+
+    monkeypatch.setattr(rl, "measure_roofline", measure)
+    load_or_measure_roofline(1, cache_path=path)
+    assert len(json.loads(path.read_text())["entries"]) == 2
+    assert (tmp_path / "roofline.json.lock").exists()

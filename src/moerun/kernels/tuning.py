@@ -19,7 +19,6 @@ Shape legend: E experts, H hidden, I expert intermediate, N output features, K i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -27,13 +26,13 @@ import math
 import os
 import platform
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..files import cache_directory, file_written_whole
+from ..files import cache_directory, file_written_whole, locked
 from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
 
 # Bumped whenever the measurement method changes, so that tables taken the old way are measured again.
@@ -237,18 +236,6 @@ class _TableFile:
             return TuningTable()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``'s lock file, so read-modify-write cycles of two processes do not interleave."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def load_table(path: Path | None = None, fingerprint: Fingerprint | None = None) -> TuningTable:
     """The table measured on this host (empty when none was); a corrupt file is ignored with a warning."""
     path = path if path is not None else default_table_path()
@@ -262,7 +249,7 @@ def _update_host(
     """Read-modify-write of this host's entry under the lock; the file is written whole or not at all."""
     path = path if path is not None else default_table_path()
     fingerprint = fingerprint if fingerprint is not None else host_fingerprint()
-    with _locked(path):
+    with locked(path):
         content = _TableFile.read(path)
         table = content.table(fingerprint, path)
         entry = content.hosts.get(fingerprint.key())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..files import cache_directory, file_written_whole
+from ..files import cache_directory, file_written_whole, locked
 
 GEMM_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -267,11 +267,15 @@ def _cached_roofline(entry: object, quick: bool) -> Roofline | None:
         return None
 
 
-def _write_cache_entries(path: Path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Whole or not at all, so that a crash or a concurrent reader never sees half a file.
-    with file_written_whole(path) as f:
-        json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=2)
+def _store_cache_entry(path: Path, key: str, entry: dict) -> None:
+    """Add or replace one entry: the file is read again and rewritten under the lock, so that an entry another
+    process stored while this one measured is kept."""
+    with locked(path):
+        entries = _read_cache_entries(path)
+        entries[key] = entry
+        # Whole or not at all, so that a crash or a concurrent reader never sees half a file.
+        with file_written_whole(path) as f:
+            json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=2)
 
 
 def load_or_measure_roofline(
@@ -298,15 +302,13 @@ def load_or_measure_roofline(
     threads = _resolve_threads(threads)
     path = cache_path if cache_path is not None else default_cache_path()
     key = _cache_key(_cpu_model(), threads, str(torch.__version__))
-    entries = _read_cache_entries(path)
     if not remeasure:
-        cached = _cached_roofline(entries.get(key), quick)
+        cached = _cached_roofline(_read_cache_entries(path).get(key), quick)
         if cached is not None:
             return cached
     roofline = measure_roofline(threads, quick=quick)
-    entries[key] = {"quick": quick, "roofline": roofline.to_dict()}
     try:
-        _write_cache_entries(path, entries)
+        _store_cache_entry(path, key, {"quick": quick, "roofline": roofline.to_dict()})
     except OSError as e:
         warnings.warn(f"could not cache the roofline in {path}: {e}", stacklevel=2)
     return roofline
