@@ -23,6 +23,7 @@ from moerun.models.loader import (
     load_weights,
     read_config,
 )
+from raw_safetensors import edit_header
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -78,11 +79,23 @@ def test_tied_embeddings_and_shards(tmp_path: Path) -> None:
     assert torch.equal(loaded.model.lm_head.weight, model.model.embed_tokens.weight)
 
 
-def test_checkpoint_tensors_it_has_no_place_for_are_ignored(olmoe_dir: Path, tmp_path: Path) -> None:
+def test_checkpoint_tensors_outside_the_decoder_layers_are_ignored(olmoe_dir: Path, tmp_path: Path) -> None:
     tensors = load_file(olmoe_dir / "model.safetensors")
-    save_file({**tensors, "model.layers.9.mtp_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    save_file({**tensors, "model.mtp_head.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((olmoe_dir / "config.json").read_text())
     assert moerun.load(tmp_path, dtype="fp32").stats.ignored_tensors == 1
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_ignored(tmp_path: Path) -> None:
+    """DeepSeek-V3 checkpoints hold num_nextn_predict_layers layers after the model's (layer 61 of 61)."""
+    path = save_checkpoint("deepseek_v3", tmp_path / "ds3")
+    tensors = load_file(path / "model.safetensors")
+    save_file({**tensors, "model.layers.2.eh_proj.weight": torch.zeros(2, 2)}, path / "model.safetensors")
+    assert moerun.load(path, dtype="fp32").stats.ignored_tensors == 1
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="belongs to layer 3, but config.json describes 2 layers"):
+        moerun.load(path, dtype="fp32")
 
 
 def test_tokenizer_is_loaded(olmoe_dir: Path) -> None:
@@ -223,4 +236,130 @@ def test_wrong_expert_count(olmoe_dir: Path, tmp_path: Path) -> None:
     path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
     _edit_config(path, num_experts=4)
     with pytest.raises(CheckpointError, match=r"experts\.4\.\w+\.weight: expert 4 does not exist; the model has 4"):
+        moerun.load(path, dtype="fp32")
+
+
+def _set_value(path: Path, name: str, value: float) -> None:
+    tensors = load_file(path / "model.safetensors")
+    tensors[name].view(-1)[5] = value
+    save_file(tensors, path / "model.safetensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "name", ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.experts.3.up_proj.weight"]
+)
+def test_nan_or_inf_in_a_weight_is_refused_naming_the_tensor(olmoe_dir: Path, tmp_path: Path, name, value) -> None:
+    """Generation used to exit 0 with empty output: the argmax of NaN logits is token 0, EOS."""
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _set_value(path, name, value)
+    for dtype in ("fp32", "bf16"):
+        with pytest.raises(CheckpointError, match=rf"tensor {name} in model.safetensors contains NaN or infinite"):
+            moerun.load(path, dtype=dtype)
+
+
+def test_a_weight_that_overflows_bf16_is_refused_in_bf16(olmoe_dir: Path, tmp_path: Path) -> None:
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _set_value(path, "model.norm.weight", torch.finfo(torch.float32).max)  # rounds to infinity in bf16
+    moerun.load(path, dtype="fp32")
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight in model.safetensors contains NaN"):
+        moerun.load(path, dtype="bf16")
+
+
+def _offsets_of(entries, name: str) -> list[int]:
+    return next(entry for key, entry in entries if key == name)["data_offsets"]
+
+
+def _point_at_neighbour(entries) -> None:
+    """Expert 1's down projection read from expert 0's bytes (the same size)."""
+    _offsets_of(entries, "model.layers.0.mlp.experts.1.down_proj.weight")[:] = _offsets_of(
+        entries, "model.layers.0.mlp.experts.0.down_proj.weight"
+    )
+
+
+def _shift_by_two(entries) -> None:
+    offsets = _offsets_of(entries, "model.layers.1.self_attn.o_proj.weight")
+    offsets[:] = [offsets[0] + 2, offsets[1] + 2]
+
+
+def _list_twice(entries) -> list:
+    return [*entries, next((k, v) for k, v in entries if k == "model.norm.weight")]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: edit_header(p, _point_at_neighbour),
+         r"is corrupt: tensor \S+experts\.[01]\.down_proj\.weight's data overlaps tensor \S+experts\.[01]\.down_proj"),
+        (lambda p: edit_header(p, _shift_by_two), r"is corrupt: 2 bytes after tensor \S+ belong to no tensor"),
+        (lambda p: p.write_bytes(p.read_bytes() + bytes(16)), "is corrupt: 16 bytes after the last tensor's data"),
+        (lambda p: edit_header(p, _list_twice), "is corrupt: its header lists 'model.norm.weight' twice"),
+    ],
+)  # fmt: skip
+def test_headers_are_as_strict_as_safetensors(olmoe_dir: Path, tmp_path: Path, damage, message: str) -> None:
+    """Tensors must cover the data exactly, as safetensors.safe_open requires: these loaded silently."""
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    damage(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        moerun.load(path, dtype="fp32")
+
+
+def _rename(path: Path, old: str, new: str) -> None:
+    tensors = load_file(path / "model.safetensors")
+    tensors[new] = tensors.pop(old)
+    save_file(tensors, path / "model.safetensors")
+
+
+@pytest.mark.parametrize("budget", [None, "50%"])
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("experts.7.down_proj", "experts.00.down_proj", "expert 0's down projection of model.layers.0.mlp.experts."),
+        ("experts.2.gate_proj", "experts.2.w3", "expert 2's up projection of model.layers.0.mlp.experts.gate_up_"),
+    ],
+)  # fmt: skip
+def test_two_tensors_filling_one_slice_are_refused(olmoe_dir: Path, tmp_path: Path, budget, old, new, message) -> None:
+    """Counting elements took expert 0 filled twice for experts 0 and 7 filled once, leaving 7 all zeros."""
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _rename(path, f"model.layers.0.mlp.{old}.weight", f"model.layers.0.mlp.{new}.weight")
+    with pytest.raises(CheckpointError, match=rf"tensors \S+ and \S+ in model.safetensors both fill {message}"):
+        moerun.load(path, dtype="fp32", memory_budget=budget)
+
+
+def test_an_expert_index_spelled_differently_fills_its_expert(olmoe_dir: Path, tmp_path: Path) -> None:
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _rename(path, "model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.1.mlp.experts.007.down_proj.weight")
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        expected = moerun.load(olmoe_dir, dtype="fp32").model(ids).logits
+        assert torch.equal(moerun.load(path, dtype="fp32").model(ids).logits, expected)
+
+
+def test_a_tensor_in_two_shards_is_refused(olmoe_dir: Path, tmp_path: Path) -> None:
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").rename(path / "model-1.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, path / "model-2.safetensors")
+    weight_map = {name: "model-1.safetensors" for name in tensors} | {"model.norm.weight": "model-2.safetensors"}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight is in both model-1.safetensors and model-2"):
+        moerun.load(path, dtype="fp32")
+
+
+@pytest.mark.parametrize("budget", [None, "50%"])
+def test_a_config_with_fewer_layers_than_the_checkpoint_is_refused(olmoe_dir: Path, tmp_path: Path, budget) -> None:
+    """The second layer's tensors used to be dropped silently: a one-layer model ran."""
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _edit_config(path, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.\S+ in model\.safetensors belongs to layer 1, "
+                                              r"but config\.json describes 1 layers"):  # fmt: skip
+        moerun.load(path, dtype="fp32", memory_budget=budget)
+
+
+def test_a_tensor_with_no_place_in_its_layer_is_refused(olmoe_dir: Path, tmp_path: Path) -> None:
+    """The OLMoE checkpoint described as Mixtral: Mixtral has no q_norm / k_norm, which were dropped silently."""
+    path = _copy_checkpoint(olmoe_dir, tmp_path / "ckpt")
+    _edit_config(path, model_type="mixtral", num_local_experts=8)
+    message = r"tensor model\.layers\.0\.self_attn\.[qk]_norm\.weight in model\.safetensors has no place in layer 0"
+    with pytest.raises(CheckpointError, match=message + r" of the model config\.json describes \(mixtral\)"):
         moerun.load(path, dtype="fp32")

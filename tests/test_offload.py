@@ -385,3 +385,45 @@ def test_a_wrong_shaped_expert_tensor_is_refused_as_when_loading_it(tmp_path, in
     _reshape_tensor(quantized / "model.safetensors", name, (8, 128, 16))
     with pytest.raises(CheckpointError, match=rf"tensor {name} in model.safetensors is F16 \[8, 128, 16\]"):
         moerun.load(quantized, "fp32", memory_budget="50%")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "prefetch"),
+    [("fp32", float("nan"), False), ("bf16", float("nan"), True), ("bf16", torch.finfo(torch.float32).max, False)],
+)
+def test_nan_in_an_expert_read_from_storage_is_refused_naming_it(tmp_path, dtype, value, prefetch):
+    """Experts left in the checkpoint are checked when read (a resident load refuses them at once); the
+    float32 maximum is finite in fp32 but infinite once read into a bf16 slot."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_checkpoint("olmoe", tmp_path / "olmoe")
+    tensors = load_file(path / "model.safetensors")
+    for e in range(8):  # whichever experts the tokens select
+        tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"][3, 5] = value
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="contains NaN or infinite values"):
+        moerun.load(path, dtype)
+    loaded = moerun.load(path, dtype, memory_budget="50%", prefetch=prefetch)
+    message = r"expert \d of MoE layer 0 \(down weights, in model\.safetensors\) contains NaN or infinite values"
+    with pytest.raises(CheckpointError, match=message):
+        logits(loaded, torch.arange(10).unsqueeze(0))
+    loaded.cache.close()
+
+
+def test_the_store_refuses_a_part_filled_twice_though_the_counts_add_up(tmp_path):
+    """Expert 0's gate rows filled twice and its up rows never: the element counts match."""
+    path = save_checkpoint("olmoe", tmp_path / "olmoe")
+    layers = list(moe_layers(moerun.load(path, "fp32").model).values())
+    file = path / "model.safetensors"
+    destinations = [
+        (file, 0, torch.float32, matrix)
+        for layer in layers
+        for e in range(layer.num_experts)
+        for matrix in (layer.gate_up[e], layer.down[e])
+    ]
+    store.ExpertStore(layers, destinations).close()
+    gate_up = layers[0].gate_up[0]  # [2I, H]
+    half = gate_up.shape[0] // 2
+    destinations[0:1] = [(file, 0, torch.float32, gate_up[:half]), (file, 0, torch.float32, gate_up[:half])]
+    with pytest.raises(ValueError, match="the checkpoint fills some of expert 0 of MoE layer 0 twice"):
+        store.ExpertStore(layers, destinations)

@@ -3,8 +3,12 @@
 A checkpoint directory holds ``config.json``, safetensors weights (one ``model.safetensors``, or
 ``model.safetensors.index.json`` and its shards) and usually tokenizer files. :func:`load` checks what
 it reads: before building anything, that the config's ``model_type`` is a supported MoE family and that
-every shard's header parses and fits inside its file; before copying each tensor, its dtype and shape.
-Problems raise :class:`CheckpointError` naming the file, the tensor and what is wrong.
+every shard's header is as strict as the safetensors format requires (entries parse, no name twice, the
+tensors' byte ranges cover the data exactly: no overlap, gap or trailing bytes); before copying each
+tensor, its dtype and shape; after, that its values are finite. Every checkpoint tensor must fill a slice
+of the model no other tensor fills (two spellings of one expert are refused) or lie outside the decoder
+layers the config describes (then it is ignored); every slice of the model must be filled. Problems raise
+:class:`CheckpointError` naming the file, the tensor and what is wrong.
 
 Memory: the model is built with uninitialised parameters (pages nothing has written to cost no RAM),
 then each tensor is read with ``readinto`` straight into its parameter, or, when the dtype changes,
@@ -70,11 +74,14 @@ _SAFETENSORS_DTYPES = {
 }
 _FLOAT_SOURCES = ("F64", "F32", "F16", "BF16")
 _SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this size
+_FINITE_CHUNK = 4 << 20  # elements checked for NaN / infinity at a time
 
 # Checkpoints store routed experts one by one; transformers (>= 5) fuses them into experts.gate_up_proj
 # [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]. Mixtral names the projections
 # w1 (gate), w3 (up), w2 (down) under block_sparse_moe instead of mlp.
-_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>\w+)\.weight$")
+_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>[0-9]+)\.(?P<proj>\w+)\.weight$")
+# A decoder layer's tensors: each must have a place in the model (see _check_unplaced).
+_LAYER_KEY = re.compile(r"^model\.layers\.(?P<index>[0-9]+)\.")
 # transformers' fused expert stacks: what a memory budget leaves in the checkpoint.
 _FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 _EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
@@ -249,20 +256,24 @@ def read_safetensors_header(file: Path) -> dict[str, TensorRecord]:
             raise CheckpointError(f"{file} is truncated: its header needs {header_len} bytes, the file has {size}")
         header_bytes = f.read(header_len)
     try:
-        header = json.loads(header_bytes)
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{file} is corrupt: its header lists {e.key!r} twice") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is corrupt: unparsable header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} is corrupt: its header is not a JSON object")
     data_start = 8 + header_len
     records = {}
+    ranges = []  # (begin, end, name), relative to the data
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
-            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+            # bool is an int to Python, not to the format
+            ok = all(type(v) is int and v >= 0 for v in (*shape, begin, end))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok or end - begin != math.prod(shape) * itemsize:
@@ -272,7 +283,37 @@ def read_safetensors_header(file: Path) -> dict[str, TensorRecord]:
                 f"{file} is truncated: tensor {name} ends at byte {data_start + end}, the file has {size}"
             )
         records[name] = TensorRecord(name, file, dtype, shape, data_start + begin, end - begin)
+        ranges.append((begin, end, name))
+    # As safetensors requires: the tensors, in offset order, cover the data from its first byte to the file's
+    # end, each starting where the previous ends. A tensor pointing into another's bytes, or offsets shifted
+    # by a few bytes, would otherwise load other bytes silently.
+    at, previous = 0, None
+    for begin, end, name in sorted(ranges):
+        if begin < at:
+            raise CheckpointError(f"{file} is corrupt: tensor {name}'s data overlaps tensor {previous}'s")
+        if begin > at:
+            where = f"after tensor {previous}" if previous is not None else "at the start of the data"
+            raise CheckpointError(f"{file} is corrupt: {begin - at} bytes {where} belong to no tensor")
+        at, previous = end, name
+    if data_start + at != size:
+        raise CheckpointError(f"{file} is corrupt: {size - data_start - at} bytes after the last tensor's data")
     return records
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook refusing a key given twice (json.loads would keep the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def checkpoint_tensors(path: Path) -> dict[str, TensorRecord]:
@@ -299,18 +340,31 @@ def checkpoint_tensors(path: Path) -> dict[str, TensorRecord]:
         file = path / shard
         if not file.is_file():
             raise CheckpointError(f"shard {shard} listed in {index_file} is missing")
-        records.update(read_safetensors_header(file))
+        for name, record in read_safetensors_header(file).items():
+            if name in records:
+                raise CheckpointError(f"tensor {name} is in both {records[name].file.name} and {file.name}")
+            records[name] = record
     for name, shard in (shard_of or {}).items():
         if name not in records or records[name].file.name != Path(shard).name:
             raise CheckpointError(f"{index_file} lists tensor {name} in {shard}, which does not contain it")
     return records
 
 
-def _placement(name: str, targets: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
-    """The model tensor (name, view) a checkpoint tensor fills, or None if the model has no place for it."""
+@dataclass(frozen=True)
+class _Placement:
+    """Where a checkpoint tensor goes: model tensor ``target``, the view of it filled, and which slice that
+    is: None for the whole tensor, else (expert, "gate" | "up" | "down") of a fused expert stack."""
+
+    target: str
+    dest: torch.Tensor
+    slice: tuple[int, str] | None = None
+
+
+def _placement(name: str, targets: dict[str, torch.Tensor]) -> _Placement | None:
+    """Where a checkpoint tensor goes, or None if the model has no place for it."""
     name = name.replace(".block_sparse_moe.", ".mlp.")
     if name in targets:
-        return name, targets[name]
+        return _Placement(name, targets[name])
     match = _EXPERT_KEY.match(name)
     if match is None or match["proj"] not in _EXPERT_PROJ:
         return None
@@ -322,9 +376,91 @@ def _placement(name: str, targets: dict[str, torch.Tensor]) -> tuple[str, torch.
     if index >= fused.shape[0]:
         raise CheckpointError(f"tensor {name}: expert {index} does not exist; the model has {fused.shape[0]} experts")
     if part == "down":
-        return target, fused[index]  # [H, I]
+        return _Placement(target, fused[index], (index, part))  # [H, I]
     half = fused.shape[1] // 2
-    return target, fused[index, :half] if part == "gate" else fused[index, half:]  # [I, H]
+    return _Placement(target, fused[index, :half] if part == "gate" else fused[index, half:], (index, part))  # [I, H]
+
+
+def _expert_slices(target: str, tensor: torch.Tensor) -> list[tuple[int, str]] | None:
+    """The (expert, projection) slices that fill a fused expert stack, or None for any other model tensor."""
+    if target.endswith("experts.gate_up_proj"):
+        return [(e, part) for e in range(tensor.shape[0]) for part in ("gate", "up")]
+    if target.endswith("experts.down_proj"):
+        return [(e, "down") for e in range(tensor.shape[0])]
+    return None
+
+
+def _check_unplaced(record: TensorRecord, config) -> None:
+    """A checkpoint tensor the model has no place for is ignored only outside its decoder layers (and in
+    DeepSeek-V3's multi-token prediction layers after them, which moerun does not use). In a layer the config
+    does not have, or in one it has, it means the config does not describe the checkpoint: dropping it gave
+    a model of fewer layers, or one without a tensor the checkpoint was trained with.
+
+    Raises:
+        CheckpointError: naming the tensor.
+    """
+    match = _LAYER_KEY.match(record.name)
+    if match is None or record.name.endswith(".rotary_emb.inv_freq"):  # older checkpoints saved the rope buffer
+        return
+    layer, layers = int(match["index"]), int(config.num_hidden_layers)
+    counts = [getattr(config, name, None) for name in ("num_nextn_predict_layers", "num_mtp_layers")]
+    prediction_layers = next((count for count in counts if type(count) is int), 0)
+    if layers <= layer < layers + prediction_layers:
+        return
+    if layer >= layers:
+        raise CheckpointError(
+            f"tensor {record.name} in {record.file.name} belongs to layer {layer}, but config.json describes "
+            f"{layers} layers"
+        )
+    raise CheckpointError(
+        f"tensor {record.name} in {record.file.name} has no place in layer {layer} of the model config.json "
+        f"describes ({config.model_type})"
+    )
+
+
+class _Coverage:
+    """Which slices of the model's tensors checkpoint tensors have filled, so that two checkpoint tensors
+    filling the same slice (one expert's weight under two spellings) are refused, and unfilled slices are
+    found by what was filled, not by counting elements."""
+
+    def __init__(self, targets: dict[str, torch.Tensor]) -> None:
+        self.targets = targets
+        self.names_of: dict[int, list[str]] = {}  # tied parameters share one tensor; a checkpoint holds either
+        for name, tensor in targets.items():
+            self.names_of.setdefault(id(tensor), []).append(name)
+        # per distinct model tensor: slice (None: whole) -> (checkpoint tensor, model tensor name) filling it
+        self.filled: dict[int, dict[tuple[int, str] | None, tuple[str, str]]] = {key: {} for key in self.names_of}
+
+    def add(self, record: TensorRecord, placed: _Placement) -> None:
+        """Record that ``record`` fills ``placed``; a slice filled before is a CheckpointError."""
+        filled = self.filled[id(self.targets[placed.target])]
+        # a whole tensor clashes with any slice of it filled before, a slice with itself or the whole
+        candidates = list(filled) if placed.slice is None else [placed.slice, None]
+        clash = [s for s in candidates if s in filled]
+        # Tied parameters: a checkpoint may hold the shared tensor under each of its names (as before).
+        tied_alias = placed.slice is None and all(filled[s][1] != placed.target for s in clash)
+        if clash and not tied_alias:
+            what = placed.target
+            if placed.slice is not None:
+                what = f"expert {placed.slice[0]}'s {placed.slice[1]} projection of {placed.target}"
+            raise CheckpointError(
+                f"tensors {filled[clash[0]][0]} and {record.name} in {record.file.name} both fill {what}"
+            )
+        filled[placed.slice] = (record.name, placed.target)
+
+    def missing(self) -> list[str]:
+        """Model tensors, or slices of fused expert stacks, no checkpoint tensor filled."""
+        out = []
+        for key, names in self.names_of.items():
+            filled, target = self.filled[key], names[0]
+            if None in filled:
+                continue
+            slices = _expert_slices(target, self.targets[target])
+            if not filled or slices is None:
+                out.append(target)
+            else:
+                out += [f"{target} (expert {e}'s {part} projection)" for e, part in slices if (e, part) not in filled]
+        return out
 
 
 def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -348,6 +484,17 @@ def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tenso
             raise CheckpointError(f"{record.file} is truncated: tensor {record.name} could not be read in full")
         if converted is not None:
             converted.copy_(raw.view(source_dtype))
+
+
+def _check_finite(record: TensorRecord, dest: torch.Tensor) -> None:
+    """A float tensor read must hold no NaN or infinity (read from the file, or made by converting to a
+    narrower dtype): the model would run to NaN logits, whose argmax is token 0, silently."""
+    if not dest.is_floating_point():
+        return
+    flat = dest.detach().view(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):  # bounded temporaries: a bool per element checked
+        if not bool(torch.isfinite(flat[start : start + _FINITE_CHUNK]).all()):
+            raise CheckpointError(f"tensor {record.name} in {record.file.name} contains NaN or infinite values")
 
 
 def _check_float_record(record: TensorRecord, dest: torch.Tensor) -> None:
@@ -385,16 +532,16 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: froze
     """Fill every parameter and persistent buffer of ``model`` from the checkpoint's tensors, in place.
 
     Reads file by file in offset order. Returns the number of checkpoint tensors the model has no place for.
-    Model tensors named in ``skip`` are left unfilled (their checkpoint tensors are not read).
+    Model tensors named in ``skip`` are left unfilled (their checkpoint tensors are not read, but must fill
+    them as completely and as uniquely as if they were).
 
     Raises:
-        CheckpointError: a tensor with the wrong shape or a non-float dtype, or model tensors left unfilled.
+        CheckpointError: a tensor with the wrong shape or a non-float dtype, NaN or infinite values, two
+            tensors filling one slice of the model, a tensor of a decoder layer that has no place for it
+            (:func:`_check_unplaced`), or slices of the model left unfilled.
     """
     targets = model.state_dict(keep_vars=True)
-    names_of: dict[int, list[str]] = {}  # tied parameters share one tensor; a checkpoint holds either name
-    for name, tensor in targets.items():
-        names_of.setdefault(id(tensor), []).append(name)
-    filled = dict.fromkeys(names_of, 0)  # elements written per distinct model tensor
+    coverage = _Coverage(targets)
     ignored = 0
     scratch = torch.empty(_SCRATCH_BYTES, dtype=torch.uint8)
     by_file: dict[Path, list[TensorRecord]] = {}
@@ -406,20 +553,17 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: froze
                 for record in sorted(file_records, key=lambda r: r.offset):
                     placed = _placement(record.name, targets)
                     if placed is None:
+                        _check_unplaced(record, model.config)
                         ignored += 1
                         continue
-                    target, dest = placed
-                    if target in skip:
+                    coverage.add(record, placed)
+                    if placed.target in skip:
                         continue
-                    _check_float_record(record, dest)
+                    _check_float_record(record, placed.dest)
                     f.seek(record.offset)
-                    _read_into(record, f, dest, scratch)
-                    filled[id(targets[target])] += dest.numel()
-    missing = [
-        names_of[key][0]
-        for key, count in filled.items()
-        if count < targets[names_of[key][0]].numel() and names_of[key][0] not in skip
-    ]
+                    _read_into(record, f, placed.dest, scratch)
+                    _check_finite(record, placed.dest)
+    missing = coverage.missing()
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing tensors the model needs: {shown}")
@@ -434,7 +578,8 @@ def load_exact(targets: dict[str, torch.Tensor], records: dict[str, TensorRecord
         the number of checkpoint tensors with no target.
 
     Raises:
-        CheckpointError: a tensor with the wrong shape or dtype, or targets the checkpoint lacks.
+        CheckpointError: a tensor with the wrong shape or dtype, NaN or infinite float values, or targets the
+            checkpoint lacks.
     """
     missing = [name for name in targets if name not in records]
     if missing:
@@ -453,6 +598,7 @@ def load_exact(targets: dict[str, torch.Tensor], records: dict[str, TensorRecord
                     _check_exact_record(record, dest)
                     f.seek(record.offset)
                     _read_into(record, f, dest, scratch)
+                    _check_finite(record, dest)
     return sum(name not in targets for name in records)
 
 
@@ -598,8 +744,8 @@ def load(
             skip = frozenset(name for name in targets if name.endswith(_FUSED_EXPERT_SUFFIXES))
             for record in records.values():
                 placed = _placement(record.name, targets)
-                if placed is not None and placed[0] in skip:
-                    destinations.append(_expert_destination(record, placed[1], _check_float_record))
+                if placed is not None and placed.target in skip:
+                    destinations.append(_expert_destination(record, placed.dest, _check_float_record))
         ignored = load_weights(model, records, skip)
         _patch_layer_by_layer(model)
     else:  # moerun wrote it: patch first, give the layers their low-bit layout, fill by name
@@ -608,6 +754,9 @@ def load(
             targets = apply_plan(model, plan)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / QUANT_FILE}: {_one_line(e)}") from None
+        for name, record in records.items():
+            if name not in targets:
+                _check_unplaced(record, model.config)
         if memory_budget is not None:
             named = [name for name in records if name in targets]
             destinations = [_expert_destination(records[n], targets[n], _check_exact_record) for n in named]

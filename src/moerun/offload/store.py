@@ -15,7 +15,9 @@ faster than buffered reads and costs a tenth of their CPU time (0.05 against 0.4
 background prefetch would otherwise take from the computation. A file system without direct I/O (tmpfs)
 gets buffered ``os.preadv`` reads straight into the slot, each range dropped from the OS page cache right
 after (``posix_fadvise(DONTNEED)``); so do all reads without ``bypass_page_cache``, minus the dropping. The
-store times its reads to report the storage bandwidth.
+store times its reads to report the storage bandwidth. Each expert read is checked for NaN and infinities (a
+resident load checks every weight as it reads it), and each part of an expert must be filled by exactly one
+checkpoint range.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..layer import MoELayer
@@ -149,6 +152,34 @@ class ExpertLayout:
         return matrix_like(self.templates[0], views[:split]), matrix_like(self.templates[1], views[split:])
 
 
+def _check_tiling(pieces: list[Piece], layout: ExpertLayout, expert: str) -> None:
+    """Each part of an expert must be filled exactly once, element by element: counting elements alone would
+    take one part filled twice for two parts filled once.
+
+    Raises:
+        ValueError: some elements of a part are filled twice, or by nothing.
+    """
+    for part, (_, shape) in enumerate(layout.shapes):
+        at = 0
+        for piece in sorted((p for p in pieces if p.part == part), key=lambda p: p.start):
+            if piece.start < at:
+                raise ValueError(f"the checkpoint fills some of {expert} twice")
+            if piece.start > at:
+                raise ValueError(f"the checkpoint does not hold all of {expert}")
+            at += piece.count
+        if at != int(torch.Size(shape).numel()):
+            raise ValueError(f"the checkpoint does not hold all of {expert}")
+
+
+def _all_finite(part: torch.Tensor) -> bool:
+    """Whether a float part holds no NaN or infinity. numpy, single-threaded: on the prefetch thread a torch
+    reduction would start a second OpenMP team spinning on the cores the computation runs on."""
+    if part.dtype == torch.bfloat16:  # numpy has no bfloat16: all exponent bits set is NaN or infinity
+        exponent = part.view(torch.int16).numpy() & 0x7F80
+        return not bool((exponent == 0x7F80).any())
+    return bool(np.isfinite(part.numpy()).all())
+
+
 @dataclass
 class ReadStats:
     """Bytes read from the checkpoint and the time the reads took (all threads)."""
@@ -220,10 +251,7 @@ class ExpertStore:
                 i += 1
         for li, layer_pieces in enumerate(self.pieces):
             for e, expert_pieces in enumerate(layer_pieces):
-                covered = sum(p.count for p in expert_pieces)
-                needed = sum(int(torch.Size(s).numel()) for _, s in self.layouts[li][e].shapes)
-                if covered != needed:
-                    raise ValueError(f"the checkpoint does not hold all of expert {e} of MoE layer {li}")
+                _check_tiling(expert_pieces, self.layouts[li][e], f"expert {e} of MoE layer {li}")
                 expert_pieces.sort(key=lambda p: (p.file, p.offset))
         self.spans = [[merge_pieces(ps, _MERGE_GAP, _DIRECT_CHUNK) for ps in layer] for layer in self.pieces]
         self.stats = ReadStats()
@@ -317,6 +345,7 @@ class ExpertStore:
 
         Raises:
             OSError: the checkpoint ends before the expert does.
+            CheckpointError: the expert holds NaN or infinite values.
         """
         need = self.layouts[layer][expert].nbytes
         if slot.dtype != torch.uint8 or not slot.is_contiguous() or slot.numel() < need:
@@ -344,7 +373,24 @@ class ExpertStore:
             self.stats.seconds += seconds
             self.stats.reads += 1
             self.busy_s += seconds
+        self._check_finite(layer, expert, slot)
         return total
+
+    def _check_finite(self, layer: int, expert: int, slot: torch.Tensor) -> None:
+        """Refuse an expert read with NaN or infinite values (stored, or made by converting to the slot's dtype),
+        as the loader refuses them in resident weights. Every read is checked, not only an expert's first: a
+        single-threaded pass over the slot costs little next to the read itself."""
+        layout = self.layouts[layer][expert]
+        for index, part in enumerate(layout.views(slot)):
+            if part.is_floating_point() and not _all_finite(part):
+                from ..models.loader import CheckpointError  # here: the loader imports this module
+
+                matrix = "gate/up" if index < len(matrix_parts(layout.templates[0])) else "down"
+                files = ", ".join(sorted({p.file.name for p in self.pieces[layer][expert]}))
+                raise CheckpointError(
+                    f"expert {expert} of MoE layer {layer} ({matrix} weights, in {files}) contains NaN or "
+                    "infinite values"
+                )
 
     def drop_files_from_page_cache(self) -> None:
         """Evict every file the experts live in from the OS page cache (before a measured run)."""
