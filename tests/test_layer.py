@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,80 @@ def test_auto_backend_choice(rows_per_group: int, packed: bool, expected: str) -
     plan = make_plan(ids, torch.full((tokens, top_k), 1.0 / top_k), num_experts)
     x = torch.zeros(tokens, layer.hidden_size, dtype=torch.bfloat16)
     assert select_backend(x, plan, layer.expert_weights()) is BACKENDS[expected]
+
+
+def _output_and_grads(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output for x, and the gradients of a fixed random projection of it w.r.t. x and every
+    parameter that requires grad."""
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    inputs = {"x": x} | {name: p for name, p in layer.named_parameters() if p.requires_grad}
+    # DeepSeek's score bias only steers the choice: its gradient is zero, not part of the graph.
+    grads = torch.autograd.grad((y * probe).sum(), list(inputs.values()), allow_unused=True, materialize_grads=True)
+    return y.detach(), dict(zip(inputs, grads, strict=True))
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if b != "reference"])
+def test_gradients_match_reference(backend: str, variant: str, tokens: int) -> None:
+    """Outside no_grad every backend records gradients (not a detached output, not an out= error), and they are
+    the reference backend's."""
+    layer = make_layer(torch.float32, **VARIANTS[variant])
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
+    layer.backend = "reference"
+    want_y, want = _output_and_grads(layer, x)
+    layer.backend = backend
+    y, grads = _output_and_grads(layer, x)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(want) and "x" in grads and "gate_up" in grads and "router_weight" in grads
+    # Rounding differences scale with the largest gradient: a gradient that is zero in exact arithmetic (top-1
+    # routing normalises the weight to 1) holds only such noise.
+    atol = 1e-6 * max(g.abs().max().item() for g in want.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-4, atol=atol, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gradients_reach_inputs_of_quantized_experts(bits: int) -> None:
+    from moerun.quant.formats import QuantFormat
+
+    layer = make_layer(torch.float32, hidden_size=128, intermediate_size=64, shared_intermediate_size=64)
+    layer.quantize_experts(QuantFormat(bits, 32))
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(3))
+    layer.backend = "reference"
+    want_y, want = _output_and_grads(layer, x)
+    layer.backend = "auto"
+    y, grads = _output_and_grads(layer, x)
+    torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-5)
+    atol = 1e-6 * max(g.abs().max().item() for g in want.values())
+    for name in ("x", "router_weight", "shared_gate_up", "shared_down"):
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=atol, msg=f"gradient of {name}")
+
+
+def test_forward_outside_no_grad_without_grad_parameters_is_plain() -> None:
+    """With nothing requiring grad, a forward outside no_grad takes the usual path and records nothing."""
+    layer = make_layer(torch.float32).requires_grad_(False)
+    x = torch.randn(5, 96)
+    with torch.inference_mode():
+        want = layer(x)
+    assert not layer.records_grad(x)
+    y = layer(x)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, want)
+
+
+def test_readme_layer_example_records_gradients() -> None:
+    """The README's stand-alone layer example, run as written (outside no_grad), gives an output with a
+    gradient."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"# 3\. or use the layer on its own\n(.*?)```", readme, re.S)
+    assert block is not None, "the README's layer example moved"
+    namespace: dict = {"torch": torch, "moerun": __import__("moerun")}
+    exec(block.group(1), namespace)
+    y, layer = namespace["y"], namespace["layer"]
+    assert y.shape == (16, layer.hidden_size) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert y.requires_grad and y.grad_fn is not None
+    (grad,) = torch.autograd.grad(y.float().sum(), [layer.router_weight])
+    assert grad.abs().sum() > 0

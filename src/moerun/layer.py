@@ -16,7 +16,7 @@ from .kernels.activation import GluSpec, apply_glu
 from .kernels.experts import ExpertWeights, experts_forward, get_backend, native_supports
 from .kernels.linear import linear
 from .kernels.onednn import PackedExperts, pack_experts
-from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, quantize_weight
+from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, dequantize_matrix, quantize_weight
 from .routing import RoutingConfig, RoutingPlan, make_plan, route
 
 
@@ -48,7 +48,9 @@ class MoELayer(nn.Module):
         dtype: parameter dtype.
         device: parameter device (``"meta"`` to fill the parameters in afterwards).
 
-    Forward: x [..., H] -> [..., H], same dtype as the parameters.
+    Forward: x [..., H] -> [..., H], same dtype as the parameters. Where autograd records it (grad mode on and
+    x or a parameter requires grad) it runs differentiable torch operations only, and gradients reach x and the
+    parameters; offloaded experts refuse it.
     """
 
     def __init__(
@@ -192,9 +194,16 @@ class MoELayer(nn.Module):
             return F.linear(x.float(), self.router_weight.float(), bias)
         return F.linear(x, self.router_weight, self.router_bias)
 
+    def records_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd records a forward of x: grad mode is on and x or a parameter requires grad. Such a
+        forward runs differentiable torch operations only (no native calls, no ``out=``), so gradients are
+        never dropped."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
         """The always-on shared expert. x: [T, H] -> [T, H]."""
-        out = linear(apply_glu(linear(x, self.shared_gate_up), self.glu), self.shared_down)
+        project = _differentiable_linear if self.records_grad(x) else linear
+        out = project(apply_glu(project(x, self.shared_gate_up), self.glu), self.shared_down)
         if self.shared_gate_weight is not None:
             out = torch.sigmoid(F.linear(x, self.shared_gate_weight)) * out
         return out
@@ -203,8 +212,10 @@ class MoELayer(nn.Module):
         """Whether one token x [1, H] is routed by the native kernel (``native.route_token``): softmax top-k
         routing without router or score biases, an activation the kernel computes, and the native or auto
         backend. ``forward`` then also runs the experts in the same call where the kernel reads their weights
-        and they are not offloaded."""
+        and they are not offloaded. Never while autograd records the forward (``records_grad``)."""
         if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        if self.records_grad(x):
             return False
         return (
             self.routing.mode == "softmax_topk"
@@ -232,6 +243,11 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
         routing = self.routing
+        if self.offload is not None and self.records_grad(x):
+            raise ValueError(
+                "offloaded experts (a memory budget) run for inference only and cannot record gradients: call the "
+                "model under torch.no_grad() or torch.inference_mode()"
+            )
         if self.offload is None and self.routes_token_natively(x) and native_supports(x, self.expert_weights()):
             # Decode: router, routing and experts in one native call instead of ~25 small torch operations.
             y, _, _ = native.moe_token(
@@ -250,6 +266,11 @@ class MoELayer(nn.Module):
 
     def _add_shared(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if self.shared_gate_up is None else y + self.shared_expert(x)
+
+
+def _differentiable_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """``linear`` that autograd can follow: low-bit weights are dequantized, never run on the native kernel."""
+    return F.linear(x, dequantize_matrix(weight, x.dtype))
 
 
 def experts_from_stacks(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from ..quant.formats import Weight, dequantize_matrix
 from ..routing import RoutingPlan
@@ -140,6 +141,30 @@ def experts_reference(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> t
             o = o + w.down_bias[e].float()
         out[start:end] = o
     return combine_fp32(out, plan, w.hidden_size).to(x.dtype)
+
+
+def experts_differentiable(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:
+    """The torch backend's computation in plain differentiable operations (no ``out=``, no native calls): what
+    ``experts_forward`` runs when gradients are wanted. Low-bit experts are dequantized (gradients reach x and
+    the router weights, not the quantized values). x: [T, H] -> [T, H] in x's dtype."""
+    xs = x.index_select(0, plan.token_index)  # [S, H]
+    # Zeros, so that rows outside the groups (none in a plan make_plan built) are defined.
+    out = xs.new_zeros(plan.num_slots, w.hidden_size)  # [S, H]
+    for e, start, end in _groups(plan):
+        gate_up_bias = None if w.gate_up_bias is None else w.gate_up_bias[e].to(x.dtype)
+        down_bias = None if w.down_bias is None else w.down_bias[e].to(x.dtype)
+        h = F.linear(xs[start:end], dequantize_matrix(w.gate_up[e], x.dtype), gate_up_bias)  # [n, 2I]
+        out[start:end] = F.linear(apply_glu(h, w.glu), dequantize_matrix(w.down[e], x.dtype), down_bias)  # [n, H]
+    return combine(out, plan)
+
+
+def needs_grad(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> bool:
+    """Whether autograd records this call: grad mode is on and x, the router weights or an expert tensor
+    requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (x, plan.weights, w.gate_up, w.down, w.gate_up_bias, w.down_bias)
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _grouped_mm(
@@ -391,7 +416,8 @@ def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backen
         backend: a key of ``BACKENDS``.
 
     Returns:
-        [T, H] in x's dtype.
+        [T, H] in x's dtype. When autograd records the call (``needs_grad``), every backend but ``reference``
+        (itself differentiable) runs ``experts_differentiable`` instead, so gradients are never dropped.
     """
     fn = get_backend(backend)
     w.validate()
@@ -401,6 +427,9 @@ def experts_forward(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights, backen
         raise ValueError(f"hidden states are {x.dtype} but the expert weights are {w.float_dtype}")
     if plan.num_tokens != x.shape[0]:
         raise ValueError(f"the routing plan is for {plan.num_tokens} tokens but {x.shape[0]} were given")
+    if backend != "reference" and needs_grad(x, plan, w):
+        # The other backends write into preallocated outputs or run native code, which autograd cannot follow.
+        return experts_differentiable(x, plan, w)
     if backend == "native" and not native_supports(x, w):
         raise ValueError(
             "the native backend needs CPU bf16/fp32 inputs, contiguous weights and an AVX-512 BF16 and VNNI CPU "
