@@ -82,6 +82,10 @@ def test_fit_to_memory_scales_experts_down() -> None:
         (["--dtype", "int3"], "unknown dtype 'int3'"),
         (["--impl", "llama.cpp"], "unknown implementation"),
         (["--threads", "-2"], "--threads must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),  # as generate: 0 is not "all cores"
+        (["--budget", "nan"], "--budget must be a positive number of seconds, got nan"),
+        (["--budget", "inf"], "--budget must be a positive number of seconds, got inf"),
+        (["--budget", "0"], "--budget must be a positive number of seconds"),
         (["--json", "/nonexistent/dir/x.json"], "does not exist"),
         (["--bogus"], "No such option"),
     ],
@@ -91,6 +95,21 @@ def test_bench_bad_input(tiny_presets, capsys, args: list[str], message: str) ->
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink"])
+def test_bench_json_must_be_a_regular_file_or_new(tiny_presets, tmp_path: Path, capsys, kind: str) -> None:
+    target = tmp_path / "records.json"
+    if kind == "directory":
+        target.mkdir()
+    else:
+        (tmp_path / "elsewhere.json").write_text("keep")
+        target.symlink_to(tmp_path / "elsewhere.json")
+    args = ["bench", "--preset", "tiny-olmoe", "--tokens", "1", "--budget", "0.01", "--threads", "1"]
+    assert cli.main([*args, "--json", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {target} " in err and "Traceback" not in err and "roofline" not in err
+    assert target.is_dir() if kind == "directory" else target.is_symlink()
 
 
 def test_debug_shows_the_traceback(tiny_presets) -> None:
@@ -159,7 +178,7 @@ def _truncate_weights(path: Path) -> None:
         (None, ["--prompt", "x" * 600], "the prompt is 600 tokens, longer than the model's context of 512 tokens"),
         (None, ["--dtype", "fp16"], "unknown dtype 'fp16'"),
         (None, ["--threads", "0"], "--threads must be >= 1"),
-        (None, ["--top-p", "2"], "top_p must be in (0, 1]"),
+        (None, ["--top-p", "2"], "--top-p must be in (0, 1]"),
     ],
 )
 def test_generate_bad_input(checkpoint: Path, tmp_path: Path, capsys, damage, args: list[str], message: str) -> None:

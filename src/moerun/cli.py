@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+def _say(text: str) -> None:
+    """One line on stderr as plain text: paths and user text in it are never read as Rich markup."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _parse_tokens(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -74,21 +80,82 @@ def _text_files(text: list[Path] | None) -> list[Path]:
 
     for file in text or []:
         if not file.is_file():
-            raise UserError(f"text file {file} does not exist")
+            raise UserError(f"text file {file} {'is not a regular file' if file.exists() else 'does not exist'}")
     return text or default_eval_files()
 
 
+def _read_texts(files: list[Path], what: str = "text file") -> list[str]:
+    """The files' text, decoded as strict UTF-8: a file that is not is refused rather than read with U+FFFD."""
+    texts = []
+    for file in files:
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read {what} {file}: {e.strerror}") from None
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{what} {file} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+            ) from None
+    return texts
+
+
+def _check_model_dir(model: Path | None) -> None:
+    """Refuse a model path that names something other than a directory (load() reports a missing one)."""
+    if model is not None and model.expanduser().exists() and not model.expanduser().is_dir():
+        raise UserError(f"model {model} is not a directory; give the checkpoint's directory")
+
+
+def _check_memory_budget(memory_budget: str | None) -> None:
+    """The --memory-budget syntax, checked before any loading; its size against the experts is checked at load."""
+    from .sizes import parse_size
+
+    if memory_budget is None:
+        return
+    try:
+        parse_size(memory_budget, 1 << 50)
+    except ValueError as e:
+        raise UserError(f"--memory-budget: {e}") from None
+
+
+def _raise_budget_error(error: ValueError, memory_budget: str | None) -> None:
+    """Raise a load() error about the budget's size (too small for the model, or a percentage that rounds to 0
+    bytes) as one that names --memory-budget, not the model path load() puts first; return for any other error."""
+    if memory_budget is None:
+        return
+    message = str(error)
+    head, marker, rest = message.rpartition("memory budget ")
+    if marker and (not head or head.endswith(": ")):
+        raise UserError(f"--memory-budget {memory_budget}: {rest}") from None
+    head, marker, rest = message.rpartition(f"size {memory_budget!r} ")
+    if marker and (not head or head.endswith(": ")):
+        raise UserError(f"--memory-budget: {marker}{rest}") from None
+
+
+def _check_destination(path: Path | None, option: str = "--json") -> None:
+    """Refuse an output path whose directory does not exist, or that exists and is not a regular file (a
+    directory, a device such as /dev/null, a symbolic link), before any work is done: the file is replaced whole."""
+    if path is None:
+        return
+    full = path.expanduser()
+    if full.is_symlink():
+        raise UserError(f"{option} {path} is a symbolic link; give the path of a regular file or a new one")
+    if full.exists() and not full.is_file():
+        raise UserError(f"{option} {path} exists and is not a regular file; give a regular file or a new path")
+    if not full.parent.is_dir():
+        raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
+
+
 def _check_json_destination(json_path: Path | None) -> None:
-    """Refuse a --json path whose directory does not exist before any work is done."""
-    if json_path is not None and not json_path.expanduser().parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    """Refuse a --json path that cannot be replaced whole (see ``_check_destination``) before any work is done."""
+    _check_destination(json_path, "--json")
 
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place when complete."""
-    path = path.expanduser()
     _check_json_destination(path)
-    with file_written_whole(path) as f:
+    with file_written_whole(path.expanduser()) as f:
         json.dump(data, f, indent=2)
 
 
@@ -156,6 +223,10 @@ def bench(
     bit_widths = _parse_bits(bits)
     if group_size not in (32, 64, 128):
         raise UserError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if threads is not None and threads < 1:  # before `threads or cpu_count`, which would read 0 as all cores
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise UserError(f"--budget must be a positive number of seconds, got {budget}")
     offload = memory_budget is not None or sweep_memory
     if model is None and (offload or plot is not None):
         raise UserError("--memory-budget, --sweep-memory and --plot need --model")
@@ -195,13 +266,9 @@ def bench(
     impls = tuple(i for i in impls if i not in unavailable)
     token_counts = _parse_tokens(tokens)
     threads = threads or os.cpu_count() or 1
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
-    if budget <= 0:
-        raise UserError(f"--budget must be positive, got {budget}")
     _check_json_destination(json_path)
     for name, why in unavailable.items():
-        console.print(f"[yellow]note[/] {name} left out: {why}")
+        console.print(f"[yellow]note[/] {escape(f'{name} left out: {why}')}")
 
     with console.status(f"measuring this machine's roofline ({threads} threads)..."):
         roofline = load_or_measure_roofline(threads, remeasure=remeasure)
@@ -213,7 +280,7 @@ def bench(
     records = []
     total = len(presets) * len(token_counts)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console, transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task("building layer", total=total)
@@ -228,11 +295,11 @@ def bench(
                 done_cases.add((record.preset, record.tokens))
                 progress.advance(task)
     for note in dict.fromkeys(f"{r.preset}: {r.note}" for r in records if r.note):
-        console.print(f"[yellow]note[/] {note}")
+        console.print(f"[yellow]note[/] {escape(note)}")
     print_bench_table(records)
     if json_path is not None:
         write_json_atomic(json_path, record_dicts(records))
-        console.print(f"wrote {len(records)} records to {json_path}")
+        _say(f"wrote {len(records)} records to {json_path}")
 
 
 def _layer_perf_model(presets: list[str], dtype: str, bits: tuple[int, ...], group_size: int, threads: int, roofline):
@@ -315,7 +382,7 @@ def _bench_model(
         raise UserError(f"--decode-tokens must be >= 1, got {decode_tokens}")
     _check_json_destination(json_path)
     with Progress(
-        TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("{task.description}", markup=False), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip
         task = progress.add_task("starting")
         records = list(
@@ -329,11 +396,11 @@ def _bench_model(
         )  # fmt: skip
     for r in records:
         if r.note:
-            console.print(f"[yellow]note[/] {r.impl}: {r.note}")
+            console.print(f"[yellow]note[/] {escape(f'{r.impl}: {r.note}')}")
     print_model_table(records)
     if json_path is not None:
         write_json_atomic(json_path, record_dicts(records))
-        console.print(f"wrote {len(records)} records to {json_path}")
+        _say(f"wrote {len(records)} records to {json_path}")
 
 
 def _whole_model_perf(threads: int, dtype: str):
@@ -349,7 +416,7 @@ def print_model_table(records: list) -> None:
     base = next((r for r in records if r.impl == "hf-grouped_mm"), None)
     first = records[0]
     table = Table(
-        title=f"{first.model}, {first.dtype}, {first.threads} threads: {first.prompt_tokens}-token prompt, "
+        title=f"{escape(first.model)}, {first.dtype}, {first.threads} threads: {first.prompt_tokens}-token prompt, "
         f"{first.decode_tokens} decode steps, median of {first.rounds} alternating rounds"
     )
     columns = (
@@ -399,7 +466,6 @@ def _bench_offload(
     from .offload.cache import POLICIES
     from .perf.bench import DTYPES
     from .perf.offload_bench import ON_DEMAND_LRU, Setup, plot_sweep, record_dicts, run_memory_sweep, run_offload_bench
-    from .sizes import parse_size
 
     sweep = memory_budget is None
     if impl:
@@ -410,11 +476,7 @@ def _bench_offload(
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if cache_policy not in POLICIES:
         raise UserError(f"unknown --cache-policy {cache_policy!r}; choose from {', '.join(POLICIES)}")
-    if not sweep:
-        try:
-            parse_size(memory_budget, 1 << 50)  # the syntax, before a long conversion; the size is checked at load
-        except ValueError as e:
-            raise UserError(f"--memory-budget: {e}") from None
+    _check_memory_budget(memory_budget)  # the syntax, before a long conversion; the size is checked at load
     threads = threads or os.cpu_count() or 1
     for name, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens),
                         ("--rounds", rounds)):  # fmt: skip
@@ -422,9 +484,8 @@ def _bench_offload(
             raise UserError(f"{name} must be >= 1, got {value}")
     if sweep:
         plot = plot or (json_path.with_suffix(".png") if json_path is not None else Path("memory-sweep.png"))
-    for path in (json_path, plot):
-        if path is not None and not path.expanduser().parent.is_dir():
-            raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
+    _check_destination(json_path, "--json")
+    _check_destination(plot, "--plot")
     setup = Setup(cache_policy, prefetch)
     options = dict(
         dtype_name=dtype, threads=threads, bits=bits[0], group_size=group_size, prompt_tokens=prompt_tokens,
@@ -433,7 +494,7 @@ def _bench_offload(
     with console.status("measuring fixed overheads (once per host)..."):
         options["perf_model"] = _whole_model_perf(threads, dtype)
     with Progress(
-        TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("{task.description}", markup=False), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip
         task = progress.add_task("starting")
 
@@ -444,18 +505,22 @@ def _bench_offload(
             records = run_memory_sweep(model, setup, on_step=step, **options)
         else:
             setups = list(dict.fromkeys([ON_DEMAND_LRU, setup]))
-            records = run_offload_bench(model, [memory_budget], setups, on_step=step, **options)
+            try:
+                records = run_offload_bench(model, [memory_budget], setups, on_step=step, **options)
+            except ValueError as e:
+                _raise_budget_error(e, memory_budget)
+                raise
     print_offload_table(records)
     if not sweep:
         for r in records:
-            console.print(f"{r.setup} at {r.budget}, decode steps of all {r.rounds} rounds:", highlight=False)
+            _say(f"{r.setup} at {r.budget}, decode steps of all {r.rounds} rounds:")
             print_cache_report(r.cache_report())
     if json_path is not None:
         write_json_atomic(json_path, record_dicts(records))
-        console.print(f"wrote {len(records)} records to {json_path}")
+        _say(f"wrote {len(records)} records to {json_path}")
     if sweep:
         plot_sweep(records, plot.expanduser())
-        console.print(f"wrote {plot}")
+        _say(f"wrote {plot}")
 
 
 def print_offload_table(records: list) -> None:
@@ -464,8 +529,9 @@ def print_offload_table(records: list) -> None:
 
     first = records[0]
     base = {r.budget: r.decode_tokens_per_s for r in records if r.setup == ON_DEMAND_LRU.label}
+    weights = "bf16" if first.bits == 16 else f"int{first.bits}"
     table = Table(
-        title=f"{first.model} ({'bf16' if first.bits == 16 else f'int{first.bits}'}), experts read from storage: "
+        title=f"{escape(first.model)} ({weights}), experts read from storage: "
         f"{first.prompt_tokens}-token prompt, {first.decode_tokens} decode steps, {first.threads} threads, "
         f"median of {first.rounds} alternating rounds"
     )
@@ -567,14 +633,14 @@ def tune(
     if json_path is not None:
         records = [{"case": r.key, "label": r.label, "times_ms": r.times_ms, "winner": r.winner} for r in results]
         write_json_atomic(json_path, records)
-        console.print(f"wrote {len(records)} cases to {json_path}")
+        _say(f"wrote {len(records)} cases to {json_path}")
 
 
 def print_tune_table(results: list) -> None:
     """Each case's winner, its time and its margin over the runner-up."""
     from .kernels.tuning import default_table_path
 
-    table = Table(title=f"fastest implementation per case on this host (cached in {default_table_path()})")
+    table = Table(title=f"fastest implementation per case on this host (cached in {escape(str(default_table_path()))})")
     for column in ("case", "winner", "ms", "runner-up", "margin"):
         table.add_column(column, justify="left" if column in ("case", "winner", "runner-up") else "right")
     for r in results:
@@ -606,6 +672,16 @@ def generate(
     """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
     from .generate import generate as run_generation
 
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 for greedy decoding), got {temperature}")
+    if not 0 < top_p <= 1:  # nan fails both comparisons
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes the shell's locale could not decode arrive as lone surrogates
+        raise UserError(f"--prompt is not valid UTF-8 text: undecodable bytes at character {e.start}") from None
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="a text prompt", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
@@ -651,12 +727,12 @@ def eval_(
     from .eval import evaluate
 
     files = _text_files(text)
+    texts = _read_texts(files)
     _check_json_destination(json_path)
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="evaluation", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
     )  # fmt: skip
-    texts = [file.read_text(errors="replace") for file in files]
     with console.status(f"scoring {len(files)} file(s)..."):
         result = evaluate(loaded, texts, context=context)
     print(
@@ -671,7 +747,7 @@ def eval_(
         if loaded.cache is not None:
             record["expert_cache"] = loaded.cache.report()
         write_json_atomic(json_path, record)
-        console.print(f"wrote {json_path}")
+        _say(f"wrote {json_path}")
 
 
 @app.command("routing-stats")
@@ -700,10 +776,12 @@ def routing_stats_(
     With --memory-budget, the text is also decoded token by token through moerun's own expert cache, whose
     measured hit rates follow."""
     from .eval import join_tokens
+    from .generate import default_runner
     from .models.quantized import moe_layers
     from .offload.routing_stats import collect_routing, default_cache_sizes, replay_decode, routing_stats
 
     files = _text_files(text)
+    texts = _read_texts(files)
     if cache_size and min(cache_size) < 1:
         raise UserError(f"--cache-size must be >= 1 expert, got {min(cache_size)}")
     for name, value in (("--segment", segment), ("--max-tokens", max_tokens)):
@@ -719,7 +797,7 @@ def routing_stats_(
     sizes = list(dict.fromkeys(cache_size or default_cache_sizes(top_k, num_experts)))
     if max(sizes) > num_experts:
         raise UserError(f"--cache-size {max(sizes)} is more than the {num_experts} experts of a layer")
-    ids = join_tokens([file.read_text(errors="replace") for file in files], loaded.tokenizer)[:max_tokens]
+    ids = join_tokens(texts, loaded.tokenizer)[:max_tokens]
     if not ids:
         raise UserError("the text files hold no tokens")
     with console.status(f"routing {len(ids):,} tokens..."):
@@ -730,7 +808,8 @@ def routing_stats_(
     if loaded.cache is not None:
         loaded.cache.reset_stats()
         with console.status(f"decoding {len(ids):,} tokens through the expert cache..."):
-            replay_decode(loaded.model, ids, min(loaded.max_seq_len, 1024))
+            context = min(loaded.max_seq_len, 1024)
+            replay_decode(default_runner(loaded.model, context), ids, context)
             loaded.cache.wait()
         print_cache_report(loaded.cache.report())
     if json_path is not None:
@@ -738,7 +817,7 @@ def routing_stats_(
         if loaded.cache is not None:
             record["expert_cache"] = loaded.cache.report()
         write_json_atomic(json_path, record)
-        console.print(f"wrote {json_path}")
+        _say(f"wrote {json_path}")
 
 
 def print_routing_table(stats) -> None:
@@ -804,23 +883,33 @@ def quantize(
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if bits not in (8, 4) or (dense_bits is not None and dense_bits not in (16, 8, 4)):
         raise UserError(f"--bits must be 8 or 4 (and --dense-bits 16, 8 or 4), got {bits} / {dense_bits}")
+    if group_size not in (32, 64, 128):  # whatever --bits is: int4 experts of a --memory-budget plan use it too
+        raise UserError(f"--group-size must be 32, 64 or 128 (the int4 group size), got {group_size}")
+    _check_memory_budget(memory_budget)
     for file in calibration or []:
         if not file.is_file():
             raise UserError(f"calibration file {file} does not exist")
+    _read_texts(calibration or [], "calibration file")
+    _check_model_dir(src)
     config = QuantConfig(bits, group_size, not asymmetric, dense_bits)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("{task.description}", markup=False), BarColumn(), TimeElapsedColumn(), console=console,
+        transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task("loading the model", total=None)
 
         def step(text: str) -> None:
             progress.update(task, description=text)
-            progress.console.print(text, highlight=False)
+            progress.console.print(text, markup=False, highlight=False)
 
-        summary = quantize_checkpoint(
-            src, dst, config, memory_budget=memory_budget, calibration_files=calibration, dtype=dtype,
-            progress=step,
-        )  # fmt: skip
+        try:
+            summary = quantize_checkpoint(
+                src, dst, config, memory_budget=memory_budget, calibration_files=calibration, dtype=dtype,
+                progress=step,
+            )  # fmt: skip
+        except ValueError as e:
+            _raise_budget_error(e, memory_budget)
+            raise
     counts: dict[str, int] = {}
     for formats in summary["plan"]["experts"].values():
         for name in formats:
@@ -840,7 +929,7 @@ def torch_threads() -> int:
 
 def _tuning_progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console, transient=True,
     )  # fmt: skip
 
@@ -902,28 +991,30 @@ def _load_model(
         raise UserError(f"unknown --cache-policy {cache_policy!r}; choose from {', '.join(POLICIES)}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
+    _check_memory_budget(memory_budget)
+    _check_model_dir(model)
     path = default_model_dir() if model is None else model.expanduser()
     if path.is_dir() and not has_tokenizer(path):  # checked before the weights are read; load() reports the rest
         raise UserError(f"{path} has no tokenizer files; {needs_tokenizer_for} needs one")
     with console.status("loading the model..."):
-        loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch)
+        try:
+            loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch)
+        except ValueError as e:
+            _raise_budget_error(e, memory_budget)
+            raise
     s = loaded.stats
     added = s.peak_rss_bytes - s.rss_before_bytes
-    console.print(
+    _say(
         f"loaded {loaded.path} ({SUPPORTED_MODEL_TYPES[loaded.config.model_type]}, {_format_bytes(s.model_bytes)} "
         f"{dtype}) in {s.seconds:.1f} s; memory added at the peak: {_format_bytes(added)} "
-        f"({s.peak_over_model:.2f}x the model)",
-        highlight=False,
-        soft_wrap=True,
+        f"({s.peak_over_model:.2f}x the model)"
     )
     tune_on_first_use(loaded.model, torch_threads())
     if loaded.cache is not None:
         c = loaded.cache
-        console.print(
+        _say(
             f"routed experts stay in {loaded.path}: cache of {_format_bytes(c.budget_bytes)} ({c.num_slots} experts), "
-            f"policy {c.policy.name}, prefetch {'on' if prefetch else 'off'}",
-            highlight=False,
-            soft_wrap=True,
+            f"policy {c.policy.name}, prefetch {'on' if prefetch else 'off'}"
         )
     return loaded
 
@@ -978,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True, markup=True, highlight=False)
         return 2
     return 0
 

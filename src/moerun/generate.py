@@ -24,10 +24,11 @@ STOP_REASONS = ("eos", "max_new_tokens", "context")
 _DECODE_CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the output so its first word keeps its leading space
 
 
-def default_runner(model: nn.Module) -> Runner:
-    """The lean runner where it covers the model's family and configuration, else :class:`HFRunner`."""
+def default_runner(model: nn.Module, max_seq_len: int | None = None) -> Runner:
+    """The lean runner where it covers the model's family and configuration (its KV cache sized for
+    ``max_seq_len`` tokens, default the model's context), else :class:`HFRunner`."""
     try:
-        return make_lean_runner(model)
+        return make_lean_runner(model, max_seq_len)
     except NotImplementedError:
         return HFRunner(model)
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..layer import MoELayer
+from ..models.lean import Runner
 from ..models.loader import LoadedModel
 from ..models.quantized import moe_layers
 from ..routing import route
@@ -242,12 +243,10 @@ def routing_stats(
     return RoutingStats(tokens, num_experts, top_k, segment, list(cache_sizes), layers)
 
 
-def replay_decode(model: nn.Module, token_ids: Sequence[int], context: int) -> None:
-    """Run the tokens through the model one decode step at a time (the lean runner, teacher-forced), in
-    windows of ``context`` tokens: the access pattern of generation, for measuring an expert cache on text."""
-    from ..models.lean import make_lean_runner
-
-    runner = make_lean_runner(model, max_seq_len=context)
+def replay_decode(runner: Runner, token_ids: Sequence[int], context: int) -> None:
+    """Run the tokens through ``runner`` one decode step at a time (teacher-forced), in windows of ``context``
+    tokens: the access pattern of generation, for measuring an expert cache on text. The runner must hold
+    ``context`` tokens."""
     for start in range(0, len(token_ids), context):
         window = list(token_ids[start : start + context])
         runner.reset()

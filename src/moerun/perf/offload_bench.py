@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 from ..files import cache_directory, directory_written_whole, file_written_whole
+from ..generate import default_runner
 from ..models.convert import quantize_checkpoint, save_quantized
 from ..models.hf import patch
-from ..models.lean import make_lean_runner
 from ..models.loader import (
     CheckpointError,
     load,
@@ -241,7 +241,7 @@ def _run_once(
     loaded = load(path, dtype, threads, budget, setup.policy, setup.prefetch)
     cache = loaded.cache
     try:
-        runner = make_lean_runner(loaded.model, prompt.numel() + decode_tokens)
+        runner = default_runner(loaded.model, prompt.numel() + decode_tokens)
         cache.store.drop_files_from_page_cache()
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
