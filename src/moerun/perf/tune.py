@@ -87,7 +87,12 @@ def _experts_cases(layer: MoELayer, threads: int, max_tokens: int) -> list[CaseS
     return cases
 
 
-def _linear_cases(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, threads: int) -> list[CaseSpec]:
+def _linear_cases(
+    weight: torch.Tensor | QuantizedWeight,
+    dtype: torch.dtype,
+    threads: int,
+    rows_buckets: tuple[int, ...] = LINEAR_ROWS,
+) -> list[CaseSpec]:
     fmt = tuning.format_key(weight)
     shape = tuple(weight.shape)
     return [
@@ -96,13 +101,13 @@ def _linear_cases(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, th
             f"linear {fmt} {shape[0]}x{shape[1]}, {rows} rows",
             lambda rows=rows: measure.measure_linear(weight, dtype, rows, threads),
         )
-        for rows in LINEAR_ROWS
+        for rows in rows_buckets
     ]
 
 
 def dense_matrices(model: nn.Module) -> list[torch.Tensor | QuantizedWeight]:
     """One matrix of each distinct (format, shape) the lean runner multiplies outside the routed experts:
-    stacked q/k/v, o, shared-expert gate/up and down, the output head."""
+    stacked q/k/v, o, shared-expert gate/up and down (the output head is ``output_head``)."""
     found: dict[tuple, torch.Tensor | QuantizedWeight] = {}
 
     def add(w: torch.Tensor | QuantizedWeight | Callable[[], torch.Tensor | QuantizedWeight]) -> None:
@@ -126,10 +131,16 @@ def dense_matrices(model: nn.Module) -> list[torch.Tensor | QuantizedWeight]:
         if isinstance(mlp, MoELayer) and mlp.shared_gate_up is not None:
             add(mlp.shared_gate_up)
             add(mlp.shared_down)
-    head = getattr(model, "lm_head", None)
-    if head is not None and hasattr(head, "weight"):
-        add(head.weight)
     return list(found.values())
+
+
+def output_head(model: nn.Module) -> torch.Tensor | QuantizedWeight | None:
+    """The output head's matrix, which prefill and decode alike run on one row."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return None
+    return weight.detach() if isinstance(weight, torch.Tensor) else weight
 
 
 def moe_layer_views(model: nn.Module) -> list[MoELayer]:
@@ -159,7 +170,10 @@ def model_cases(model: nn.Module, threads: int, max_tokens: int = MAX_PROMPT_TOK
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     for weight in dense_matrices(model):
         cases += _linear_cases(weight, dtype, threads)
-    return cases
+    head = output_head(model)
+    if head is not None:
+        cases += _linear_cases(head, dtype, threads, rows_buckets=(1,))
+    return [c for i, c in enumerate(cases) if c.key not in {d.key for d in cases[:i]}]
 
 
 def preset_cases(preset: str, dtype_name: str, bits: tuple[int, ...], group_size: int, threads: int) -> list[CaseSpec]:
