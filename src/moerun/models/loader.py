@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
 from .hf import SUPPORTED_BLOCKS, patch
@@ -74,7 +75,6 @@ _SAFETENSORS_DTYPES = {
 }
 _FLOAT_SOURCES = ("F64", "F32", "F16", "BF16")
 _SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this size
-_FINITE_CHUNK = 4 << 20  # elements checked for NaN / infinity at a time
 
 # Checkpoints store routed experts one by one; transformers (>= 5) fuses them into experts.gate_up_proj
 # [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]. Mixtral names the projections
@@ -489,12 +489,8 @@ def _read_into(record: TensorRecord, f, dest: torch.Tensor, scratch: torch.Tenso
 def _check_finite(record: TensorRecord, dest: torch.Tensor) -> None:
     """A float tensor read must hold no NaN or infinity (read from the file, or made by converting to a
     narrower dtype): the model would run to NaN logits, whose argmax is token 0, silently."""
-    if not dest.is_floating_point():
-        return
-    flat = dest.detach().view(-1)
-    for start in range(0, flat.numel(), _FINITE_CHUNK):  # bounded temporaries: a bool per element checked
-        if not bool(torch.isfinite(flat[start : start + _FINITE_CHUNK]).all()):
-            raise CheckpointError(f"tensor {record.name} in {record.file.name} contains NaN or infinite values")
+    if dest.is_floating_point() and not all_finite(dest):
+        raise CheckpointError(f"tensor {record.name} in {record.file.name} contains NaN or infinite values")
 
 
 def _check_float_record(record: TensorRecord, dest: torch.Tensor) -> None:

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..kernels.finite import all_finite
 from ..layer import MoELayer
 from ..quant.formats import QuantizedWeight
 
@@ -169,15 +169,6 @@ def _check_tiling(pieces: list[Piece], layout: ExpertLayout, expert: str) -> Non
             at += piece.count
         if at != int(torch.Size(shape).numel()):
             raise ValueError(f"the checkpoint does not hold all of {expert}")
-
-
-def _all_finite(part: torch.Tensor) -> bool:
-    """Whether a float part holds no NaN or infinity. numpy, single-threaded: on the prefetch thread a torch
-    reduction would start a second OpenMP team spinning on the cores the computation runs on."""
-    if part.dtype == torch.bfloat16:  # numpy has no bfloat16: all exponent bits set is NaN or infinity
-        exponent = part.view(torch.int16).numpy() & 0x7F80
-        return not bool((exponent == 0x7F80).any())
-    return bool(np.isfinite(part.numpy()).all())
 
 
 @dataclass
@@ -382,7 +373,7 @@ class ExpertStore:
         single-threaded pass over the slot costs little next to the read itself."""
         layout = self.layouts[layer][expert]
         for index, part in enumerate(layout.views(slot)):
-            if part.is_floating_point() and not _all_finite(part):
+            if part.is_floating_point() and not all_finite(part):
                 from ..models.loader import CheckpointError  # here: the loader imports this module
 
                 matrix = "gate/up" if index < len(matrix_parts(layout.templates[0])) else "down"
