@@ -16,7 +16,7 @@ from moerun.perf.roofline import Roofline
 
 ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
 OVERHEADS = Overheads(moe_call_ms=0.5, decode_layer_ms=0.25, decode_step_ms=1.0, prefill_layer_ms=2.0,
-                      attention_gflops=20.0)  # fmt: skip
+                      attention_gflops=20.0, expert_miss_ms=0.3)  # fmt: skip
 SHAPE = ModelShape(num_layers=2, hidden=64, intermediate=32, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, vocab=100)  # fmt: skip
 PLAN = FormatPlan.of(torch.bfloat16)
@@ -71,8 +71,9 @@ def test_decode_step_adds_layers_head_and_misses() -> None:
     expected = 2 * (0.1 + 0.1 + layer + 0.25 + kv_s * 1e3) + 0.1 + 1.0
     assert resident.ms == pytest.approx(expected)
     offloaded = model.decode_step(SHAPE, PLAN, position=10, hit_rate=0.75, storage_gbps=1.0)
-    misses = 2 * 2 * 0.25 * (3 * 32 * 64 * 2) / 1e9 * 1e3
-    assert offloaded.ms - resident.ms == pytest.approx(misses)
+    misses = 2 * 2 * 0.25  # layers x k x miss rate
+    assert offloaded.ms - resident.ms == pytest.approx(misses * ((3 * 32 * 64 * 2) / 1e9 * 1e3 + 0.3))
+    assert offloaded.parts["expert misses"] == pytest.approx(misses * 0.3)
     with pytest.raises(ValueError, match="storage read bandwidth"):
         model.decode_step(SHAPE, PLAN, hit_rate=0.5)
 
@@ -85,6 +86,11 @@ def test_prefill_grows_with_the_prompt_and_reads_uncached_experts() -> None:
     offloaded = model.prefill(SHAPE, PLAN, 16, cached_experts=2, storage_gbps=1.0)
     touched = expected_groups(8, 2, 16)
     assert offloaded.parts["expert reads"] == pytest.approx(2 * touched * 0.75 * 3 * 32 * 64 * 2 / 1e9 * 1e3)
+    assert offloaded.parts["expert misses"] == pytest.approx(2 * touched * 0.75 * 0.3)
+    # Right after a load the cache is empty: every expert the prompt touches is read, whatever the budget.
+    cold = model.prefill(SHAPE, PLAN, 16, cached_experts=0, storage_gbps=1.0)
+    assert cold.parts["expert misses"] == pytest.approx(2 * touched * 0.3)
+    assert "expert reads" not in model.prefill(SHAPE, PLAN, 16, cached_experts=8, storage_gbps=1.0).parts
 
 
 def test_decode_uses_the_native_matrix_vector_time_where_the_kernel_runs() -> None:
@@ -140,8 +146,10 @@ def test_overheads_are_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch,
     assert calls == [3, 3]
 
 
-def test_measured_overheads_are_finite_and_not_negative() -> None:
+def test_measured_overheads_are_finite_and_not_negative(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOERUN_CACHE_DIR", str(tmp_path))  # the miss probe's checkpoint goes there, then away
     overheads = predict.measure_overheads(1, reps=3)
+    assert list(tmp_path.iterdir()) == []
     for name, value in overheads.to_dict().items():
         assert math.isfinite(value) and value >= 0, name
     assert overheads.attention_gflops > 0

@@ -394,8 +394,8 @@ def _with_prediction(record: OffloadRecord, perf_model: PerfModel, shape: ModelS
     position = record.prompt_tokens + record.decode_tokens // 2
     hit_rate = record.hit_rate if storage else 1.0
     step_ms = perf_model.decode_step(shape, plan, position, hit_rate, storage).ms
-    cached = record.slots // shape.num_layers if storage else None
-    prefill_ms = perf_model.prefill(shape, plan, record.prompt_tokens, cached, storage).ms
+    # Every round loads afresh: the prompt finds the cache empty.
+    prefill_ms = perf_model.prefill(shape, plan, record.prompt_tokens, 0 if storage else None, storage).ms
     decode = 1e3 / step_ms
     prefill = record.prompt_tokens / prefill_ms * 1e3
     prefill_measured = record.prompt_tokens / record.ttft_ms * 1e3

@@ -11,7 +11,8 @@ Every term comes from a measurement on this host, none from a run of the thing p
 - **overheads** (:func:`measure_overheads`), fitted on a tiny model of the same code path whose kernels are
   timed separately: the fixed cost of an MoE layer call (routing, plan, combine), of a decoder layer
   outside its matrices (norms, RoPE, cache writes, attention ops), and of a step outside its layers;
-  and the attention's GFLOP/s.
+  and the attention's GFLOP/s; and what an expert cache miss costs beyond its read (on a tiny model read
+  from disk).
 
 An MoE layer of E experts and top-k at T tokens routes each expert r ~ Binomial(T, k/E) rows (uniform
 routing; E (1 - (1 - k/E)^T) experts receive any on average):
@@ -21,10 +22,11 @@ routing; E (1 - (1 - k/E)^T) experts receive any on average):
 A decode step at position p (``hit_rate`` < 1 with experts offloaded adds the reads that miss):
 
     step = sum over layers [qkv(1) + o(1) + layer(1) + layer_fixed + 2 p Hkv D b / BW
-                            + k (1 - hit) expert_bytes / storage_BW] + head(1) + step_fixed
+                            + k (1 - hit) (expert_bytes / storage_BW + miss)] + head(1) + step_fixed
 
 A prefill of T tokens: per layer qkv(T) + o(T) + layer(T) + layer_fixed + causal attention FLOPs / rate
-+ elementwise passes over [T, H] / BW, plus the output head on one row.
++ elementwise passes over [T, H] / BW, plus the output head on one row; offloaded, each expert the prompt
+touches that is not cached is read as a miss.
 
 Shape legend: T tokens, k experts per token, E experts, G distinct experts, H hidden, I expert
 intermediate, D head dim, b bytes per value.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -170,6 +173,7 @@ class Overheads:
     decode_step_ms: float
     prefill_layer_ms: float
     attention_gflops: float
+    expert_miss_ms: float  # an expert cache miss beyond its read: lookup, eviction, slot and thread handoffs
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -312,6 +316,7 @@ class PerfModel:
                 expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
                 misses = shape.top_k * (1.0 - hit_rate)
                 pred.add("expert reads", misses * expert_bytes / (storage_gbps * 1e9) * 1e3)
+                pred.add("expert misses", misses * self.overheads.expert_miss_ms)
         pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred, decode=True))
         pred.add("step fixed", self.overheads.decode_step_ms)
         return pred
@@ -325,8 +330,8 @@ class PerfModel:
         storage_gbps: float | None = None,
     ) -> Prediction:
         """A ``tokens``-token prompt from an empty sequence, up to the first token's logits. With experts
-        offloaded, ``cached_experts`` per layer are assumed resident and the rest of those the prompt touches
-        are read at ``storage_gbps``."""
+        offloaded, ``cached_experts`` of a layer's experts are in the cache when the prompt starts (0 right
+        after a load) and the rest of those the prompt touches are read at ``storage_gbps``."""
         pred = Prediction(0.0)
         h, dtype = shape.hidden, plan.dtype
         for _ in range(shape.num_layers):
@@ -339,13 +344,14 @@ class PerfModel:
             pred.add("attention", flops / (self.overheads.attention_gflops * 1e9) * 1e3)
             passes = (_HIDDEN_PASSES * h + _QKV_PASSES * shape.qkv_rows) * tokens * dtype.itemsize
             pred.add("elementwise", passes / (self.roofline.read_gbps * 1e9) * 1e3)
-            if cached_experts is not None and cached_experts < shape.num_experts:
+            if cached_experts is not None and cached_experts < shape.num_experts:  # offloaded
                 if not storage_gbps:
                     raise ValueError("predicting offloaded experts needs the storage read bandwidth")
                 touched = expected_groups(shape.num_experts, shape.top_k, tokens)
                 reads = touched * (1.0 - cached_experts / shape.num_experts)
                 expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
                 pred.add("expert reads", reads * expert_bytes / (storage_gbps * 1e9) * 1e3)
+                pred.add("expert misses", reads * self.overheads.expert_miss_ms)
         pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred))
         pred.add("step fixed", self.overheads.decode_step_ms)
         return pred
@@ -403,11 +409,65 @@ def _runner_times(layers: int, dtype: torch.dtype, reps: int) -> tuple[float, fl
     return (steps_ms - first_ms) / 16, prefill_ms, model
 
 
+def _save_quietly(model: nn.Module, directory: str) -> None:
+    """save_pretrained without transformers' progress bar (it would flash by inside a status line)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _decode_ms_and_misses(runner, cache, ids: torch.Tensor) -> tuple[float, int, float]:
+    """(ms, expert misses, seconds in reads) of decoding ``ids`` one token at a time after a reset."""
+    runner.reset()
+    runner.prefill(ids[:1])
+    cache.reset_stats()
+    read_before = cache.store.stats.seconds
+    start = time.perf_counter()
+    for token in ids[1:].tolist():
+        runner.decode(token)
+    ms = (time.perf_counter() - start) * 1e3
+    misses = sum(s.accesses - s.hits for s in cache.stats)
+    return ms, misses, cache.store.stats.seconds - read_before
+
+
+def _expert_miss_ms(dtype: torch.dtype, reps: int) -> float:
+    """What an expert cache miss costs beyond its read, on a tiny 2-layer OLMoE saved to disk: decoding with
+    a cache of one layer's selected experts (on-demand LRU, no prefetch) against all experts cached, less the
+    seconds spent in reads, per miss."""
+    from ..files import cache_directory
+    from ..models.lean import LeanRunner
+    from ..models.loader import load
+
+    ids = torch.randint(_TINY["vocab_size"], (65,), generator=torch.Generator().manual_seed(0))
+    directory = cache_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".miss-probe-", dir=directory) as tmp:
+        _save_quietly(_tiny_model(2, dtype), tmp)
+        budgets = {"all": "100%", "few": f"{_TINY['num_experts_per_tok'] / (2 * _TINY['num_experts']):.0%}"}
+        runs = {}
+        for name, budget in budgets.items():
+            loaded = load(tmp, dtype, None, budget, "lru", prefetch=False)
+            runner = LeanRunner(loaded.model, 128)
+            _decode_ms_and_misses(runner, loaded.cache, ids)  # warm-up: the full cache fills here
+            runs[name] = [_decode_ms_and_misses(runner, loaded.cache, ids) for _ in range(reps)]
+    all_ms = statistics.median(ms for ms, _, _ in runs["all"])
+    per_miss = [(ms - all_ms - read_s * 1e3) / misses for ms, misses, read_s in runs["few"] if misses]
+    return max(statistics.median(per_miss), 0.0) if per_miss else 0.0
+
+
 def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: int = 15) -> Overheads:
-    """Fit the fixed costs on tiny OLMoE models of 1 and 3 layers (about 5 s).
+    """Fit the fixed costs on tiny OLMoE models of 1 and 3 layers, and of an expert cache miss on a 2-layer
+    one read from disk (about 10 s).
 
     A layer's fixed decode cost is the per-layer slope of the step time less the tiny layer's own matrices
-    (q/k/v, o and its MoE layer, each timed alone); the step's is the intercept less the tiny head.
+    (q/k/v, o and its MoE layer, each timed alone); the step's is the intercept less the tiny head; a miss's
+    is ``_expert_miss_ms``.
     """
     from ..models.hf import layer_from_hf_block
 
@@ -435,6 +495,7 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
             groups = min(measure.measure_experts(layer.expert_weights(), dtype, 1, threads, groups=top_k).values())
             q = torch.randn(1, 8, 256, 64).to(dtype)
             attention_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 10)
+            expert_miss = _expert_miss_ms(dtype, reps=5)
     finally:
         torch.set_num_threads(previous)
     moe_call = max(moe_decode - top_k * groups, 0.0)
@@ -451,6 +512,7 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
         decode_step_ms=max(decode_step, 0.0),
         prefill_layer_ms=max(prefill_layer, 0.0),
         attention_gflops=attention_gflops,
+        expert_miss_ms=expert_miss,
     )
 
 
