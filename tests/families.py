@@ -54,10 +54,60 @@ def family_config(family: str):
             **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
             sliding_window=16, layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
+    return _more_family_config(family)
+
+
+DSV3_COMMON = dict(
+    intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+    n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+)  # fmt: skip
+
+
+def _more_family_config(family: str):
+    """Tiny configs of the families that follow one of the seven patterns above (hf.FAMILIES)."""
+    import transformers as t
+
+    COMMON = {**globals()["COMMON"], "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    if family == "flex_olmo":
+        return t.FlexOlmoConfig(**COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    if family == "mellum":
+        return t.MellumConfig(
+            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "minimax":
+        return t.MiniMaxConfig(
+            **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, block_size=16,
+            layer_types=["linear_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "qwen3_next":
+        return t.Qwen3NextConfig(
+            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "hunyuan_v1_moe":
+        return t.HunYuanMoEV1Config(**COMMON, head_dim=16, intermediate_size=32, num_experts=8, moe_topk=2)
+    if family == "glm4_moe":
+        return t.Glm4MoeConfig(**COMMON, **DSV3_COMMON, first_k_dense_replace=0, use_qk_norm=True)
+    if family == "dots1":
+        return t.Dots1Config(**COMMON, **DSV3_COMMON, first_k_dense_replace=0)
+    if family == "solar_open":
+        return t.SolarOpenConfig(**COMMON, **DSV3_COMMON, head_dim=16)
+    if family == "exaone_moe":
+        settings = {**DSV3_COMMON, "num_experts": 8, "num_shared_experts": 1}
+        del settings["n_routed_experts"], settings["n_shared_experts"]
+        return t.ExaoneMoeConfig(**COMMON, **settings, first_k_dense_replace=0)
+    if family == "minicpm5_moe":
+        return t.MiniCPM5MoeConfig(**COMMON, **DSV3_COMMON, head_dim=16, mlp_layer_types=["sparse", "sparse"])
     raise KeyError(family)
 
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+# Families described by an entry of hf.FAMILIES and tested end to end in test_families.py only.
+MORE_FAMILIES = (
+    "flex_olmo", "mellum", "qwen3_next", "hunyuan_v1_moe", "glm4_moe", "dots1", "solar_open",
+)  # fmt: skip
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import moerun
 from families import FAMILIES, moe_blocks, tiny_model
@@ -52,3 +53,77 @@ def test_experts_with_no_tokens(family: str) -> None:
     plan = moerun.make_plan(ids, weights, layer.num_experts)
     assert plan.num_groups == layer.routing.top_k < layer.num_experts
     assert_close_to_scale(layer(x), reference_output(block, x), TOLERANCE[torch.float32])
+
+
+# ---- the experts interface refuses experts it would compute differently --------------------------------------
+
+
+def _experts_class(apply_gate=None, hidden_act: str = "silu", **flags):
+    """A transformers-style Experts module (decorated like transformers' own), 4 experts, H 8, I 4."""
+    from transformers import PretrainedConfig
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import use_experts_implementation
+
+    body = {}
+    if apply_gate is not None:
+        body["_apply_gate"] = apply_gate
+
+    def __init__(self, config) -> None:
+        nn.Module.__init__(self)
+        self.num_experts = 4
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 8))
+        self.down_proj = nn.Parameter(torch.randn(4, 8, 4))
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.limit, self.alpha, self.swiglu_limit, self.swiglu_alpha = 7.0, 1.702, 7.0, 1.702
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        raise AssertionError("transformers' own forward is not what is tested")
+
+    cls = type("Experts", (nn.Module,), {"__init__": __init__, "forward": forward, **body})
+    cls = use_experts_implementation(cls, **flags)
+    return cls(PretrainedConfig(hidden_act=hidden_act))
+
+
+def _clamped_gate_other_names(self, gate_up: torch.Tensor) -> torch.Tensor:
+    # GPT-OSS's computation reading other attributes (as MiniMax-M3-VL's does)
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=self.swiglu_limit)
+    up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+    return (up + 1) * gate * torch.sigmoid(gate * self.swiglu_alpha)
+
+
+def _silu_then_clamp(self, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate).clamp(max=self.limit) * up
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _experts_class(_silu_then_clamp), "gates its experts its own way"),
+        (lambda: _experts_class(_clamped_gate_other_names), "gates its experts its own way"),
+        (lambda: _experts_class(has_gate=False), "no gate projection"),
+        (lambda: _experts_class(has_post_expert_norm=True), "normalises each expert's output"),
+        (lambda: _experts_class(hidden_act="relu2"), "unsupported expert activation"),
+    ],
+)
+def test_experts_computed_differently_are_refused(make, message: str) -> None:
+    from moerun.models.hf import expert_weights_from_hf, moerun_experts_forward
+
+    experts = make()
+    with pytest.raises(ValueError, match=message):
+        expert_weights_from_hf(experts)
+    with pytest.raises(ValueError, match=message):
+        moerun_experts_forward(experts, torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+def test_the_experts_activation_comes_from_their_act_fn_not_the_config() -> None:
+    """Aria-like: the experts' act_fn is SiLU while config.hidden_act (meant for another MLP) says gelu."""
+    from transformers.activations import SiLUActivation
+
+    from moerun.models.hf import glu_from_hf
+
+    experts = _experts_class(hidden_act="gelu")
+    assert glu_from_hf(experts).activation == "gelu"
+    experts.act_fn = SiLUActivation()
+    assert glu_from_hf(experts).activation == "silu"

@@ -34,7 +34,8 @@ def default_runner(model: nn.Module, max_seq_len: int | None = None) -> Runner:
 
 
 class HFRunner:
-    """A :class:`Runner` over a transformers CausalLM and its ``DynamicCache``.
+    """A :class:`Runner` over a transformers CausalLM and the cache its first forward makes (a ``DynamicCache``
+    for most families; MiniMax's own for MiniMax).
 
     DynamicCache rather than StaticCache: without torch.compile, StaticCache attends over its whole
     preallocated length at every step. Decoding a 224 MiB (fp32) OLMoE in bf16 on one thread, best of 5
@@ -48,9 +49,8 @@ class HFRunner:
         self.reset()
 
     def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self._cache = DynamicCache(config=self.model.config)
+        # The model's first forward makes the cache its family needs (a DynamicCache, or MiniMax's own).
+        self._cache = None
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._forward(input_ids.view(1, -1))
@@ -62,6 +62,7 @@ class HFRunner:
         """input_ids [1, t] -> logits [V] fp32 of the last position."""
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = out.past_key_values
         return out.logits[0, -1].float()
 
 

@@ -38,19 +38,11 @@ from torch import nn
 from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
-from .hf import SUPPORTED_BLOCKS, patch
+from .hf import FAMILIES, SUPPORTED_BLOCKS, UNSUPPORTED_FAMILIES, patch
 from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_plan, model_nbytes, moe_layers
 
 # config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
-SUPPORTED_MODEL_TYPES = {
-    "mixtral": "Mixtral",
-    "qwen2_moe": "Qwen2-MoE",
-    "qwen3_moe": "Qwen3-MoE",
-    "olmoe": "OLMoE",
-    "deepseek_v2": "DeepSeek-V2",
-    "deepseek_v3": "DeepSeek-V3",
-    "gpt_oss": "GPT-OSS",
-}
+SUPPORTED_MODEL_TYPES = {f.model_type: f.name for f in FAMILIES}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 SINGLE_FILE = "model.safetensors"
@@ -222,6 +214,10 @@ def read_config(path: Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise CheckpointError(f"{config_file} has no model_type; supported MoE families: {supported}")
     model_type = raw["model_type"]
+    if model_type in UNSUPPORTED_FAMILIES:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not supported: {UNSUPPORTED_FAMILIES[model_type]}"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} is not a supported MoE architecture; supported: {supported}"
