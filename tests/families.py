@@ -100,6 +100,48 @@ def _more_family_config(family: str):
         return t.ExaoneMoeConfig(**COMMON, **settings, first_k_dense_replace=0)
     if family == "minicpm5_moe":
         return t.MiniCPM5MoeConfig(**COMMON, **DSV3_COMMON, head_dim=16, mlp_layer_types=["sparse", "sparse"])
+    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    if family == "qwen3_5_moe_text":
+        return t.Qwen3_5MoeTextConfig(
+            **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+            num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+            linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "lara_mini":
+        return t.LaraMiniConfig(
+            **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+            num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+            linear_num_value_heads=4, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "jamba":
+        return t.JambaConfig(
+            **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2, expert_layer_period=1,
+            expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
+            mamba_d_state=8,
+        )  # fmt: skip
+    if family == "mimo_v2_flash":
+        settings = {k: v for k, v in DSV3_COMMON.items() if k != "n_shared_experts"}
+        return t.MiMoV2FlashConfig(
+            **COMMON, **settings, head_dim=16, v_head_dim=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
+        )  # fmt: skip
+    if family == "glm4_moe_lite":
+        return t.Glm4MoeLiteConfig(**COMMON, **DSV3_COMMON, **mla, mlp_layer_types=["sparse", "sparse"])
+    if family == "deepseek_v32":
+        return t.DeepseekV32Config(
+            **COMMON, **DSV3_COMMON, **mla, head_dim=8, first_k_dense_replace=0, index_topk=8, index_head_dim=8,
+            index_n_heads=2, mlp_layer_types=["sparse", "sparse"],
+        )  # fmt: skip
+    if family == "granitemoe":
+        return t.GraniteMoeConfig(**COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if family == "granitemoeshared":
+        return t.GraniteMoeSharedConfig(
+            **COMMON, intermediate_size=32, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2
+        )
+    if family == "granitemoe_swa":
+        return t.GraniteMoeSWAConfig(
+            **COMMON, intermediate_size=32, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2
+        )
     raise KeyError(family)
 
 
@@ -107,6 +149,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 # Families described by an entry of hf.FAMILIES and tested end to end in test_families.py only.
 MORE_FAMILIES = (
     "flex_olmo", "mellum", "qwen3_next", "hunyuan_v1_moe", "glm4_moe", "dots1", "solar_open",
+    "qwen3_5_moe_text", "lara_mini", "jamba", "glm4_moe_lite", "granitemoe", "granitemoeshared", "granitemoe_swa",
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import moerun
 from families import FAMILIES, MORE_FAMILIES
+from moerun.generate import default_runner
 from moerun.models.hf import FAMILY_OF_TYPE, UNSUPPORTED_FAMILIES, moe_model_types
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
@@ -60,12 +61,14 @@ def test_offloaded_experts_give_the_resident_tokens(checkpoint) -> None:
 
 
 def test_int8_experts_run_and_stay_close(checkpoint) -> None:
-    _, path, expected = checkpoint
+    _, path, _ = checkpoint
     loaded = moerun.load(path, dtype="fp32")
+    want = default_runner(loaded.model).prefill(PROMPT)
     moerun.quantize(loaded.model, moerun.QuantConfig(8))
-    tokens = moerun.generate(loaded, prompt=PROMPT, max_new_tokens=NEW_TOKENS).token_ids
-    assert len(tokens) == NEW_TOKENS
-    assert tokens[:3] == expected[:3]  # int8 rounding may flip a later near tie, not the first steps
+    got = default_runner(loaded.model).prefill(PROMPT)
+    # int8 rounding moves the logits a little (and may flip a near tie later on), never far
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
+    assert len(moerun.generate(loaded, prompt=PROMPT, max_new_tokens=NEW_TOKENS).token_ids) == NEW_TOKENS
 
 
 def test_every_installed_moe_family_is_described_or_refused_with_a_reason() -> None:

@@ -74,6 +74,12 @@ _SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this siz
 _EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>[0-9]+)\.(?P<proj>\w+)\.weight$")
 # A decoder layer's tensors: each must have a place in the model (see _check_unplaced).
 _LAYER_KEY = re.compile(r"^model\.layers\.(?P<index>[0-9]+)\.")
+# Checkpoint names of fused expert stacks and routers that transformers renames on loading (Granite-MoE's).
+_LEGACY_NAMES = (
+    (re.compile(r"block_sparse_moe\.input_linear\.weight$"), "block_sparse_moe.experts.gate_up_proj"),
+    (re.compile(r"block_sparse_moe\.output_linear\.weight$"), "block_sparse_moe.experts.down_proj"),
+    (re.compile(r"block_sparse_moe\.router\.layer\.weight$"), "block_sparse_moe.router.weight"),
+)
 # transformers' fused expert stacks: what a memory budget leaves in the checkpoint.
 _FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 _EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
@@ -358,6 +364,13 @@ class _Placement:
 
 def _placement(name: str, targets: dict[str, torch.Tensor]) -> _Placement | None:
     """Where a checkpoint tensor goes, or None if the model has no place for it."""
+    if name in targets:
+        return _Placement(name, targets[name])
+    for pattern, replacement in _LEGACY_NAMES:
+        renamed = pattern.sub(replacement, name)
+        if renamed != name and renamed in targets:
+            return _Placement(renamed, targets[renamed])
+    # Mixtral checkpoints keep its MoE block under block_sparse_moe; Granite models still have one there.
     name = name.replace(".block_sparse_moe.", ".mlp.")
     if name in targets:
         return _Placement(name, targets[name])

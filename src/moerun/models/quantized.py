@@ -89,8 +89,18 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 def dense_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules ``quantize`` converts: all of them (routers are not Linear in a patched model)."""
-    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    """The ``nn.Linear`` modules ``quantize`` converts: those of attention layers and MLPs, and the output
+    head (routers are not Linear in a patched model). Others are left in float: recurrent mixers (Mamba,
+    gated delta nets) read their weights directly and compound rounding over the sequence."""
+    parents = {name: type(m).__name__ for name, m in model.named_modules()}
+    found = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        parent = parents.get(name.rpartition(".")[0], "")
+        if name.endswith("lm_head") or parent.endswith("Attention") or "MLP" in parent:
+            found[name] = module
+    return found
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
