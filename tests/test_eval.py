@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import moerun
-from moerun.eval import join_tokens
+from moerun.runtime.eval import join_tokens
 from tiny_checkpoints import EOS, one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 TEXTS = ["def f(x):\n    return x + 1\n", "héllo wörld, " * 3, "z"]

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import moerun
 from families import FAMILIES, MORE_FAMILIES
-from moerun.generate import default_runner
 from moerun.models.hf import FAMILY_OF_TYPE, UNSUPPORTED_FAMILIES, moe_model_types
+from moerun.runtime.generate import default_runner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 NEW_TOKENS = 20

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import moerun
 from families import FAMILIES
-from moerun.generate import HFRunner, default_runner, sample_next
-from moerun.models.lean import LeanRunner
+from moerun.runtime.generate import HFRunner, default_runner, sample_next
+from moerun.runtime.lean import LeanRunner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 NEW_TOKENS = 20

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 import moerun
 from families import tiny_model
 from moerun.kernels import native
-from moerun.models.lean import (
+from moerun.runtime.lean import (
     KVCache,
     LeanRunner,
     NativeDecodeAttention,

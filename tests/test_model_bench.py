@@ -9,8 +9,8 @@ import torch
 
 from families import tiny_model
 from moerun import cli
-from moerun.models.lean import make_lean_runner
 from moerun.perf import model_bench
+from moerun.runtime.lean import make_lean_runner
 
 TINY_OLMOE = dict(
     hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=32,

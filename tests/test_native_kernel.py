@@ -493,7 +493,7 @@ def test_rms_norm_matches_transformers_formula(x_dtype, w_dtype):
 
 def _torch_attention_inputs(qkv, hq, hkv, d, norm, q_norm, k_norm, clip, cos, sin, dtype):
     """The lean runner's torch formulation: norms, clamp, RoPE, then the cache dtype."""
-    from moerun.models.lean import apply_rope, rms_norm
+    from moerun.runtime.lean import apply_rope, rms_norm
 
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=1)
     if norm == "all_heads":

@@ -16,11 +16,11 @@ from families import FAMILIES
 from moerun import cli
 from moerun.kernels import native
 from moerun.models.convert import quantize_checkpoint
-from moerun.models.lean import make_lean_runner
 from moerun.models.loader import CheckpointError, default_model_dir
 from moerun.models.quantized import QuantConfig, moe_layers
 from moerun.offload import offloaded, store
 from moerun.offload.cache import LFUPolicy, LRUPolicy, make_policy
+from moerun.runtime.lean import make_lean_runner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 REFERENCE = default_model_dir()

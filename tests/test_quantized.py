@@ -16,10 +16,10 @@ from families import FAMILIES
 from moerun import cli
 from moerun.models import convert
 from moerun.models.convert import quantize_checkpoint
-from moerun.models.lean import make_lean_runner
 from moerun.models.loader import default_model_dir
 from moerun.models.quantized import QuantConfig, QuantLinear, expert_nbytes, moe_layers, quantize
 from moerun.quant.formats import QuantFormat, quantize_weight
+from moerun.runtime.lean import make_lean_runner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 REFERENCE = default_model_dir()

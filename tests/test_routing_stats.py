@@ -14,8 +14,8 @@ import torch
 import moerun
 from moerun import cli
 from moerun.assets import REFERENCE_HELDOUT_DIR, REFERENCE_MODEL_DIR
-from moerun.eval import join_tokens
-from moerun.offload.routing_stats import (
+from moerun.runtime.eval import join_tokens
+from moerun.runtime.routing_stats import (
     activation_frequencies,
     collect_routing,
     default_cache_sizes,

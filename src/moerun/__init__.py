@@ -4,8 +4,6 @@ Importing moerun registers ``"moerun"`` as a transformers experts implementation
 ``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moerun")`` works; it patches nothing.
 """
 
-from .eval import EvalResult, evaluate
-from .generate import GeneratedToken, GenerationResult, HFRunner, Runner, generate, generate_stream
 from .kernels.activation import GLU_ACTIVATIONS, GluSpec
 from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
 from .layer import MoELayer
@@ -14,8 +12,9 @@ from .models.loader import CheckpointError, LoadedModel, LoadStats, load
 from .models.quantized import QuantConfig, quantize
 from .quant.formats import QuantFormat, QuantizedWeight
 from .routing import ROUTING_MODES, RoutingConfig, RoutingPlan, make_plan, route
-
-__version__ = "0.1.0"
+from .runtime.eval import EvalResult, evaluate
+from .runtime.generate import GeneratedToken, GenerationResult, HFRunner, Runner, generate, generate_stream
+from .version import __version__ as __version__
 
 __all__ = [
     "BACKENDS",

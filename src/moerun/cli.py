@@ -76,7 +76,7 @@ def _parse_bits(text: str) -> tuple[int, ...]:
 
 def _text_files(text: list[Path] | None) -> list[Path]:
     """The --text files, each checked to exist, or the reference held-out files."""
-    from .eval import default_eval_files
+    from .runtime.eval import default_eval_files
 
     for file in text or []:
         if not file.is_file():
@@ -670,7 +670,7 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
-    from .generate import generate as run_generation
+    from .runtime.generate import generate as run_generation
 
     if not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"--temperature must be a finite number >= 0 (0 for greedy decoding), got {temperature}")
@@ -724,7 +724,7 @@ def eval_(
     debug: Debug = False,
 ) -> None:
     """Perplexity and tokens/s of a model on text files."""
-    from .eval import evaluate
+    from .runtime.eval import evaluate
 
     files = _text_files(text)
     texts = _read_texts(files)
@@ -775,10 +775,10 @@ def routing_stats_(
 
     With --memory-budget, the text is also decoded token by token through moerun's own expert cache, whose
     measured hit rates follow."""
-    from .eval import join_tokens
-    from .generate import default_runner
     from .models.quantized import moe_layers
-    from .offload.routing_stats import collect_routing, default_cache_sizes, replay_decode, routing_stats
+    from .runtime.eval import join_tokens
+    from .runtime.generate import default_runner
+    from .runtime.routing_stats import collect_routing, default_cache_sizes, replay_decode, routing_stats
 
     files = _text_files(text)
     texts = _read_texts(files)

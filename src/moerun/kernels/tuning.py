@@ -119,7 +119,7 @@ class Fingerprint:
 
 def host_fingerprint() -> Fingerprint:
     """This host's fingerprint (reads /proc/cpuinfo; cheap)."""
-    from .. import __version__
+    from ..version import __version__
     from . import native
 
     model, flags = _cpu_info()

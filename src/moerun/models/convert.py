@@ -18,7 +18,7 @@ from torch import nn
 
 from ..files import directory_written_whole
 from ..sizes import format_size, parse_size
-from .loader import CheckpointError, LoadedModel, load
+from .loader import CheckpointError, LoadedModel, join_tokens, load
 from .mixed import plan_mixed
 from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, plan_metadata, quantize, quantized_tensors
 
@@ -54,7 +54,6 @@ def default_calibration_files() -> list[Path]:
 
 def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens: int) -> list[int]:
     """Tokens for mixed-precision calibration: the given text files, or ``default_calibration_files()``."""
-    from ..eval import join_tokens
 
     if loaded.tokenizer is None:
         raise ValueError("mixed precision needs calibration text, and this checkpoint has no tokenizer")
@@ -84,7 +83,7 @@ def save_quantized(
             model's config alone (a checkpoint without a tokenizer).
         progress: called with a line of text before the weights are written.
     """
-    from .. import __version__
+    from ..version import __version__
 
     metadata = plan_metadata(plan, __version__)
     tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}

@@ -28,13 +28,14 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
@@ -83,10 +84,6 @@ _LEGACY_NAMES = (
 # transformers' fused expert stacks: what a memory budget leaves in the checkpoint.
 _FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 _EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor and the problem."""
 
 
 def _one_line(error: Exception) -> str:
@@ -788,3 +785,13 @@ def load(
         ignored_tensors=ignored,
     )
     return LoadedModel(model, tokenizer, model.config, stats, path, cache)
+
+
+def join_tokens(texts: Sequence[str], tokenizer) -> list[int]:
+    """The texts' token ids, with the tokenizer's EOS between consecutive texts (none if it has no EOS)."""
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+    return ids

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..kernels.finite import all_finite
 from ..layer import MoELayer
 from ..quant.formats import QuantizedWeight
@@ -374,8 +375,6 @@ class ExpertStore:
         layout = self.layouts[layer][expert]
         for index, part in enumerate(layout.views(slot)):
             if part.is_floating_point() and not all_finite(part):
-                from ..models.loader import CheckpointError  # here: the loader imports this module
-
                 matrix = "gate/up" if index < len(matrix_parts(layout.templates[0])) else "down"
                 files = ", ".join(sorted({p.file.name for p in self.pieces[layer][expert]}))
                 raise CheckpointError(

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..generate import HFRunner
 from ..layer import MoELayer
 from ..models.hf import SUPPORTED_BLOCKS, patch
-from ..models.lean import LeanRunner, Runner
 from ..models.quantized import QuantConfig, low_bit_weights, moe_layers, quantize
 from ..quant.formats import weight_nbytes
+from ..runtime.generate import HFRunner
+from ..runtime.lean import LeanRunner, Runner
 from .bench import DTYPES, available_memory_bytes
 from .predict import FormatPlan, ModelShape, PerfModel
 

@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from ..files import cache_directory, directory_written_whole, file_written_whole
-from ..generate import default_runner
 from ..models.convert import quantize_checkpoint, save_quantized
 from ..models.hf import patch
 from ..models.loader import (
@@ -54,6 +53,7 @@ from ..models.loader import (
 )
 from ..models.quantized import QuantConfig, expert_nbytes, model_nbytes, quantize
 from ..offload.cache import LayerCacheStats, summarize
+from ..runtime.generate import default_runner
 from .bench import DTYPES
 from .model_bench import SYNTHETIC_MODELS, load_model, resolve_model_dir
 from .predict import FormatPlan, ModelShape, PerfModel

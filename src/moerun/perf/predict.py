@@ -387,7 +387,7 @@ def _median_ms(fn, reps: int) -> float:
 
 def _runner_times(layers: int, dtype: torch.dtype, reps: int) -> tuple[float, float, nn.Module]:
     """(decode step ms, prefill ms of a 32-token prompt) of the lean runner over a tiny OLMoE."""
-    from ..models.lean import LeanRunner
+    from ..runtime.lean import LeanRunner
 
     model = _tiny_model(layers, dtype)
     runner = LeanRunner(model, 256)
@@ -441,8 +441,8 @@ def _expert_miss_ms(dtype: torch.dtype, reps: int) -> float:
     a cache of one layer's selected experts (on-demand LRU, no prefetch) against all experts cached, less the
     seconds spent in reads, per miss."""
     from ..files import cache_directory
-    from ..models.lean import LeanRunner
     from ..models.loader import load
+    from ..runtime.lean import LeanRunner
 
     ids = torch.randint(_TINY["vocab_size"], (65,), generator=torch.Generator().manual_seed(0))
     directory = cache_directory()

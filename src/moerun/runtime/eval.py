@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.loader import LoadedModel
+from ..models.loader import LoadedModel, join_tokens
 
 _LOGITS_CHUNK = 256  # positions per lm_head call: full-window fp32 logits would take L * V * 4 bytes
 
@@ -47,23 +47,13 @@ def default_eval_files() -> list[Path]:
         ValueError: this installation of moerun has none.
     """
     try:
-        from .assets import REFERENCE_HELDOUT_DIR
+        from ..assets import REFERENCE_HELDOUT_DIR
     except ImportError:
         REFERENCE_HELDOUT_DIR = None
     files = [] if REFERENCE_HELDOUT_DIR is None else sorted(Path(REFERENCE_HELDOUT_DIR).glob("*.py"))
     if not files:
         raise ValueError("no texts given and moerun's reference held-out files are not installed")
     return files
-
-
-def join_tokens(texts: Sequence[str], tokenizer) -> list[int]:
-    """The texts' token ids, with the tokenizer's EOS between consecutive texts (none if it has no EOS)."""
-    ids: list[int] = []
-    for i, text in enumerate(texts):
-        if i and tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-    return ids
 
 
 def window_nll(model: nn.Module, window: torch.Tensor) -> float:

@@ -1,9 +1,9 @@
 """Text generation: greedy or temperature / top-p sampling, streamed token by token through a Runner.
 
-A :class:`~moerun.models.lean.Runner` owns the model's state between calls (its KV cache): ``prefill`` the
+A :class:`~moerun.runtime.lean.Runner` owns the model's state between calls (its KV cache): ``prefill`` the
 prompt, then ``decode`` one token at a time, each returning the logits of the last position. :class:`HFRunner`
 runs a transformers model with its ``DynamicCache``; :func:`default_runner` prefers moerun's lean decode
-path (:class:`~moerun.models.lean.LeanRunner`) for the families it covers.
+path (:class:`~moerun.runtime.lean.LeanRunner`) for the families it covers.
 
 Shape legend: T prompt tokens, V vocabulary.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.lean import Runner, make_lean_runner
-from .models.loader import LoadedModel, peak_rss_bytes, reset_peak_rss
+from ..models.loader import LoadedModel, peak_rss_bytes, reset_peak_rss
+from .lean import Runner, make_lean_runner
 
 STOP_REASONS = ("eos", "max_new_tokens", "context")
 _DECODE_CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the output so its first word keeps its leading space

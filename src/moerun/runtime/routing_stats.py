@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from ..layer import MoELayer
-from ..models.lean import Runner
 from ..models.loader import LoadedModel
 from ..models.quantized import moe_layers
 from ..routing import route
+from .lean import Runner
 
 DEFAULT_SEGMENT = 16  # tokens of look-ahead, the middle of the paper's {4, 16, 64, 256}
 

@@ -39,8 +39,8 @@ from torch import nn
 
 from ..kernels import native
 from ..kernels.linear import as_stack, linear
+from ..models.hf import SUPPORTED_BLOCKS, PatchedMoEBlock, layer_from_hf_block
 from ..quant.formats import QuantizedWeight, concat_rows
-from .hf import SUPPORTED_BLOCKS, PatchedMoEBlock, layer_from_hf_block
 
 # model_type -> how q and k are RMS-normalised before RoPE: over all heads at once, per head, or not at all.
 QK_NORM = {"olmoe": "all_heads", "qwen3_moe": "per_head", "mixtral": None, "qwen2_moe": None}

@@ -1,0 +1,1 @@
+"""Running a model: the runners (lean and transformers), generation, evaluation, routing statistics."""
