@@ -85,3 +85,70 @@ def test_loading_an_unsupported_family_names_the_reason(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
     with pytest.raises(moerun.CheckpointError, match=reason.split(";")[0][:40]):
         moerun.load(tmp_path)
+
+
+# ---- bf16, checked at every position ----------------------------------------------------------------------
+# moerun in bf16 against transformers in fp32. bf16 rounding of the weights alone moves the logits, most where
+# it flips a routing decision, and transformers' own bf16 model moves them as much: so at each position the
+# tolerance is max(BF16_ABS, BF16_REL x transformers' bf16 error there). BF16_ABS is an eighth of these tiny
+# models' logit standard deviation (~1.2). A position where some layer's fp32 routing is a near tie (its k-th
+# and (k+1)-th choice scores within ROUTE_TIE) may route differently in bf16 in moerun and in transformers
+# alike, and is exempt.
+BF16_ABS = 0.15
+BF16_REL = 1.5
+ROUTE_TIE = 0.05
+
+
+def _routing_near_ties(model, ids: torch.Tensor) -> torch.Tensor:
+    """[T] bool: positions where some MoE layer's choice scores (logits; sigmoid plus bias for sigmoid
+    routing) of the k-th and (k+1)-th expert are within ROUTE_TIE, in ``model`` (moerun-patched)."""
+    from moerun.layer import MoELayer
+
+    margins = []
+
+    def record(layer: MoELayer, args) -> None:
+        scores = layer.router_logits(args[0].reshape(-1, layer.hidden_size)).float()
+        if layer.routing.mode == "sigmoid_group_topk":
+            scores = torch.sigmoid(scores) + (layer.score_bias if layer.score_bias is not None else 0.0)
+        ranked = scores.sort(dim=-1, descending=True).values
+        margins.append(ranked[:, layer.routing.top_k - 1] - ranked[:, layer.routing.top_k])
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, MoELayer)]
+    try:
+        _logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(margins).amin(dim=0) < ROUTE_TIE
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids[None]).logits[0].float()  # [T, V]
+
+
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
+def test_bf16_logits_and_greedy_tokens_within_tolerance_of_fp32(family: str, tmp_path: Path) -> None:
+    path = save_checkpoint(family, tmp_path)
+    fp32 = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.inference_mode():
+        greedy = fp32.generate(PROMPT[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0]  # prompt + new
+    reference = _logits(fp32, greedy)
+    hf_bf16 = _logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), greedy)
+    tolerance = torch.clamp(BF16_REL * (hf_bf16 - reference).abs().amax(-1), min=BF16_ABS)  # [T]
+
+    route_ties = _routing_near_ties(moerun.load(path, dtype="fp32").model, greedy)  # [T]
+    loaded = moerun.load(path, dtype="bf16")
+    error = (_logits(loaded.model, greedy) - reference).abs().amax(-1)
+    over = ((error > tolerance) & ~route_ties).nonzero().flatten().tolist()
+    assert over == [], f"positions {over}: error {error[over].tolist()} over tolerance {tolerance[over].tolist()}"
+
+    # Greedy tokens: equal to fp32's up to the first step whose fp32 top-2 margin is within twice the
+    # tolerance or whose routing is a near tie (bf16 may choose either; after it the sequences may part).
+    ids = moerun.generate(loaded, prompt=PROMPT, max_new_tokens=NEW_TOKENS).token_ids
+    expected = greedy[PROMPT.numel() :].tolist()
+    top2 = reference[PROMPT.numel() - 1 : -1].topk(2, dim=-1).values  # the logits each new token was chosen by
+    chosen_at = slice(PROMPT.numel() - 1, -1)
+    near_tie = ((top2[:, 0] - top2[:, 1]) < 2 * tolerance[chosen_at]) | route_ties[chosen_at]
+    first_tie = int(near_tie.nonzero()[0]) if near_tie.any() else NEW_TOKENS
+    assert ids[:first_tie] == expected[:first_tie], (ids, expected, first_tie)
