@@ -20,7 +20,7 @@ FALLBACK_MODULES = frozenset(
     {
         "test_eval", "test_generate", "test_hf_equivalence", "test_integration", "test_layer", "test_lean",
         "test_loader", "test_offload", "test_quant_formats", "test_quantized", "test_reference_model",
-        "test_routing_stats", "test_fuzz_checkpoint",
+        "test_routing_stats", "test_fuzz_checkpoint", "test_families",
     }
 )  # fmt: skip
 
