@@ -152,3 +152,17 @@ def test_bf16_logits_and_greedy_tokens_within_tolerance_of_fp32(family: str, tmp
     near_tie = ((top2[:, 0] - top2[:, 1]) < 2 * tolerance[chosen_at]) | route_ties[chosen_at]
     first_tie = int(near_tie.nonzero()[0]) if near_tie.any() else NEW_TOKENS
     assert ids[:first_tie] == expected[:first_tie], (ids, expected, first_tie)
+
+
+def test_a_quantized_checkpoint_reloads_to_the_same_tokens(checkpoint, tmp_path: Path) -> None:
+    """moerun quantize's output (low-bit experts, float recurrent mixers) loads back, resident and offloaded."""
+    from moerun.models.convert import quantize_checkpoint
+
+    _, path, _ = checkpoint
+    quantize_checkpoint(path, tmp_path / "int8", moerun.QuantConfig(8), dtype="fp32")
+    in_memory = moerun.load(path, dtype="fp32")
+    moerun.quantize(in_memory.model, moerun.QuantConfig(8))
+    expected = moerun.generate(in_memory, prompt=PROMPT, max_new_tokens=NEW_TOKENS).token_ids
+    for budget in (None, "50%"):
+        reloaded = moerun.load(tmp_path / "int8", dtype="fp32", memory_budget=budget, prefetch=False)
+        assert moerun.generate(reloaded, prompt=PROMPT, max_new_tokens=NEW_TOKENS).token_ids == expected, budget
