@@ -142,6 +142,21 @@ def _more_family_config(family: str):
         return t.GraniteMoeSWAConfig(
             **COMMON, intermediate_size=32, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2
         )
+    if family == "minimax_m2":
+        return t.MiniMaxM2Config(
+            **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
+        )
+    if family == "lfm2_moe":
+        return t.Lfm2MoeConfig(
+            **COMMON, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            num_dense_layers=0, routed_scaling_factor=2.0, layer_types=["conv", "full_attention"],
+        )  # fmt: skip
+    if family == "afmoe":
+        return t.AfmoeConfig(
+            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=0, route_scale=1.5, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
     raise KeyError(family)
 
 
@@ -150,6 +165,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 MORE_FAMILIES = (
     "flex_olmo", "mellum", "qwen3_next", "hunyuan_v1_moe", "glm4_moe", "dots1", "solar_open",
     "qwen3_5_moe_text", "lara_mini", "jamba", "glm4_moe_lite", "granitemoe", "granitemoeshared", "granitemoe_swa",
+    "minimax_m2", "lfm2_moe", "afmoe",
 )  # fmt: skip
 
 
@@ -164,7 +180,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
             if "norm" in name:
                 p.add_(1.0)
         for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
+            if "e_score_correction_bias" in name or name.endswith("expert_bias"):
                 b.normal_(0.0, 0.1)
     return model.to(dtype)
 

@@ -47,7 +47,9 @@ class Family:
         router: how the block routes: ``softmax`` (softmax over all experts, top-k, renormalised as
             ``renormalize`` says), ``deepseek_v2`` (greedy softmax top-k, fp32, routed scaling),
             ``deepseek_v3`` (sigmoid, correction bias for the choice only, group-limited top-k, fp32,
-            routed scaling) or ``gpt_oss`` (top-k of biased logits, then softmax over the k).
+            routed scaling), ``sigmoid`` (sigmoid scores, an optional choice-only correction bias, top-k
+            without groups, renormalised as ``renormalize`` says, times the router's ``scaling``) or ``gpt_oss``
+            (top-k of biased logits, then softmax over the k).
         router_path: the router module under the block (``top_k``, ``norm_topk_prob`` and the DeepSeek
             settings are read from it).
         router_weight: the router matrix's parameter under the router module (its ``bias`` beside it).
@@ -56,6 +58,9 @@ class Family:
             ``norm_topk_prob`` (True where it has none, as Mixtral).
         shared: attribute of the block's shared-expert MLP (gate_proj/up_proj/down_proj), if any.
         shared_gate: attribute of the Linear whose sigmoid scales the shared expert, if any.
+        score_bias: for ``sigmoid``: path under the block of the choice-only correction bias (absent on the
+            block: none).
+        scaling: for ``sigmoid``: the router's attribute holding the routed scaling factor (None: 1).
     """
 
     model_type: str
@@ -68,6 +73,8 @@ class Family:
     renormalize: bool | None = None
     shared: str | None = None
     shared_gate: str | None = None
+    score_bias: str | None = None
+    scaling: str | None = None
 
 
 FAMILIES = (
@@ -100,6 +107,12 @@ FAMILIES = (
            renormalize=True),
     Family("granitemoe_swa", "Granite-MoE-SWA", "GraniteMoeSWAMoE", "softmax", router_path="router",
            renormalize=True),
+    Family("minimax_m2", "MiniMax-M2", "MiniMaxM2SparseMoeBlock", "sigmoid", renormalize=True,
+           score_bias="e_score_correction_bias"),
+    Family("lfm2_moe", "LFM2-MoE", "Lfm2MoeSparseMoeBlock", "sigmoid", score_bias="expert_bias",
+           scaling="routed_scaling_factor"),
+    Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", "sigmoid", router_path="router", router_weight="gate.weight",
+           renormalize=True, shared="shared_experts", score_bias="expert_bias", scaling="route_scale"),
 )  # fmt: skip
 # MoE causal-LM families of transformers that moerun does not run, with the reason. Those "not described yet"
 # follow a pattern moerun has but are not in FAMILIES (an entry and its test away); the rest need computation
@@ -108,7 +121,6 @@ _NOT_YET = "not described yet: its MoE block follows a pattern moerun runs, but 
 _NOT_EXAMINED = "not examined yet"
 _RENAMED = "its checkpoints name tensors other than its modules (transformers renames them on load); moerun does not"
 UNSUPPORTED_FAMILIES: dict[str, str] = {
-    "afmoe": _NOT_YET + " (sigmoid routing, correction bias on the block)",
     "aria_text": "its shared expert uses another activation than its routed experts; moerun applies one to both",
     "axk1": "an RMSNorm on the MoE block's output",
     "axk2": _NOT_YET + " (DeepSeek-V3 routing)",
@@ -129,8 +141,8 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "gemma4_text": "no MoE block: router and experts sit on the decoder layer beside a dense MLP and scale per expert",
     "glm_moe_dsa": _NOT_YET + " (DeepSeek-V3 routing)",
     "granitemoehybrid": _NOT_YET + " (top-k then softmax, shared MLP on the decoder layer)",
-    "hy_v3": _NOT_YET + " (sigmoid routing, correction bias on the block)",
     "hy_v4": "its routed experts clamp the gate before SiLU and its shared expert does not (own gate function)",
+    "hy_v3": _RENAMED,
     "inkling2_loop_text": "softcapped SwiGLU experts (a gate function of its own)",
     "inkling2_text": "softcapped SwiGLU experts (a gate function of its own)",
     "inkling_text": "shared experts weighted by the router together with the routed ones",
@@ -139,7 +151,6 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "kolibri1": "the correction bias is added to the logits before the sigmoid",
     "kolibri1_1": "the correction bias is added to the logits before the sigmoid",
     "laguna": _NOT_YET + " (sigmoid routing with a correction bias, optional logit softcap)",
-    "lfm2_moe": _NOT_YET + " (sigmoid routing, correction bias on the block)",
     "llama4": "the router weight multiplies the expert input, not its output",
     "llama4_text": "the router weight multiplies the expert input, not its output",
     "longcat_flash": "zero (identity) experts among the routed ones",
@@ -147,7 +158,6 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "mimo_v2_flash": _RENAMED,
     "minimax": "decoding step by step through its lightning-attention cache gives other tokens than transformers'"
     " generate (not yet examined)",
-    "minimax_m2": _NOT_YET + " (sigmoid routing, correction bias on the block)",
     "minimax_m3_vl_text": "GPT-OSS's clamped SwiGLU on concatenated experts under other attribute names",
     "nemotron_h": "non-gated relu-squared experts",
     "param2moe": _NOT_EXAMINED,
@@ -247,7 +257,14 @@ def glu_from_hf(experts: nn.Module) -> GluSpec:
         )
     act_fn = getattr(experts, "act_fn", None)
     if act_fn is not None:
-        act = _HF_ACTIVATION_CLASSES.get(type(act_fn).__name__)
+        import torch.nn.functional as F
+
+        functions = {F.silu: "silu", F.gelu: "gelu"}
+        act = (
+            functions.get(act_fn)
+            if not isinstance(act_fn, nn.Module)
+            else _HF_ACTIVATION_CLASSES.get(type(act_fn).__name__)
+        )
         if act is None:
             raise ValueError(
                 f"unsupported expert activation {type(act_fn).__name__}; supported: "
@@ -349,6 +366,16 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach(), requires_grad=False)
 
 
+def _optional_attribute(module: nn.Module, path: str | None) -> torch.Tensor | None:
+    """The tensor at dotted ``path`` under ``module``, or None (no path, or nothing there)."""
+    if path is None:
+        return None
+    value: object = module
+    for name in path.split("."):
+        value = getattr(value, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def layer_from_hf_block(block: nn.Module) -> MoELayer:
     """Build a MoELayer that computes what a transformers MoE block computes, sharing its weights.
 
@@ -379,6 +406,14 @@ def layer_from_hf_block(block: nn.Module) -> MoELayer:
         mode = ("sigmoid_group_topk", router.norm_topk_prob, router.num_group, router.topk_group)
         routing = RoutingConfig(mode[0], top_k, *mode[1:], float(router.routed_scaling_factor))
         options = dict(router_fp32=True, score_bias=True)
+    elif family.router == "sigmoid":
+        renormalize = family.renormalize
+        if renormalize is None:
+            renormalize = bool(getattr(router, "norm_topk_prob", True))
+        scale = float(getattr(router, family.scaling)) if family.scaling else 1.0
+        routing = RoutingConfig("sigmoid_group_topk", top_k, renormalize, 1, 1, scale)
+        score_bias = _optional_attribute(block, family.score_bias)
+        options["score_bias"] = score_bias is not None
     elif family.router == "gpt_oss":
         routing = RoutingConfig("topk_softmax", top_k)
         options = dict(router_bias=True)
@@ -398,6 +433,8 @@ def layer_from_hf_block(block: nn.Module) -> MoELayer:
         layer.router_bias = _param(router.get_parameter(f"{bias_path}.bias" if bias_path else "bias"))
     if family.router == "deepseek_v3":
         layer.score_bias = _param(router.e_score_correction_bias.float())
+    if family.router == "sigmoid" and score_bias is not None:
+        layer.score_bias = _param(score_bias.float())
     if shared is not None:
         layer.shared_gate_up = _param(_mlp_gate_up(shared))
         layer.shared_down = _param(shared.down_proj.weight)
