@@ -157,6 +157,29 @@ def _more_family_config(family: str):
             num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=0, route_scale=1.5, sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
+    if family == "flint":
+        return t.FlintConfig(
+            **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+            num_experts_per_tok=2, mlp_only_layers=[], sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        )  # fmt: skip
+    if family == "exaone_moe":
+        settings = {**DSV3_COMMON, "num_experts": 8, "num_shared_experts": 1}
+        del settings["n_routed_experts"], settings["n_shared_experts"]
+        return t.ExaoneMoeConfig(**COMMON, **settings, first_k_dense_replace=0)
+    if family == "minicpm5_moe":
+        return t.MiniCPM5MoeConfig(**COMMON, **DSV3_COMMON, head_dim=16, mlp_layer_types=["sparse", "sparse"])
+    if family == "mimo_v2_flash":
+        settings = {k: v for k, v in DSV3_COMMON.items() if k != "n_shared_experts"}
+        return t.MiMoV2FlashConfig(
+            **COMMON, **settings, head_dim=16, v_head_dim=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
+        )  # fmt: skip
+    if family == "hy_v3":
+        return t.HYV3Config(
+            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["sparse", "sparse"],
+        )  # fmt: skip
     raise KeyError(family)
 
 
@@ -165,7 +188,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 MORE_FAMILIES = (
     "flex_olmo", "mellum", "qwen3_next", "hunyuan_v1_moe", "glm4_moe", "dots1", "solar_open",
     "qwen3_5_moe_text", "lara_mini", "jamba", "glm4_moe_lite", "granitemoe", "granitemoeshared", "granitemoe_swa",
-    "minimax_m2", "lfm2_moe", "afmoe",
+    "minimax_m2", "lfm2_moe", "afmoe", "flint", "exaone_moe", "minicpm5_moe", "mimo_v2_flash", "hy_v3",
 )  # fmt: skip
 
 

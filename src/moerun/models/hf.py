@@ -101,6 +101,9 @@ FAMILIES = (
     Family("lara_mini", "Lara-Mini", "LaraMiniSparseMoeBlock", "softmax", router_fp32=True, shared="shared_expert"),
     Family("jamba", "Jamba", "JambaSparseMoeBlock", "softmax", router_path="router", renormalize=False),
     Family("glm4_moe_lite", "GLM-4-MoE-Lite", "Glm4MoeLiteMoE", "deepseek_v3", shared="shared_experts"),
+    Family("exaone_moe", "EXAONE-MoE", "ExaoneMoeSparseMoEBlock", "deepseek_v3", shared="shared_experts"),
+    Family("minicpm5_moe", "MiniCPM5-MoE", "MiniCPM5MoeMoE", "deepseek_v3", shared="shared_experts"),
+    Family("mimo_v2_flash", "MiMo-V2-Flash", "MiMoV2FlashMoE", "deepseek_v3"),
     # Top-k of the logits, then softmax over the k: softmax over all experts renormalised over the top k.
     Family("granitemoe", "Granite-MoE", "GraniteMoeMoE", "softmax", router_path="router", renormalize=True),
     Family("granitemoeshared", "Granite-MoE-Shared", "GraniteMoeSharedMoE", "softmax", router_path="router",
@@ -111,6 +114,9 @@ FAMILIES = (
            score_bias="e_score_correction_bias"),
     Family("lfm2_moe", "LFM2-MoE", "Lfm2MoeSparseMoeBlock", "sigmoid", score_bias="expert_bias",
            scaling="routed_scaling_factor"),
+    Family("flint", "Flint", "FlintSparseMoeBlock", "sigmoid", router_fp32=True, shared="shared_expert"),
+    Family("hy_v3", "Hunyuan-V3", "HYV3MoE", "sigmoid", router_fp32=True, renormalize=True, shared="shared_experts",
+           score_bias="e_score_correction_bias", scaling="router_scaling_factor"),
     Family("afmoe", "AFMoE", "AfmoeSparseMoeBlock", "sigmoid", router_path="router", router_weight="gate.weight",
            renormalize=True, shared="shared_experts", score_bias="expert_bias", scaling="route_scale"),
 )  # fmt: skip
@@ -119,7 +125,6 @@ FAMILIES = (
 # moerun lacks.
 _NOT_YET = "not described yet: its MoE block follows a pattern moerun runs, but it has no entry and test"
 _NOT_EXAMINED = "not examined yet"
-_RENAMED = "its checkpoints name tensors other than its modules (transformers renames them on load); moerun does not"
 UNSUPPORTED_FAMILIES: dict[str, str] = {
     "aria_text": "its shared expert uses another activation than its routed experts; moerun applies one to both",
     "axk1": "an RMSNorm on the MoE block's output",
@@ -133,16 +138,13 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "doge": "product-key retrieval experts, not feed-forward experts",
     "dots3_note": _NOT_YET + " (DeepSeek-V3 routing)",
     "dots3_note_text": _NOT_YET + " (DeepSeek-V3 routing)",
-    "exaone_moe": _RENAMED,
     "ergo": "non-gated experts with an RMSNorm on each expert's output",
     "ernie4_5_moe": "softmax routing with a choice-only correction bias (moerun has one for sigmoid routing only)",
-    "flint": _NOT_YET + " (sigmoid top-k without bias or groups)",
     "gemma4": "no MoE block: router and experts sit on the decoder layer beside a dense MLP and scale per expert",
     "gemma4_text": "no MoE block: router and experts sit on the decoder layer beside a dense MLP and scale per expert",
     "glm_moe_dsa": _NOT_YET + " (DeepSeek-V3 routing)",
     "granitemoehybrid": _NOT_YET + " (top-k then softmax, shared MLP on the decoder layer)",
     "hy_v4": "its routed experts clamp the gate before SiLU and its shared expert does not (own gate function)",
-    "hy_v3": _RENAMED,
     "inkling2_loop_text": "softcapped SwiGLU experts (a gate function of its own)",
     "inkling2_text": "softcapped SwiGLU experts (a gate function of its own)",
     "inkling_text": "shared experts weighted by the router together with the routed ones",
@@ -154,8 +156,6 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "llama4": "the router weight multiplies the expert input, not its output",
     "llama4_text": "the router weight multiplies the expert input, not its output",
     "longcat_flash": "zero (identity) experts among the routed ones",
-    "minicpm5_moe": _RENAMED,
-    "mimo_v2_flash": _RENAMED,
     "minimax": "decoding step by step through its lightning-attention cache gives other tokens than transformers'"
     " generate (not yet examined)",
     "minimax_m3_vl_text": "GPT-OSS's clamped SwiGLU on concatenated experts under other attribute names",

@@ -23,6 +23,7 @@ Shape legend: E experts, H hidden, I expert intermediate.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -75,12 +76,6 @@ _SCRATCH_BYTES = 16 << 20  # dtype conversion reads through a buffer of this siz
 _EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>[0-9]+)\.(?P<proj>\w+)\.weight$")
 # A decoder layer's tensors: each must have a place in the model (see _check_unplaced).
 _LAYER_KEY = re.compile(r"^model\.layers\.(?P<index>[0-9]+)\.")
-# Checkpoint names of fused expert stacks and routers that transformers renames on loading (Granite-MoE's).
-_LEGACY_NAMES = (
-    (re.compile(r"block_sparse_moe\.input_linear\.weight$"), "block_sparse_moe.experts.gate_up_proj"),
-    (re.compile(r"block_sparse_moe\.output_linear\.weight$"), "block_sparse_moe.experts.down_proj"),
-    (re.compile(r"block_sparse_moe\.router\.layer\.weight$"), "block_sparse_moe.router.weight"),
-)
 # transformers' fused expert stacks: what a memory budget leaves in the checkpoint.
 _FUSED_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 _EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
@@ -359,14 +354,35 @@ class _Placement:
     slice: tuple[int, str] | None = None
 
 
-def _placement(name: str, targets: dict[str, torch.Tensor]) -> _Placement | None:
-    """Where a checkpoint tensor goes, or None if the model has no place for it."""
+@functools.cache
+def _renamings(model_type: str) -> tuple:
+    """transformers' own renamings of ``model_type``'s checkpoint tensors (older names of the same tensors,
+    which its loader maps on reading), or none where this transformers has no such table."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return ()
+    return tuple(t for t in get_checkpoint_conversion_mapping(model_type) or [] if isinstance(t, WeightRenaming))
+
+
+def _renamed(name: str, model_type: str | None) -> str:
+    """``name`` under transformers' renamings for ``model_type`` (unchanged where none applies)."""
+    if not model_type or not _renamings(model_type):
+        return name
+    from transformers.core_model_loading import apply_renamings
+
+    return apply_renamings(name, list(_renamings(model_type)))
+
+
+def _placement(name: str, targets: dict[str, torch.Tensor], model_type: str | None = None) -> _Placement | None:
+    """Where a checkpoint tensor goes (under its own name or transformers' renaming of it for ``model_type``),
+    or None if the model has no place for it."""
     if name in targets:
         return _Placement(name, targets[name])
-    for pattern, replacement in _LEGACY_NAMES:
-        renamed = pattern.sub(replacement, name)
-        if renamed != name and renamed in targets:
-            return _Placement(renamed, targets[renamed])
+    renamed = _renamed(name, model_type)
+    if renamed != name and renamed in targets:
+        return _Placement(renamed, targets[renamed])
     # Mixtral checkpoints keep its MoE block under block_sparse_moe; Granite models still have one there.
     name = name.replace(".block_sparse_moe.", ".mlp.")
     if name in targets:
@@ -553,7 +569,7 @@ def load_weights(model: nn.Module, records: dict[str, TensorRecord], skip: froze
         for file, file_records in by_file.items():
             with open(file, "rb", buffering=0) as f:
                 for record in sorted(file_records, key=lambda r: r.offset):
-                    placed = _placement(record.name, targets)
+                    placed = _placement(record.name, targets, model.config.model_type)
                     if placed is None:
                         _check_unplaced(record, model.config)
                         ignored += 1
@@ -745,7 +761,7 @@ def load(
             targets = model.state_dict(keep_vars=True)
             skip = frozenset(name for name in targets if name.endswith(_FUSED_EXPERT_SUFFIXES))
             for record in records.values():
-                placed = _placement(record.name, targets)
+                placed = _placement(record.name, targets, config.model_type)
                 if placed is not None and placed.target in skip:
                     destinations.append(_expert_destination(record, placed.dest, _check_float_record))
         ignored = load_weights(model, records, skip)
