@@ -130,7 +130,7 @@ UNSUPPORTED_FAMILIES: dict[str, str] = {
     "axk1": "an RMSNorm on the MoE block's output",
     "axk2": _NOT_YET + " (DeepSeek-V3 routing)",
     "bailing_hybrid": "its experts clamp after the activation with per-layer limits (a gate function of its own)",
-    "beam": _NOT_YET + " (DeepSeek-V3 routing, activation in fp32)",
+    "beam": "its experts compute the activation in fp32 (a gate function of its own)",
     "cohere2_moe": "top-k before the selection function, and shared experts averaged with the routed output",
     "dbrx": "experts outside transformers' experts interface (w1/v1/w2 stacks), weights normalised by a p-norm",
     "deepseek_v32": _NOT_YET + " (DeepSeek-V3 routing)",
