@@ -180,6 +180,11 @@ def _more_family_config(family: str):
             **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
             num_shared_experts=1, router_scaling_factor=2.5, mlp_layer_types=["sparse", "sparse"],
         )  # fmt: skip
+    if family == "granitemoehybrid":
+        return t.GraniteMoeHybridConfig(
+            **COMMON, intermediate_size=32, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=16,
+        )  # fmt: skip
     raise KeyError(family)
 
 
@@ -189,6 +194,7 @@ MORE_FAMILIES = (
     "flex_olmo", "mellum", "qwen3_next", "hunyuan_v1_moe", "glm4_moe", "dots1", "solar_open",
     "qwen3_5_moe_text", "lara_mini", "jamba", "glm4_moe_lite", "granitemoe", "granitemoeshared", "granitemoe_swa",
     "minimax_m2", "lfm2_moe", "afmoe", "flint", "exaone_moe", "minicpm5_moe", "mimo_v2_flash", "hy_v3",
+    "granitemoehybrid",
 )  # fmt: skip
 
 
