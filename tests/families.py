@@ -57,6 +57,12 @@ def family_config(family: str):
     return _more_family_config(family)
 
 
+# Qwen-style experts with a shared expert, and the gated delta net layers of the hybrid Qwen families.
+QWEN_EXPERTS = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+GATED_DELTA = dict(
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    layer_types=["linear_attention", "full_attention"],
+)  # fmt: skip
 DSV3_COMMON = dict(
     intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
     n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
@@ -75,17 +81,8 @@ def _more_family_config(family: str):
             **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
             num_experts_per_tok=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
-    if family == "minimax":
-        return t.MiniMaxConfig(
-            **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, block_size=16,
-            layer_types=["linear_attention", "full_attention"],
-        )  # fmt: skip
     if family == "qwen3_next":
-        return t.Qwen3NextConfig(
-            **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-            num_experts=8, num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16,
-            linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
-        )  # fmt: skip
+        return t.Qwen3NextConfig(**COMMON, head_dim=16, intermediate_size=64, **QWEN_EXPERTS, **GATED_DELTA)
     if family == "hunyuan_v1_moe":
         return t.HunYuanMoEV1Config(**COMMON, head_dim=16, intermediate_size=32, num_experts=8, moe_topk=2)
     if family == "glm4_moe":
@@ -102,17 +99,10 @@ def _more_family_config(family: str):
         return t.MiniCPM5MoeConfig(**COMMON, **DSV3_COMMON, head_dim=16, mlp_layer_types=["sparse", "sparse"])
     mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
     if family == "qwen3_5_moe_text":
-        return t.Qwen3_5MoeTextConfig(
-            **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
-            num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-            linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
-        )  # fmt: skip
+        return t.Qwen3_5MoeTextConfig(**COMMON, head_dim=16, **QWEN_EXPERTS, **GATED_DELTA)
     if family == "lara_mini":
-        return t.LaraMiniConfig(
-            **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
-            num_experts_per_tok=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
-            linear_num_value_heads=4, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        )  # fmt: skip
+        settings = {**GATED_DELTA, "layer_types": ["sliding_attention", "full_attention"]}
+        return t.LaraMiniConfig(**COMMON, head_dim=16, **QWEN_EXPERTS, **settings, sliding_window=16)
     if family == "jamba":
         return t.JambaConfig(
             **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2, expert_layer_period=1,
@@ -162,18 +152,6 @@ def _more_family_config(family: str):
             **COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
             num_experts_per_tok=2, mlp_only_layers=[], sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
-        )  # fmt: skip
-    if family == "exaone_moe":
-        settings = {**DSV3_COMMON, "num_experts": 8, "num_shared_experts": 1}
-        del settings["n_routed_experts"], settings["n_shared_experts"]
-        return t.ExaoneMoeConfig(**COMMON, **settings, first_k_dense_replace=0)
-    if family == "minicpm5_moe":
-        return t.MiniCPM5MoeConfig(**COMMON, **DSV3_COMMON, head_dim=16, mlp_layer_types=["sparse", "sparse"])
-    if family == "mimo_v2_flash":
-        settings = {k: v for k, v in DSV3_COMMON.items() if k != "n_shared_experts"}
-        return t.MiMoV2FlashConfig(
-            **COMMON, **settings, head_dim=16, v_head_dim=16, sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
         )  # fmt: skip
     if family == "hy_v3":
         return t.HYV3Config(
