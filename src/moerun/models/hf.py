@@ -12,8 +12,10 @@ Shape legend: T tokens, H hidden, E experts, I expert intermediate, k experts pe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -210,10 +212,7 @@ def _is_gpt_oss_gate(fn: Callable) -> bool:
 def moe_model_types() -> list[str]:
     """The model types of the installed transformers that are causal LMs with routed experts: their modeling
     code uses transformers' experts interface or their config counts experts per token. Read from the
-    source files, nothing imported."""
-    import re
-    from pathlib import Path
-
+    source files: no model code is imported."""
     import transformers
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
