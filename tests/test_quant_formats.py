@@ -121,3 +121,41 @@ def test_concat_rows_equals_quantizing_the_stacked_matrix(rows, fmt):
     joined = concat_rows([quantize_weight(w, fmt) for w in parts])
     whole = quantize_weight(torch.cat(parts), fmt)
     assert torch.equal(joined.qweight, whole.qweight) and torch.equal(joined.dequantize(), whole.dequantize())
+
+
+# ---- matmul_transposed: torch's weight-only int8 GEMM, or dequantize ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("fmt", [QuantFormat(8), QuantFormat(4, 32)])
+def test_matmul_transposed_equals_the_dequantized_product(dtype: torch.dtype, rows: int, fmt: QuantFormat) -> None:
+    from moerun.quant.formats import matmul_transposed
+
+    g = torch.Generator().manual_seed(rows)
+    w = quantize_weight(torch.randn(48, 128, generator=g) * 0.1, fmt)
+    a = torch.randn(rows, 128, generator=g).to(dtype)
+    want = a.float() @ w.dequantize(torch.float32).T
+    got = matmul_transposed(a, w)
+    assert got.dtype == dtype and got.shape == (rows, 48)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        got.float(), want, rtol=tolerance, atol=tolerance * max(1.0, want.abs().amax().item() if rows else 1.0)
+    )
+
+
+def test_matmul_transposed_int8_falls_back_to_dequantizing_where_the_op_cannot_run() -> None:
+    """float16 activations (the op takes bf16 and fp32) and activations that record gradients take the
+    dequantizing path, with the same result."""
+    from moerun.quant.formats import matmul_transposed
+
+    w = quantize_weight(torch.randn(16, 64) * 0.1, QuantFormat(8))
+    a = torch.randn(3, 64)
+    expected = matmul_transposed(a, w)
+    a16 = a.to(torch.float16)
+    torch.testing.assert_close(matmul_transposed(a16, w), a16 @ w.dequantize(torch.float16).T)
+    leaf = a.clone().requires_grad_(True)
+    got = matmul_transposed(leaf, w)
+    got.sum().backward()
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad, w.dequantize(torch.float32).sum(0).expand(3, -1))

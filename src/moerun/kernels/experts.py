@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import Weight, dequantize_matrix
+from ..quant.formats import QuantizedWeight, Weight, dequantize_matrix, matmul_transposed
 from ..routing import RoutingPlan
 from . import native, tuning
 from .activation import GluSpec, apply_glu
@@ -177,8 +177,8 @@ def _grouped_mm(
 ) -> torch.Tensor:
     """out[start:end] = a[start:end] @ weight[e].T (+ bias[e]) for each group. a: [S, K] -> out [S, N].
 
-    ``out`` defaults to a fresh tensor whose rows outside the groups are left unset. Low-bit experts are
-    dequantized to a's dtype one at a time (the pure-torch fallback of the kernel).
+    ``out`` defaults to a fresh tensor whose rows outside the groups are left unset. Low-bit experts run
+    ``matmul_transposed`` one at a time (the pure-torch fallback of the kernel).
     """
     if out is None:
         out = a.new_empty(a.shape[0], weight.shape[1])
@@ -186,6 +186,11 @@ def _grouped_mm(
         b = None if bias is None else bias[e].to(a.dtype)
         if packed is not None:
             out[start:end] = packed_linear(a[start:end], packed[e], b)
+            continue
+        if isinstance(weight[e], QuantizedWeight):  # weight-only low-bit GEMM, or dequantize (matmul_transposed)
+            out[start:end] = matmul_transposed(a[start:end], weight[e])
+            if b is not None:
+                out[start:end] += b
             continue
         w = dequantize_matrix(weight[e], a.dtype)
         if b is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import QuantizedWeight
+from ..quant.formats import QuantizedWeight, matmul_transposed
 from . import native, tuning
 
 _ZERO = torch.zeros(1, dtype=torch.int64)
@@ -49,4 +49,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
             bias=None if bias is None else bias[None],
         )  # fmt: skip
         return out.to(x.dtype).view(*x.shape[:-1], -1)
-    return F.linear(x, weight.dequantize(x.dtype), bias)
+    out = matmul_transposed(rows, weight)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.view(*x.shape[:-1], -1)
