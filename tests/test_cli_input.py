@@ -209,7 +209,7 @@ def test_json_refuses_what_is_not_a_regular_file(
 
 def test_json_refuses_a_device() -> None:  # the check alone: nothing is written
     with pytest.raises(cli.UserError, match=f"--json {os.devnull} exists and is not a regular file"):
-        cli._check_json_destination(Path(os.devnull))
+        cli._check_destination(Path(os.devnull))
     assert Path(os.devnull).is_char_device()
 
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .errors import MemoryBudgetError
 from .files import file_written_whole
 
 app = typer.Typer(
@@ -119,20 +120,6 @@ def _check_memory_budget(memory_budget: str | None) -> None:
         raise UserError(f"--memory-budget: {e}") from None
 
 
-def _raise_budget_error(error: ValueError, memory_budget: str | None) -> None:
-    """Raise a load() error about the budget's size (too small for the model, or a percentage that rounds to 0
-    bytes) as one that names --memory-budget, not the model path load() puts first; return for any other error."""
-    if memory_budget is None:
-        return
-    message = str(error)
-    head, marker, rest = message.rpartition("memory budget ")
-    if marker and (not head or head.endswith(": ")):
-        raise UserError(f"--memory-budget {memory_budget}: {rest}") from None
-    head, marker, rest = message.rpartition(f"size {memory_budget!r} ")
-    if marker and (not head or head.endswith(": ")):
-        raise UserError(f"--memory-budget: {marker}{rest}") from None
-
-
 def _check_destination(path: Path | None, option: str = "--json") -> None:
     """Refuse an output path whose directory does not exist, or that exists and is not a regular file (a
     directory, a device such as /dev/null, a symbolic link), before any work is done: the file is replaced whole."""
@@ -147,14 +134,9 @@ def _check_destination(path: Path | None, option: str = "--json") -> None:
         raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
 
 
-def _check_json_destination(json_path: Path | None) -> None:
-    """Refuse a --json path that cannot be replaced whole (see ``_check_destination``) before any work is done."""
-    _check_destination(json_path, "--json")
-
-
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place when complete."""
-    _check_json_destination(path)
+    _check_destination(path)
     with file_written_whole(path.expanduser()) as f:
         json.dump(data, f, indent=2)
 
@@ -266,7 +248,7 @@ def bench(
     impls = tuple(i for i in impls if i not in unavailable)
     token_counts = _parse_tokens(tokens)
     threads = threads or os.cpu_count() or 1
-    _check_json_destination(json_path)
+    _check_destination(json_path)
     for name, why in unavailable.items():
         console.print(f"[yellow]note[/] {escape(f'{name} left out: {why}')}")
 
@@ -380,7 +362,7 @@ def _bench_model(
             raise UserError(f"{name} must be >= 1, got {value}")
     if decode_tokens < 1:
         raise UserError(f"--decode-tokens must be >= 1, got {decode_tokens}")
-    _check_json_destination(json_path)
+    _check_destination(json_path)
     with Progress(
         TextColumn("{task.description}", markup=False), TimeElapsedColumn(), console=console, transient=True
     ) as progress:  # fmt: skip
@@ -484,7 +466,7 @@ def _bench_offload(
             raise UserError(f"{name} must be >= 1, got {value}")
     if sweep:
         plot = plot or (json_path.with_suffix(".png") if json_path is not None else Path("memory-sweep.png"))
-    _check_destination(json_path, "--json")
+    _check_destination(json_path)
     _check_destination(plot, "--plot")
     setup = Setup(cache_policy, prefetch)
     options = dict(
@@ -507,9 +489,8 @@ def _bench_offload(
             setups = list(dict.fromkeys([ON_DEMAND_LRU, setup]))
             try:
                 records = run_offload_bench(model, [memory_budget], setups, on_step=step, **options)
-            except ValueError as e:
-                _raise_budget_error(e, memory_budget)
-                raise
+            except MemoryBudgetError as e:
+                raise UserError(f"--memory-budget {memory_budget}: {e}") from None
     print_offload_table(records)
     if not sweep:
         for r in records:
@@ -611,7 +592,7 @@ def tune(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if model is not None and preset:
         raise UserError("--model tunes a whole model and --preset one layer shape; give one of them")
-    _check_json_destination(json_path)
+    _check_destination(json_path)
     threads = threads or torch.get_num_threads()
     cases = []
     if preset:
@@ -728,7 +709,7 @@ def eval_(
 
     files = _text_files(text)
     texts = _read_texts(files)
-    _check_json_destination(json_path)
+    _check_destination(json_path)
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="evaluation", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
@@ -787,7 +768,7 @@ def routing_stats_(
     for name, value in (("--segment", segment), ("--max-tokens", max_tokens)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    _check_json_destination(json_path)
+    _check_destination(json_path)
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="routing statistics", memory_budget=memory_budget,
         cache_policy=cache_policy, prefetch=prefetch,
@@ -907,9 +888,8 @@ def quantize(
                 src, dst, config, memory_budget=memory_budget, calibration_files=calibration, dtype=dtype,
                 progress=step,
             )  # fmt: skip
-        except ValueError as e:
-            _raise_budget_error(e, memory_budget)
-            raise
+        except MemoryBudgetError as e:
+            raise UserError(f"--memory-budget {memory_budget}: {e}") from None
     counts: dict[str, int] = {}
     for formats in summary["plan"]["experts"].values():
         for name in formats:
@@ -999,9 +979,8 @@ def _load_model(
     with console.status("loading the model..."):
         try:
             loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch)
-        except ValueError as e:
-            _raise_budget_error(e, memory_budget)
-            raise
+        except MemoryBudgetError as e:
+            raise UserError(f"--memory-budget {memory_budget}: {e}") from None
     s = loaded.stats
     added = s.peak_rss_bytes - s.rss_before_bytes
     _say(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from decimal import ROUND_FLOOR, Decimal
 
+from .errors import MemoryBudgetError
+
 # Keys are lower-case; parsing lower-cases the unit first.
 _UNITS = {
     "": 1,
@@ -82,6 +84,20 @@ def parse_size(text: str, total: int | None = None) -> int:
     if num_bytes <= 0:
         raise ValueError(f"size {text!r} rounds down to 0 bytes")
     return num_bytes
+
+
+def budget_bytes(memory_budget: str | int, total: int) -> int:
+    """A memory budget in bytes: an int as it is, a size as ``parse_size`` reads it (percentages of ``total``).
+
+    Raises:
+        MemoryBudgetError: a size ``parse_size`` refuses.
+    """
+    if isinstance(memory_budget, int):
+        return memory_budget
+    try:
+        return parse_size(memory_budget, total)
+    except ValueError as e:
+        raise MemoryBudgetError(str(e)) from None
 
 
 def format_size(num_bytes: int) -> str:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import directory_written_whole
-from ..sizes import format_size, parse_size
+from ..sizes import budget_bytes, format_size
 from .loader import CheckpointError, LoadedModel, join_tokens, load
 from .mixed import plan_mixed
 from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, plan_metadata, quantize, quantized_tensors
@@ -140,7 +140,7 @@ def quantize_checkpoint(
     model = loaded.model
     float_expert_bytes = expert_nbytes(model)
     if memory_budget is not None:
-        budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget, float_expert_bytes)
+        budget = budget_bytes(memory_budget, float_expert_bytes)
         tokens = calibration_tokens(loaded, calibration_files, calibration_tokens_max)
         if progress:
             progress(f"calibrating on {len(tokens)} tokens for a {format_size(budget)} expert budget")

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MemoryBudgetError
 from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
@@ -783,6 +783,8 @@ def load(
         try:
             cache = offload_experts(list(moe_layers(model).values()), destinations, memory_budget, cache_policy,
                                     prefetch)  # fmt: skip
+        except MemoryBudgetError:
+            raise  # about the budget, not the checkpoint
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{path}: {_one_line(e)}") from None
     if plan is not None:  # experts left in the checkpoint are not read

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import MemoryBudgetError
 from ..kernels.experts import (
     ExpertWeights,
     combine,
@@ -35,7 +36,7 @@ from ..kernels.experts import (
 from ..layer import MoELayer
 from ..quant.formats import ExpertMatrices, Weight
 from ..routing import RoutingPlan
-from ..sizes import format_size, parse_size
+from ..sizes import budget_bytes, format_size
 from .cache import ExpertCache, LFUPolicy, make_policy, running_mean
 from .store import ExpertLayout, ExpertStore, meta_like
 
@@ -268,16 +269,17 @@ def offload_experts(
         storage is released and their ``offload`` hooks set.
 
     Raises:
-        ValueError: a budget below one layer's selected experts (the message names the minimum), or a
-            checkpoint that does not hold every expert.
+        MemoryBudgetError: an unreadable budget, or one below one layer's selected experts (the message
+            names the minimum).
+        ValueError: a checkpoint that does not hold every expert.
     """
     store = ExpertStore(layers, destinations, bypass_page_cache)
     expert_bytes = sum(store.expert_nbytes(li, e) for li, layer in enumerate(layers) for e in range(layer.num_experts))
-    budget = memory_budget if isinstance(memory_budget, int) else parse_size(memory_budget, expert_bytes)
+    budget = budget_bytes(memory_budget, expert_bytes)
     slot = store.slot_nbytes()
     needed = max(layer.routing.top_k for layer in layers)
     if budget < needed * slot:
-        raise ValueError(
+        raise MemoryBudgetError(
             f"memory budget {format_size(budget)} is below one layer's selected experts: at least "
             f"{format_size(needed * slot)} ({needed} experts of {format_size(slot)}) are needed"
         )

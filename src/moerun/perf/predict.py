@@ -46,6 +46,7 @@ from torch import nn
 
 from ..kernels import measure, native, tuning
 from ..layer import MoELayer
+from ..offload.cache import LayerCacheStats
 from ..quant.formats import QuantFormat
 from .roofline import Roofline
 
@@ -432,8 +433,8 @@ def _decode_ms_and_misses(runner, cache, ids: torch.Tensor) -> tuple[float, int,
     for token in ids[1:].tolist():
         runner.decode(token)
     ms = (time.perf_counter() - start) * 1e3
-    misses = sum(s.accesses - s.hits for s in cache.stats)
-    return ms, misses, cache.store.stats.seconds - read_before
+    total = LayerCacheStats.total(cache.stats)
+    return ms, total.accesses - total.hits, cache.store.stats.seconds - read_before
 
 
 def _expert_miss_ms(dtype: torch.dtype, reps: int) -> float:

@@ -174,7 +174,10 @@ def model_cases(model: nn.Module, threads: int, max_tokens: int = MAX_PROMPT_TOK
     head = output_head(model)
     if head is not None:
         cases += _linear_cases(head, dtype, threads, rows_buckets=(1,))
-    return [c for i, c in enumerate(cases) if c.key not in {d.key for d in cases[:i]}]
+    first_of_key: dict[str, CaseSpec] = {}
+    for case in cases:  # a head shaped like a dense matrix is one case
+        first_of_key.setdefault(case.key, case)
+    return list(first_of_key.values())
 
 
 def preset_cases(preset: str, dtype_name: str, bits: tuple[int, ...], group_size: int, threads: int) -> list[CaseSpec]:

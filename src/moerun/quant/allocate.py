@@ -29,6 +29,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
+from ..errors import MemoryBudgetError
 from ..sizes import format_size
 
 # A tightened budget is re-solved at most this often; each pass removes at least the previous overshoot.
@@ -65,7 +66,7 @@ def allocate_bits(sensitivity: Any, cost: Any, budget: int) -> list[int]:
     min_total = sum(int(b) for b in cheapest)
     if budget < min_total:
         shown = f" ({format_size(budget)})" if budget >= 0 else ""
-        raise ValueError(
+        raise MemoryBudgetError(
             f"memory budget {budget} bytes{shown} is below the smallest possible allocation "
             f"{min_total} bytes ({format_size(min_total)}) (every expert at its cheapest choice)"
         )
