@@ -36,8 +36,8 @@ def main() -> None:
     tune(preset_cases(args.preset, "bf16", (args.bits,), 32, args.threads))
     layer = layer_from_hf_block(build_block(PRESETS[args.preset], torch.bfloat16))
     if args.bits != 16:
-        layer.quantize_experts(QuantFormat(args.bits, 32))
-    w = layer.expert_weights()
+        layer.resident.quantize(QuantFormat(args.bits, 32))
+    w = layer.resident.weights()
     print(f"{torch.get_num_threads()} threads, {args.preset}, bits {args.bits}, {tuning.host_fingerprint().cpu}")
     print(f"{'tokens':>6} {'tuned ms':>10} {'rules ms':>10} {'ratio':>7}  tuned pick")
     for count in (int(t) for t in args.tokens.split(",")):

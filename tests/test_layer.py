@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerun import MoELayer, RoutingConfig, make_plan
+from moerun import Experts, MoELayer, RoutingConfig, make_plan
 from moerun.kernels import native, onednn
 from moerun.kernels.experts import BACKENDS, combine, experts_torch, select_backend
 
@@ -80,6 +80,36 @@ def test_one_token_softmax_topk_takes_one_native_call(monkeypatch, variant: str,
     assert len(calls) == one_call
 
 
+class RecordingExperts(Experts):
+    """Delegates to the experts it wraps and records the plans it is called with."""
+
+    def __init__(self, inner: Experts) -> None:
+        super().__init__(inner.num_experts, inner.hidden_size, inner.intermediate_size, inner.glu, inner.backend)
+        self.inner = inner
+        self.plans: list = []
+
+    def forward(self, x: torch.Tensor, plan):
+        self.plans.append(plan)
+        return self.inner(x, plan)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+@pytest.mark.parametrize("variant", ["silu", "grouped_shared_gate", "swiglu_clamped_biases"])
+@torch.inference_mode()
+def test_the_layer_calls_its_experts_as_a_container(variant: str, tokens: int) -> None:
+    """Any Experts implementation stands in for the resident one: the layer routes, makes the plan and calls
+    ``experts(x, plan)``; a container without a one-call token path gets every token through ``forward``."""
+    layer = make_layer(torch.float32, **VARIANTS[variant])
+    x = torch.randn(tokens, 96)
+    want = layer(x)
+    layer.experts = recording = RecordingExperts(layer.experts)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    (plan,) = recording.plans
+    assert plan.num_tokens == tokens and plan.num_slots == tokens * layer.routing.top_k
+    with pytest.raises(ValueError, match="not resident"):
+        layer.resident  # noqa: B018
+
+
 @torch.inference_mode()
 def test_keeps_leading_dimensions() -> None:
     layer = make_layer(torch.float32)
@@ -127,12 +157,12 @@ def test_prepacked_weights_match_reference(variant: str, dtype: torch.dtype) -> 
     layer.backend = "reference"
     expected = layer(x).float()
     layer.backend = "torch"
-    layer.prepack()
-    assert layer.expert_weights().packed is not None
+    layer.resident.prepack()
+    assert layer.resident.weights().packed is not None
     err = (layer(x).float() - expected).abs().max().item()
     assert err <= TOLERANCE[dtype] * expected.abs().max().item()
-    layer.unpack()
-    assert layer.expert_weights().packed is None
+    layer.resident.unpack()
+    assert layer.resident.weights().packed is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -140,20 +170,20 @@ def test_onednn_availability_says_whether_prepack_works(dtype: torch.dtype) -> N
     """The probe agrees with packing a real layer, and where it says no, prepack refuses with a ValueError."""
     layer = make_layer(dtype)
     if onednn.is_available(dtype):
-        layer.prepack()
-        assert layer.expert_weights().packed is not None
+        layer.resident.prepack()
+        assert layer.resident.weights().packed is not None
     else:
         with pytest.raises(ValueError, match="cannot pack|can be packed"):
-            layer.prepack()
-        assert layer.expert_weights().packed is None
+            layer.resident.prepack()
+        assert layer.resident.weights().packed is None
 
 
 def test_prepack_refuses_where_onednn_cannot_pack(monkeypatch) -> None:
     monkeypatch.setattr(onednn, "is_available", lambda dtype: False)
     layer = make_layer(torch.float32)
     with pytest.raises(ValueError, match=r"oneDNN cannot pack torch\.float32 weights .* run without prepacking"):
-        layer.prepack()
-    assert layer.expert_weights().packed is None
+        layer.resident.prepack()
+    assert layer.resident.weights().packed is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -178,7 +208,7 @@ def test_torch_backend_in_parts_equals_one_call(variant: str, part_size: int, to
     x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     weights, ids = layer.select_experts(x)
     plan = make_plan(ids, weights, layer.num_experts)
-    w = layer.expert_weights()
+    w = layer.resident.weights()
     out_sorted = torch.full((plan.num_slots, 96), float("nan"), dtype=dtype)  # rows no part writes would show
     for first in range(0, plan.num_groups, part_size):
         part = slice(first, first + part_size)
@@ -195,7 +225,7 @@ def test_torch_backend_in_parts_equals_one_call(variant: str, part_size: int, to
 def test_torch_backend_rejects_a_sorted_buffer_that_does_not_fit() -> None:
     layer = make_layer(torch.float32)
     plan = make_plan(torch.tensor([[0, 1], [1, 2]]), torch.full((2, 2), 0.5), layer.num_experts)
-    x, w = torch.randn(2, 96), layer.expert_weights()
+    x, w = torch.randn(2, 96), layer.resident.weights()
     for bad in (torch.empty(3, 96), torch.empty(4, 95), torch.empty(4, 96, dtype=torch.bfloat16)):
         with pytest.raises(ValueError, match=r"out_sorted must be \(4, 96\) in torch.float32"):
             experts_torch(x, plan, w, out_sorted=bad)
@@ -206,7 +236,7 @@ def test_experts_forward_rejects_mismatches() -> None:
 
     layer = make_layer(torch.float32)
     plan = make_plan(torch.tensor([[0, 1]]), torch.ones(1, 2), layer.num_experts)
-    w = layer.expert_weights()
+    w = layer.resident.weights()
     with pytest.raises(ValueError, match="hidden states are torch.bfloat16"):
         experts_forward(torch.randn(1, 96, dtype=torch.bfloat16), plan, w)
     with pytest.raises(ValueError, match="plan is for 1 tokens but 2"):
@@ -225,13 +255,13 @@ def test_experts_forward_rejects_mismatches() -> None:
 def test_auto_backend_choice(rows_per_group: int, packed: bool, expected: str) -> None:
     layer = make_layer(torch.bfloat16)
     if packed:
-        layer.prepack()
+        layer.resident.prepack()
     num_experts, top_k = layer.num_experts, layer.routing.top_k
     tokens = rows_per_group * num_experts // top_k
     ids = torch.arange(tokens * top_k).remainder(num_experts).view(tokens, top_k)  # every expert, evenly
     plan = make_plan(ids, torch.full((tokens, top_k), 1.0 / top_k), num_experts)
     x = torch.zeros(tokens, layer.hidden_size, dtype=torch.bfloat16)
-    assert select_backend(x, plan, layer.expert_weights()) is BACKENDS[expected]
+    assert select_backend(x, plan, layer.resident.weights()) is BACKENDS[expected]
 
 
 def _output_and_grads(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -259,7 +289,7 @@ def test_gradients_match_reference(backend: str, variant: str, tokens: int) -> N
     layer.backend = backend
     y, grads = _output_and_grads(layer, x)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
-    assert set(grads) == set(want) and "x" in grads and "gate_up" in grads and "router_weight" in grads
+    assert set(grads) == set(want) and "x" in grads and "experts.gate_up" in grads and "router_weight" in grads
     # Rounding differences scale with the largest gradient: a gradient that is zero in exact arithmetic (top-1
     # routing normalises the weight to 1) holds only such noise.
     atol = 1e-6 * max(g.abs().max().item() for g in want.values())
@@ -272,7 +302,7 @@ def test_gradients_reach_inputs_of_quantized_experts(bits: int) -> None:
     from moerun.quant.formats import QuantFormat
 
     layer = make_layer(torch.float32, hidden_size=128, intermediate_size=64, shared_intermediate_size=64)
-    layer.quantize_experts(QuantFormat(bits, 32))
+    layer.resident.quantize(QuantFormat(bits, 32))
     x = torch.randn(9, 128, generator=torch.Generator().manual_seed(3))
     layer.backend = "reference"
     want_y, want = _output_and_grads(layer, x)

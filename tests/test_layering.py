@@ -15,7 +15,7 @@ PACKAGE = Path(moerun.__file__).parent
 LEVELS = {
     "files": 0, "sizes": 0, "errors": 0, "version": 0, "assets": 0,
     "kernels": 1, "quant": 1, "routing": 1,
-    "layer": 2, "offload": 2,
+    "layer": 2, "experts": 2, "offload": 2,
     "models": 3,
     "runtime": 4, "perf": 4,
     "cli": 5, "__init__": 5, "__main__": 5,

@@ -107,6 +107,21 @@ def test_reference_backend_in_parts_is_close_to_resident():
     loaded.cache.close()
 
 
+def test_offloading_swaps_the_experts_container():
+    """A memory budget replaces each layer's resident experts by OffloadedExperts: same activation, backend
+    and biases, no expert storage left in memory, and nothing else about the layer changed."""
+    resident = moe_layers(moerun.load(REFERENCE, "fp32").model)
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%")
+    for name, layer in moe_layers(loaded.model).items():
+        experts, before = layer.experts, resident[name].experts
+        assert isinstance(experts, offloaded.OffloadedExperts) and experts.index == list(resident).index(name)
+        assert (experts.glu, experts.backend, experts.num_experts) == (before.glu, before.backend, before.num_experts)
+        assert experts.gate_up.device.type == "meta" and experts.gate_up.shape == before.gate_up.shape
+        torch.testing.assert_close(layer.router_weight, resident[name].router_weight)
+        assert not hasattr(layer, "offload")
+    loaded.cache.close()
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
 def test_offloaded_layer_takes_zero_tokens(backend):
     loaded = moerun.load(REFERENCE, "fp32", memory_budget=2 * expert_bytes("fp32"))
@@ -419,10 +434,10 @@ def test_the_store_refuses_a_part_filled_twice_though_the_counts_add_up(tmp_path
         (file, 0, torch.float32, matrix)
         for layer in layers
         for e in range(layer.num_experts)
-        for matrix in (layer.gate_up[e], layer.down[e])
+        for matrix in (layer.resident.gate_up[e], layer.resident.down[e])
     ]
     store.ExpertStore(layers, destinations).close()
-    gate_up = layers[0].gate_up[0]  # [2I, H]
+    gate_up = layers[0].resident.gate_up[0]  # [2I, H]
     half = gate_up.shape[0] // 2
     destinations[0:1] = [(file, 0, torch.float32, gate_up[:half]), (file, 0, torch.float32, gate_up[:half])]
     with pytest.raises(ValueError, match="the checkpoint fills some of expert 0 of MoE layer 0 twice"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from moerun.perf.roofline import Roofline
 
 ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
 OVERHEADS = Overheads(moe_call_ms=0.5, decode_layer_ms=0.25, decode_step_ms=1.0, prefill_layer_ms=2.0,
-                      attention_gflops=20.0, expert_miss_ms=0.3)  # fmt: skip
+                      attention_gflops=20.0, expert_miss_ms=0.3, moe_call_wide_ms=0.5, decode_layer_wide_ms=0.25,
+                      prefill_layer_wide_ms=2.0)  # fmt: skip
 SHAPE = ModelShape(num_layers=2, hidden=64, intermediate=32, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, vocab=100)  # fmt: skip
 PLAN = FormatPlan.of(torch.bfloat16)
@@ -144,6 +146,15 @@ def test_overheads_are_measured_once_and_cached(monkeypatch: pytest.MonkeyPatch,
     tuning.save_overheads(3, {"moe_call_ms": "nope"})  # a corrupt entry is measured again
     assert predict.load_or_measure_overheads(3) == OVERHEADS
     assert calls == [3, 3]
+
+
+def test_layer_overheads_follow_the_hidden_size() -> None:
+    overheads = replace(OVERHEADS, moe_call_wide_ms=1.5, decode_layer_wide_ms=0.75, prefill_layer_wide_ms=4.0)
+    assert overheads.at_hidden(32) == overheads.at_hidden(Overheads.NARROW) == (0.5, 0.25, 2.0)
+    assert overheads.at_hidden(4096) == overheads.at_hidden(Overheads.WIDE) == (1.5, 0.75, 4.0)
+    middle = (Overheads.NARROW + Overheads.WIDE) // 2
+    assert overheads.at_hidden(middle) == pytest.approx((1.0, 0.5, 3.0))
+    assert Overheads.from_dict(overheads.to_dict()) == overheads
 
 
 def test_measured_overheads_are_finite_and_not_negative(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def _round_trip_weights(model: nn.Module, fmt: QuantFormat) -> None:
     """Replace every weight quantize() touches by its quantized-then-dequantized float value, in place."""
     with torch.no_grad():
         for layer in moe_layers(model).values():
-            for w in (layer.gate_up, layer.down, layer.shared_gate_up, layer.shared_down):
+            for w in (layer.experts.gate_up, layer.experts.down, layer.shared_gate_up, layer.shared_down):
                 if w is not None:
                     w.copy_(quantize_weight(w, fmt).dequantize(w.dtype))
         for m in model.modules():

@@ -184,7 +184,7 @@ def plan_for(layer: MoELayer, x: torch.Tensor):
 def test_auto_uses_the_measured_winner(monkeypatch: pytest.MonkeyPatch, winner: str) -> None:
     layer = make_layer(torch.bfloat16)
     x = torch.randn(40, 64).bfloat16()
-    plan, w = plan_for(layer, x), layer.expert_weights()
+    plan, w = plan_for(layer, x), layer.resident.weights()
     rows = plan.num_slots / plan.num_groups
     key = tuning.case_key("experts", "bfloat16", (64, 32), rows, torch.get_num_threads())
     loser = "torch" if winner != "torch" else "torch-grouped_mm"
@@ -200,7 +200,7 @@ def test_auto_uses_the_measured_winner(monkeypatch: pytest.MonkeyPatch, winner: 
 def test_auto_ignores_a_winner_that_cannot_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = make_layer(torch.bfloat16)
     x = torch.randn(40, 64).bfloat16()
-    plan, w = plan_for(layer, x), layer.expert_weights()
+    plan, w = plan_for(layer, x), layer.resident.weights()
     key = tuning.case_key("experts", "bfloat16", (64, 32), plan.num_slots / plan.num_groups, torch.get_num_threads())
     # torch-packed won on a host where the layer was prepacked; this layer is not.
     table = tuning.TuningTable({key: {"torch-packed": 1.0, "torch": 2.0}})
@@ -233,7 +233,7 @@ VARIANTS = {
 
 
 def _weights_for(impl: str, layer: MoELayer):
-    w = layer.expert_weights()
+    w = layer.resident.weights()
     if impl == "torch-packed":
         if not onednn.is_available(layer.dtype):
             pytest.skip(f"oneDNN cannot pack {layer.dtype} on this host")
@@ -250,8 +250,8 @@ def test_every_implementation_matches_the_oracle(impl: str, variant: str, tokens
     layer = make_layer(dtype, **VARIANTS[variant])
     if variant == "biases_swiglu":
         with torch.no_grad():
-            layer.gate_up_bias.normal_(0, 0.2)
-            layer.down_bias.normal_(0, 0.2)
+            layer.resident.gate_up_bias.normal_(0, 0.2)
+            layer.resident.down_bias.normal_(0, 0.2)
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     w = _weights_for(impl, layer)
     if impl not in applicable_implementations(x, w):
@@ -271,16 +271,16 @@ def test_grouped_mm_leaves_empty_experts_out() -> None:
     x = torch.randn(5, 64)
     ids = torch.tensor([[7], [7], [0], [3], [7]])  # experts 1, 2, 4, 5, 6 receive nothing
     plan = make_plan(ids, torch.ones(5, 1), 8)
-    w = layer.expert_weights()
+    w = layer.resident.weights()
     torch.testing.assert_close(experts_grouped_mm(x, plan, w), experts_reference(x, plan, w), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_mm_refuses_low_bit_weights() -> None:
     layer = make_layer(torch.float32)
-    layer.quantize_experts(QuantFormat(8))
+    layer.resident.quantize(QuantFormat(8))
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="grouped_mm needs plain"):
-        experts_grouped_mm(x, plan_for(layer, x), layer.expert_weights())
+        experts_grouped_mm(x, plan_for(layer, x), layer.resident.weights())
 
 
 # ---- measuring
@@ -290,8 +290,8 @@ def test_grouped_mm_refuses_low_bit_weights() -> None:
 def test_measure_experts_times_each_applicable_implementation(bits: int) -> None:
     layer = make_layer(torch.bfloat16, intermediate_size=64)
     if bits != 16:
-        layer.quantize_experts(QuantFormat(bits, 32))
-    w = layer.expert_weights()
+        layer.resident.quantize(QuantFormat(bits, 32))
+    w = layer.resident.weights()
     times = measure.measure_experts(w, torch.bfloat16, 3, 1, min_reps=1, budget_s=0.0)
     assert set(times) <= set(applicable_implementations(torch.zeros(1, 64).bfloat16(), w))
     assert "torch" in times and all(t > 0 for t in times.values())
@@ -300,7 +300,7 @@ def test_measure_experts_times_each_applicable_implementation(bits: int) -> None
 @pytest.mark.parametrize("rows, groups", [(1, 6), (300, 4), (7, None)])
 def test_measure_experts_takes_any_rows_and_groups(rows: int, groups: int | None) -> None:
     layer = make_layer(torch.float32)
-    times = measure.measure_experts(layer.expert_weights(), torch.float32, rows, 1, groups=groups, min_reps=1)
+    times = measure.measure_experts(layer.resident.weights(), torch.float32, rows, 1, groups=groups, min_reps=1)
     assert times["torch"] > 0
 
 

@@ -4,6 +4,7 @@ Importing moerun registers ``"moerun"`` as a transformers experts implementation
 ``AutoModelForCausalLM.from_pretrained(path, experts_implementation="moerun")`` works; it patches nothing.
 """
 
+from .experts import Experts, ResidentExperts
 from .kernels.activation import GLU_ACTIVATIONS, GluSpec
 from .kernels.experts import BACKENDS, ExpertWeights, experts_forward
 from .layer import MoELayer
@@ -38,6 +39,8 @@ __all__ = [
     "Runner",
     "evaluate",
     "experts_forward",
+    "Experts",
+    "ResidentExperts",
     "generate",
     "generate_stream",
     "layer_from_hf_block",

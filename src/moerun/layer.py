@@ -1,23 +1,22 @@
-"""MoELayer: route -> dispatch -> experts -> combine, plus optional shared experts.
+"""MoELayer: route -> plan -> ``experts(x, plan)`` -> output, plus optional shared experts.
+
+The routed experts are a container (``moerun.experts``): resident or offloaded, the layer calls them alike.
 
 Shape legend: T tokens, H hidden, E experts, I expert intermediate, Is shared-expert intermediate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import native
+from .experts import Experts, ResidentExperts
 from .kernels.activation import GluSpec, apply_glu
-from .kernels.experts import ExpertWeights, experts_forward, get_backend, native_supports
+from .kernels.experts import get_backend, route_token, routes_token_natively
 from .kernels.linear import linear
-from .kernels.onednn import PackedExperts, pack_experts
-from .quant.formats import ExpertMatrices, QuantFormat, QuantizedWeight, Weight, dequantize_matrix, quantize_weight
-from .routing import RoutingConfig, RoutingPlan, make_plan, route
+from .quant.formats import Weight, dequantize_matrix
+from .routing import RoutingConfig, make_plan, route
 
 
 def check_hidden(x: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
@@ -74,33 +73,24 @@ class MoELayer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if min(hidden_size, intermediate_size, num_experts) < 1:
-            raise ValueError("hidden_size, intermediate_size and num_experts must all be >= 1")
         if shared_gate and shared_intermediate_size < 1:
             raise ValueError("shared_gate needs a shared expert (shared_intermediate_size >= 1)")
+        glu = GluSpec(activation, swiglu_alpha, swiglu_limit)
+        self.experts: Experts = ResidentExperts(
+            num_experts, hidden_size, intermediate_size, glu, bias=expert_bias, backend=backend, dtype=dtype,
+            device=device,
+        )  # fmt: skip
         routing.validate(num_experts)
-        get_backend(backend)
         self.routing = routing
-        self.glu = GluSpec(activation, swiglu_alpha, swiglu_limit)
+        self.glu = glu
         self.router_fp32 = router_fp32
-        self.backend = backend
-        self.packed: PackedExperts | None = None
         self.dtype = dtype
-        self.expert_formats: list[QuantFormat] | None = None  # set by quantize_experts
-        # Runs the routed experts instead of the resident weights (moerun.offload sets it): (x, plan) -> [T, H].
-        self.offload: Callable[[torch.Tensor, RoutingPlan], torch.Tensor] | None = None
         factory = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         self.router_bias = nn.Parameter(torch.zeros(num_experts, **factory)) if router_bias else None
         self.score_bias = None
         if score_bias:  # DeepSeek keeps the correction in fp32 whatever the model dtype
             self.score_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device))
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        self.gate_up_bias = (
-            nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, **factory)) if expert_bias else None
-        )
-        self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size, **factory)) if expert_bias else None
         self.shared_gate_up = self.shared_down = self.shared_gate_weight = None
         if shared_intermediate_size:
             self.shared_gate_up = nn.Parameter(torch.empty(2 * shared_intermediate_size, hidden_size, **factory))
@@ -128,64 +118,24 @@ class MoELayer(nn.Module):
 
     @property
     def intermediate_size(self) -> int:
-        return self.down.shape[2]
+        return self.experts.intermediate_size
 
-    def quantize_experts(self, formats: QuantFormat | list[QuantFormat]) -> None:
-        """Replace the routed experts' float weights with low-bit ones, in place (the float copy is freed).
+    @property
+    def backend(self) -> str:
+        """The routed experts' backend name (settable)."""
+        return self.experts.backend
 
-        Args:
-            formats: one format for all experts, or one per expert (mixed precision; 16 bits keeps an
-                expert in the layer's dtype).
+    @backend.setter
+    def backend(self, name: str) -> None:
+        get_backend(name)
+        self.experts.backend = name
 
-        Raises:
-            ValueError: already quantized, a wrong number of formats, or a format the shapes cannot take.
-        """
-        if self.expert_formats is not None:
-            raise ValueError("this layer's experts are already quantized")
-        if isinstance(formats, QuantFormat):
-            formats = [formats] * self.num_experts
-        if len(formats) != self.num_experts:
-            raise ValueError(f"expected {self.num_experts} expert formats, got {len(formats)}")
-        gate_up, down = self.gate_up.detach(), self.down.detach()
-        for name, k in (("gate_up", self.hidden_size), ("down", self.intermediate_size)):
-            for fmt in set(formats):
-                if not fmt.supports(k):
-                    raise ValueError(
-                        f"{fmt.name} cannot store the {name} projection (K = {k}): K must be a multiple of 64"
-                    )
-        self.set_expert_weights(formats, *(_quantize_stack(w, formats) for w in (gate_up, down)))
-
-    def set_expert_weights(self, formats: list[QuantFormat], gate_up: Weight, down: Weight) -> None:
-        """Install low-bit expert weights (from ``quantize_experts`` or a quantized checkpoint)."""
-        for name in ("gate_up", "down"):
-            if name in self._parameters:
-                del self._parameters[name]
-        self.packed = None
-        self.gate_up, self.down = gate_up, down
-        self.expert_formats = list(formats)
-
-    def expert_weights(self) -> ExpertWeights:
-        """The routed experts as the backends see them."""
-        return ExpertWeights(self.gate_up, self.down, self.gate_up_bias, self.down_bias, self.glu, self.packed)
-
-    def prepack(self) -> None:
-        """Keep a oneDNN-packed copy of the expert weights for faster prefill GEMMs.
-
-        Costs memory equal to the expert weights again; decode still reads the plain weights.
-        The copy is a snapshot: call again after changing the weights, or ``unpack()`` to drop it.
-        Low-bit experts are not packed (their prefill dequantizes tiles in the native kernel).
-
-        Raises:
-            ValueError: quantized experts, or weights that oneDNN cannot pack with this torch build on this CPU
-                (``moerun.kernels.onednn.is_available(dtype)`` says which dtypes it can).
-        """
-        if self.expert_formats is not None:
-            raise ValueError("prepack is for float experts; these are quantized")
-        self.packed = pack_experts(self.gate_up.detach(), self.down.detach())
-
-    def unpack(self) -> None:
-        """Drop the packed copy made by ``prepack``."""
-        self.packed = None
+    @property
+    def resident(self) -> ResidentExperts:
+        """The routed experts held in memory; ValueError when they are not (offloaded)."""
+        if not isinstance(self.experts, ResidentExperts):
+            raise ValueError(f"this layer's experts are {type(self.experts).__name__}, not resident")
+        return self.experts
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> logits [T, E]."""
@@ -209,59 +159,36 @@ class MoELayer(nn.Module):
         return out
 
     def routes_token_natively(self, x: torch.Tensor) -> bool:
-        """Whether one token x [1, H] is routed by the native kernel (``native.route_token``): softmax top-k
-        routing without router or score biases, an activation the kernel computes, and the native or auto
-        backend. ``forward`` then also runs the experts in the same call where the kernel reads their weights
-        and they are not offloaded. Never while autograd records the forward (``records_grad``)."""
-        if x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
-            return False
-        if self.records_grad(x):
-            return False
+        """Whether one token x [1, H] is routed by the native kernel (``kernels.experts.route_token``): plain
+        softmax top-k routing (no router or score biases, no fp32 router), the native or auto backend, and a
+        token and activation the kernel takes. Never while autograd records the forward (``records_grad``)."""
         return (
             self.routing.mode == "softmax_topk"
             and self.router_bias is None
             and self.score_bias is None
             and not self.router_fp32
             and self.backend in ("auto", "native")
-            and native.fuses_glu(self.glu)
-            and native.is_available()
-            and self.router_weight.is_contiguous()
+            and routes_token_natively(x, self.router_weight, self.glu)
+            and not self.records_grad(x)
         )
 
     def select_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's choice for x [T, H]: weights [T, k] float32 and ids [T, k] int64 (one native call for a
-        token where ``routes_token_natively``, the same choice the one-call decode path makes)."""
-        routing = self.routing
-        if self.routes_token_natively(x) and x.is_contiguous():
-            return native.route_token(
-                x, self.router_weight, routing.top_k, routing.renormalize, routing.routed_scaling_factor
-            )
-        return route(self.router_logits(x), routing, self.score_bias)
+        token where ``routes_token_natively``, the same choice the experts' one-call path makes)."""
+        if self.routes_token_natively(x):
+            return route_token(x, self.router_weight, self.routing)
+        return route(self.router_logits(x), self.routing, self.score_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_hidden(x, self.hidden_size, self.dtype)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
-        routing = self.routing
-        if self.offload is not None and self.records_grad(x):
-            raise ValueError(
-                "offloaded experts (a memory budget) run for inference only and cannot record gradients: call the "
-                "model under torch.no_grad() or torch.inference_mode()"
-            )
-        if self.offload is None and self.routes_token_natively(x) and native_supports(x, self.expert_weights()):
-            # Decode: router, routing and experts in one native call instead of ~25 small torch operations.
-            y, _, _ = native.moe_token(
-                x, self.router_weight, routing.top_k, self.gate_up, self.down, self.glu,
-                renormalize=routing.renormalize, scaling=routing.routed_scaling_factor,
-                gate_up_bias=self.gate_up_bias, down_bias=self.down_bias,
-            )  # fmt: skip
-            return self._add_shared(x, y).reshape(shape)
+        if self.routes_token_natively(x):
+            y = self.experts.fused_token(x, self.router_weight, self.routing)  # decode: one call, where it can
+            if y is not None:
+                return self._add_shared(x, y).reshape(shape)
         weights, ids = self.select_experts(x)
-        plan = make_plan(ids, weights, self.num_experts)
-        if self.offload is None:
-            y = experts_forward(x, plan, self.expert_weights(), self.backend)  # [T, H]
-        else:
-            y = self.offload(x, plan)
+        y = self.experts(x, make_plan(ids, weights, self.num_experts))  # [T, H]
         return self._add_shared(x, y).reshape(shape)
 
     def _add_shared(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -271,30 +198,3 @@ class MoELayer(nn.Module):
 def _differentiable_linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """``linear`` that autograd can follow: low-bit weights are dequantized, never run on the native kernel."""
     return F.linear(x, dequantize_matrix(weight, x.dtype))
-
-
-def experts_from_stacks(
-    formats: list[QuantFormat], make_stack: Callable[[QuantFormat, list[int]], torch.Tensor | QuantizedWeight]
-) -> Weight:
-    """Expert weights [E, N, K] in per-expert formats, from ``make_stack(format, expert ids)`` -> a stack of
-    those experts: the stack itself when all share one low-bit format, else ExpertMatrices over its rows."""
-    distinct = list(dict.fromkeys(formats))
-    if len(distinct) == 1 and distinct[0].bits != 16:
-        return make_stack(distinct[0], list(range(len(formats))))
-    matrices: list[torch.Tensor | QuantizedWeight | None] = [None] * len(formats)
-    for fmt in distinct:
-        ids = [e for e, f in enumerate(formats) if f == fmt]
-        stack = make_stack(fmt, ids)
-        for i, e in enumerate(ids):
-            matrices[e] = stack[i]
-    return ExpertMatrices(matrices)
-
-
-def _quantize_stack(w: torch.Tensor, formats: list[QuantFormat]) -> Weight:
-    """A float stack [E, N, K] in per-expert formats (16-bit experts are copied out of ``w``)."""
-
-    def make_stack(fmt: QuantFormat, ids: list[int]) -> torch.Tensor | QuantizedWeight:
-        chosen = w if len(ids) == w.shape[0] else w[ids]
-        return chosen.contiguous() if fmt.bits == 16 else quantize_weight(chosen, fmt)
-
-    return experts_from_stacks(formats, make_stack)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.formats import QuantizedWeight, Weight, dequantize_matrix, matmul_transposed
-from ..routing import RoutingPlan
+from ..routing import RoutingConfig, RoutingPlan
 from . import native, tuning
 from .activation import GluSpec, apply_glu
 from .onednn import PackedExperts, packed_linear
@@ -322,6 +322,49 @@ def native_supports(x: torch.Tensor, w: ExpertWeights) -> bool:
         and (not isinstance(w.down, torch.Tensor) or w.down.is_contiguous())
         and native.is_available()
     )
+
+
+def routes_token_natively(x: torch.Tensor, router_weight: torch.Tensor, glu: GluSpec) -> bool:
+    """Whether the native kernel routes one token x [1, H] by softmax top-k over ``router_weight`` [E, H]
+    (``route_token``): a CPU bf16/fp32 token, a contiguous router, an activation the kernel computes (so the
+    choice is the one ``moe_token`` makes), and the kernel built for this CPU."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and x.is_contiguous()
+        and router_weight.is_contiguous()
+        and native.fuses_glu(glu)
+        and native.is_available()
+    )
+
+
+def route_token(
+    x: torch.Tensor, router_weight: torch.Tensor, routing: RoutingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's softmax top-k routing in one native call (``routes_token_natively``): weights [1, k]
+    float32 and ids [1, k] int64."""
+    return native.route_token(x, router_weight, routing.top_k, routing.renormalize, routing.routed_scaling_factor)
+
+
+def fused_token_supported(
+    x: torch.Tensor, router_weight: torch.Tensor, routing: RoutingConfig, w: ExpertWeights
+) -> bool:
+    """Whether ``moe_token`` can run: softmax top-k routing done natively, and experts the kernel reads."""
+    return routing.mode == "softmax_topk" and routes_token_natively(x, router_weight, w.glu) and native_supports(x, w)
+
+
+def moe_token(x: torch.Tensor, router_weight: torch.Tensor, routing: RoutingConfig, w: ExpertWeights) -> torch.Tensor:
+    """Decode's one-token path: router, softmax top-k routing and the experts of x [1, H] in one native call
+    instead of ~25 small torch operations (``fused_token_supported`` says where). Returns [1, H] in x's
+    dtype."""
+    y, _, _ = native.moe_token(
+        x, router_weight, routing.top_k, w.gate_up, w.down, w.glu,
+        renormalize=routing.renormalize, scaling=routing.routed_scaling_factor,
+        gate_up_bias=w.gate_up_bias, down_bias=w.down_bias,
+    )  # fmt: skip
+    return y
 
 
 def experts_auto(x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> torch.Tensor:

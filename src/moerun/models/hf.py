@@ -354,11 +354,12 @@ def _new_layer(block_experts: nn.Module, routing: RoutingConfig, **kwargs) -> Mo
         device="meta",
         **kwargs,
     )
-    layer.gate_up = nn.Parameter(w.gate_up, requires_grad=False)
-    layer.down = nn.Parameter(w.down, requires_grad=False)
+    experts = layer.resident
+    experts.gate_up = nn.Parameter(w.gate_up, requires_grad=False)
+    experts.down = nn.Parameter(w.down, requires_grad=False)
     if w.gate_up_bias is not None:
-        layer.gate_up_bias = nn.Parameter(w.gate_up_bias, requires_grad=False)
-        layer.down_bias = nn.Parameter(w.down_bias, requires_grad=False)
+        experts.gate_up_bias = nn.Parameter(w.gate_up_bias, requires_grad=False)
+        experts.down_bias = nn.Parameter(w.down_bias, requires_grad=False)
     return layer
 
 

@@ -69,7 +69,7 @@ def expert_sensitivity(
     """
     weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)  # [T, k]
     xf = x.float()
-    gate_up, down = layer.gate_up.detach(), layer.down.detach()
+    gate_up, down = layer.resident.gate_up.detach(), layer.resident.down.detach()
     float_bytes = gate_up.element_size()
     two_i, hidden = gate_up.shape[1:]
     sensitivity, cost = [], []

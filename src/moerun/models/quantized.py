@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..experts import experts_from_stacks
 from ..kernels.linear import linear
-from ..layer import MoELayer, experts_from_stacks
+from ..layer import MoELayer
 from ..quant.formats import QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
 
 QUANT_FILE = "moerun_quant.json"
@@ -137,13 +138,13 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
         for name, layer in layers.items():
             names = (config.expert_formats or {}).get(name)
             if names:
-                layer.quantize_experts([QuantFormat.parse(n) for n in names])
+                layer.resident.quantize([QuantFormat.parse(n) for n in names])
             elif config.bits != 16:
                 fmt = config.format(config.bits)
                 if not (fmt.supports(layer.hidden_size) and fmt.supports(layer.intermediate_size)):
                     fmt = QuantFormat(8)  # int4 needs K % 64 == 0; tiny test models have smaller experts
-                layer.quantize_experts(fmt)
-            plan["experts"][name] = [f.name for f in (layer.expert_formats or [QuantFormat(16)] * layer.num_experts)]
+                layer.resident.quantize(fmt)
+            plan["experts"][name] = [f.name for f in (layer.experts.formats or [QuantFormat(16)] * layer.num_experts)]
             for attr in ("shared_gate_up", "shared_down"):
                 weight = getattr(layer, attr)
                 if isinstance(weight, torch.Tensor):
@@ -211,9 +212,10 @@ def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor a quantized checkpoint stores, by name: float state plus low-bit storage."""
     tensors = dict(model.state_dict())
     for name, layer in moe_layers(model).items():
-        if layer.expert_formats is not None:
+        experts = layer.resident
+        if experts.formats is not None:
             for proj in ("gate_up", "down"):
-                storage = _expert_storage(getattr(layer, proj), layer.expert_formats)
+                storage = _expert_storage(getattr(experts, proj), experts.formats)
                 tensors.update({f"{name}.{proj}.{key}": t for key, t in storage.items()})
         for attr in ("shared_gate_up", "shared_down"):
             weight = getattr(layer, attr)
@@ -247,10 +249,10 @@ def apply_plan(model: nn.Module, plan: dict[str, object]) -> dict[str, torch.Ten
             continue
         weights = []
         for proj in ("gate_up", "down"):
-            weight, parts = _empty_experts(formats, tuple(getattr(layer, proj).shape), layer.dtype)
+            weight, parts = _empty_experts(formats, tuple(getattr(layer.resident, proj).shape), layer.dtype)
             weights.append(weight)
             storage.update({f"{name}.{proj}.{key}": t for key, t in parts.items()})
-        layer.set_expert_weights(formats, *weights)
+        layer.resident.set_weights(formats, *weights)
     for key, fmt_name in plan["dense"].items():
         module_name, _, attr = key.rpartition(".")
         try:
@@ -272,8 +274,8 @@ def low_bit_weights(model: nn.Module) -> list[Weight]:
     """Every low-bit weight of a model (not parameters: they are not nn.Parameters)."""
     out: list[Weight] = []
     for layer in moe_layers(model).values():
-        if layer.expert_formats is not None:
-            out += [layer.gate_up, layer.down]
+        if layer.experts.formats is not None:
+            out += [layer.experts.gate_up, layer.experts.down]
         out += [w for w in (layer.shared_gate_up, layer.shared_down) if isinstance(w, QuantizedWeight)]
     out += [m.weight for m in model.modules() if isinstance(m, QuantLinear)]
     return out
@@ -287,7 +289,7 @@ def model_nbytes(model: nn.Module) -> int:
 
 def expert_nbytes(model: nn.Module) -> int:
     """Bytes of the routed experts' weights."""
-    return sum(weight_nbytes(getattr(m, p)) for m in moe_layers(model).values() for p in ("gate_up", "down"))
+    return sum(weight_nbytes(getattr(m.experts, p)) for m in moe_layers(model).values() for p in ("gate_up", "down"))
 
 
 def plan_metadata(plan: dict[str, object], version: str) -> str:

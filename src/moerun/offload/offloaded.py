@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import MemoryBudgetError
+from ..experts import Experts, ResidentExperts
 from ..kernels.experts import (
     ExpertWeights,
     combine,
@@ -87,26 +88,39 @@ def _own_slots(plan: RoutingPlan, sub: RoutingPlan) -> RoutingPlan:
     )
 
 
-class OffloadedExperts:
-    """The routed experts of MoE layer ``index``, read through ``cache`` (a layer's ``offload`` hook).
+class OffloadedExperts(Experts):
+    """The routed experts of MoE layer ``index``, read through ``cache``: what the layer calls instead of its
+    ``ResidentExperts`` once offloaded (``offload_experts`` swaps them).
 
     Args:
         cache: the model's expert cache.
         index: this layer's position among the model's MoE layers.
-        layer: the layer (routing config, biases, activation).
-        next_layer: the next MoE layer and its hook, to prefetch for; None for the last or without prefetch.
+        resident: the experts replaced (activation, backend and biases, which stay in memory).
+        next_layer: the next MoE layer and its experts, to prefetch for; None for the last or without prefetch.
+
+    Attributes:
+        gate_up, down: stand-ins of the experts' weights without storage (same shape, dtype and format).
+        formats: the experts' formats as for ``ResidentExperts``.
+
+    Forward: as ``Experts``; for inference only (a forward that autograd records raises ValueError).
     """
 
     def __init__(
         self,
         cache: ExpertCache,
         index: int,
-        layer: MoELayer,
+        resident: ResidentExperts,
         next_layer: tuple[MoELayer, OffloadedExperts] | None = None,
     ) -> None:
+        super().__init__(
+            resident.num_experts, resident.hidden_size, resident.intermediate_size, resident.glu, resident.backend
+        )
+        self.gate_up_bias, self.down_bias = resident.gate_up_bias, resident.down_bias
+        # Storage-free stand-ins with the stored experts' shapes, dtypes and formats (for sizes and shapes).
+        self.gate_up, self.down = _meta_like(resident.gate_up), _meta_like(resident.down)
+        self.formats = resident.formats
         self.cache = cache
         self.index = index
-        self.layer = layer
         self.next_layer = next_layer
         self.layouts: list[ExpertLayout] = cache.store.layouts[index]
         self.expected: set[int] | None = None  # experts the previous layer predicted for this one
@@ -183,19 +197,22 @@ class OffloadedExperts:
         its own slots (``_own_slots``) and the parts' outputs are summed in float32: close to one call, but
         rounded per part.
         """
-        backend = self.layer.backend
+        backend = self.backend
         if backend in ("auto", "native") and native_supports(x, w):
-            return "native", torch.zeros(plan.num_tokens, self.layer.hidden_size, dtype=torch.float32)
+            return "native", torch.zeros(plan.num_tokens, self.hidden_size, dtype=torch.float32)
         if backend in ("auto", "torch"):
-            return "torch", x.new_empty(plan.num_slots, self.layer.hidden_size)  # every part writes its rows
+            return "torch", x.new_empty(plan.num_slots, self.hidden_size)  # every part writes its rows
         # The native backend where it cannot run lands here too: its first part raises as a resident call does.
-        return "sum", torch.zeros(plan.num_tokens, self.layer.hidden_size, dtype=torch.float32)
+        return "sum", torch.zeros(plan.num_tokens, self.hidden_size, dtype=torch.float32)
 
-    def __call__(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        """The experts' combined output [T, H] in x's dtype for x [T, H] routed by ``plan``."""
-        layer = self.layer
+    def forward(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or plan.weights.requires_grad):
+            raise ValueError(
+                "offloaded experts (a memory budget) run for inference only and cannot record gradients: call the "
+                "model under torch.no_grad() or torch.inference_mode()"
+            )
         if plan.num_tokens == 0:  # no experts selected: nothing to read, predict or score
-            return x.new_zeros(0, layer.hidden_size)
+            return x.new_zeros(0, self.hidden_size)
         experts = plan.group_experts.tolist()
         self._score_prediction(experts)
         mode, out, fused = None, None, None
@@ -212,9 +229,9 @@ class OffloadedExperts:
                 w = ExpertWeights(
                     ExpertMatrices([m[0] for m in matrices]),
                     ExpertMatrices([m[1] for m in matrices]),
-                    None if layer.gate_up_bias is None else layer.gate_up_bias[index],
-                    None if layer.down_bias is None else layer.down_bias[index],
-                    layer.glu,
+                    None if self.gate_up_bias is None else self.gate_up_bias[index],
+                    None if self.down_bias is None else self.down_bias[index],
+                    self.glu,
                 )
                 sub = replace(
                     plan,
@@ -223,7 +240,7 @@ class OffloadedExperts:
                     group_counts=plan.group_counts[first : first + len(part)],
                 )
                 if len(part) == len(experts):  # one part: exactly the resident layer's call
-                    return experts_forward(x, sub, w, layer.backend)
+                    return experts_forward(x, sub, w, self.backend)
                 if mode is None:
                     mode, out = self._parts_output(x, plan, w)
                     fused = mode == "native" and fuses_glu(plan, w)
@@ -232,7 +249,7 @@ class OffloadedExperts:
                 elif mode == "torch":
                     experts_torch(x, sub, w, out_sorted=out)
                 else:
-                    out.add_(experts_forward(x, _own_slots(plan, sub), w, layer.backend).float())
+                    out.add_(experts_forward(x, _own_slots(plan, sub), w, self.backend).float())
             finally:
                 self.cache.release(self.index, ids)
         return combine(out, plan) if mode == "torch" else out.to(x.dtype)
@@ -265,8 +282,8 @@ def offload_experts(
         bypass_page_cache: read storage, not the OS page cache (see :class:`ExpertStore`).
 
     Returns:
-        the cache (its ``stats`` per layer, its ``store.stats`` for storage reads); the layers' expert
-        storage is released and their ``offload`` hooks set.
+        the cache (its ``stats`` per layer, its ``store.stats`` for storage reads); each layer's resident
+        experts (whose storage was never filled) are replaced by ``OffloadedExperts``.
 
     Raises:
         MemoryBudgetError: an unreadable budget, or one below one layer's selected experts (the message
@@ -288,11 +305,10 @@ def offload_experts(
     if isinstance(eviction, LFUPolicy):  # forget at the pace of 16 decoded tokens; favour what no prediction covers
         eviction = LFUPolicy(16 * sum(layer.routing.top_k for layer in layers), frozenset({0} if prefetch else ()))
     cache = ExpertCache(store, min(budget // slot, total_experts), eviction, prefetch)
-    hooks: list[OffloadedExperts] = []
+    offloaded: list[OffloadedExperts] = []
     for index in reversed(range(len(layers))):
-        following = (layers[index + 1], hooks[0]) if prefetch and index + 1 < len(layers) else None
-        hooks.insert(0, OffloadedExperts(cache, index, layers[index], following))
-    for layer, hook in zip(layers, hooks, strict=True):
-        layer.offload = hook
-        layer.gate_up, layer.down = _meta_like(layer.gate_up), _meta_like(layer.down)
+        following = (layers[index + 1], offloaded[0]) if prefetch and index + 1 < len(layers) else None
+        offloaded.insert(0, OffloadedExperts(cache, index, layers[index].resident, following))
+    for layer, experts in zip(layers, offloaded, strict=True):
+        layer.experts = experts
     return cache

@@ -213,7 +213,7 @@ class ExpertStore:
         for li, layer in enumerate(layers):
             layouts, pieces = [], []
             for e in range(layer.num_experts):
-                gate_up, down = layer.gate_up[e], layer.down[e]
+                gate_up, down = layer.resident.gate_up[e], layer.resident.down[e]
                 layouts.append(ExpertLayout.of(gate_up, down))
                 pieces.append([])
                 for pi, part in enumerate(matrix_parts(gate_up) + matrix_parts(down)):

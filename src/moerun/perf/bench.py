@@ -156,7 +156,9 @@ def work_of(layer: MoELayer, x: torch.Tensor) -> tuple[int, int]:
     plan = make_plan(ids, weights, layer.num_experts)
     itemsize = layer.dtype.itemsize
     per_expert = 3 * hidden * layer.intermediate_size
-    expert_bytes = (weight_nbytes(layer.gate_up) + weight_nbytes(layer.down)) / layer.num_experts  # packed if low-bit
+    expert_bytes = (
+        weight_nbytes(layer.experts.gate_up) + weight_nbytes(layer.experts.down)
+    ) / layer.num_experts  # packed if low-bit
     shared = 0 if layer.shared_down is None else 3 * hidden * layer.shared_down.shape[1]
     router = layer.router_weight.numel()
     touched = int(plan.num_groups * expert_bytes) + (shared + router) * itemsize
@@ -236,11 +238,11 @@ def run_bench(
         packed_layer = None
         if prepacked:
             packed_layer = layer_from_hf_block(block)  # shares the plain weights with `layer`
-            packed_layer.prepack()
+            packed_layer.resident.prepack()
         quantized = {}
         for b in (b for b in bits if b != 16):
             quantized[f"moerun-int{b}"] = layer_from_hf_block(block)
-            quantized[f"moerun-int{b}"].quantize_experts(QuantFormat(b, group_size))
+            quantized[f"moerun-int{b}"].resident.quantize(QuantFormat(b, group_size))
         for count in tokens:
             if on_step:
                 on_step(f"{name} {dtype_name} {count} tokens")

@@ -230,10 +230,11 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
     total += sum(weight_nbytes(w) for w in low_bit_weights(model))
     for layer in moe_layers(model).values():
-        if layer.expert_formats is not None:  # float experts are parameters, counted above
-            routed = weight_nbytes(layer.gate_up) + weight_nbytes(layer.down)
+        experts = layer.experts
+        if experts.formats is not None:  # float experts are parameters, counted above
+            routed = weight_nbytes(experts.gate_up) + weight_nbytes(experts.down)
         else:
-            routed = (layer.gate_up.numel() + layer.down.numel()) * layer.gate_up.element_size()
+            routed = (experts.gate_up.numel() + experts.down.numel()) * experts.gate_up.element_size()
         total -= routed * (layer.num_experts - layer.routing.top_k) // layer.num_experts
     total += embed.shape[1] * embed.element_size()  # the token's row
     if model.get_output_embeddings().weight is embed:  # tied: parameters() listed it once, as the embedding

@@ -38,7 +38,9 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +169,11 @@ class FormatPlan:
 
 @dataclass(frozen=True)
 class Overheads:
-    """Fixed costs on this host at one thread count, in ms, and the attention's rate (see the module doc)."""
+    """Fixed costs on this host at one thread count, in ms, and the attention's rate (see the module doc).
+
+    The per-layer costs are measured at two hidden sizes, ``NARROW`` and ``WIDE`` (their elementwise work and
+    cache footprint grow with H); :meth:`at_hidden` interpolates between them and holds the wide value beyond.
+    """
 
     moe_call_ms: float
     decode_layer_ms: float
@@ -175,13 +181,30 @@ class Overheads:
     prefill_layer_ms: float
     attention_gflops: float
     expert_miss_ms: float  # an expert cache miss beyond its read: lookup, eviction, slot and thread handoffs
+    moe_call_wide_ms: float
+    decode_layer_wide_ms: float
+    prefill_layer_wide_ms: float
+
+    NARROW: ClassVar[int] = 64
+    WIDE: ClassVar[int] = 512
+
+    def at_hidden(self, hidden: int) -> tuple[float, float, float]:
+        """(MoE call, decode layer, prefill layer) ms at hidden size ``hidden``."""
+        share = min(max((hidden - self.NARROW) / (self.WIDE - self.NARROW), 0.0), 1.0)
+        pairs = (
+            (self.moe_call_ms, self.moe_call_wide_ms),
+            (self.decode_layer_ms, self.decode_layer_wide_ms),
+            (self.prefill_layer_ms, self.prefill_layer_wide_ms),
+        )
+        moe_call, decode_layer, prefill_layer = (narrow + share * (wide - narrow) for narrow, wide in pairs)
+        return moe_call, decode_layer, prefill_layer
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Overheads:
-        return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__})
+        return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__ if k not in ("NARROW", "WIDE")})
 
 
 @dataclass
@@ -272,7 +295,7 @@ class PerfModel:
     def moe_layer(self, shape: ModelShape, plan: FormatPlan, tokens: int, pred: Prediction | None = None) -> Prediction:
         """An MoE layer's forward on ``tokens`` tokens: router, routed experts, shared expert, combine."""
         pred = Prediction(0.0) if pred is None else pred
-        pred.add("moe call", self.overheads.moe_call_ms)
+        pred.add("moe call", self.overheads.at_hidden(shape.hidden)[0])
         # Each expert's rows are Binomial(T, k/E); a group's time depends on its own rows, not on the mean.
         experts_ms = sum(
             shape.num_experts * probability * self.group_ms(shape, plan, rows, pred)
@@ -308,7 +331,7 @@ class PerfModel:
             pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, 1, plan, pred, decode=True))
             pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, 1, plan, pred, decode=True))
             self.moe_layer(shape, plan, 1, pred)
-            pred.add("layer fixed", self.overheads.decode_layer_ms)
+            pred.add("layer fixed", self.overheads.at_hidden(h)[1])
             kv_bytes = 2 * position * shape.num_kv_heads * shape.head_dim * dtype.itemsize
             pred.add("attention", kv_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
             if hit_rate < 1.0:
@@ -339,7 +362,7 @@ class PerfModel:
             pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, tokens, plan, pred))
             pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, tokens, plan, pred))
             self.moe_layer(shape, plan, tokens, pred)
-            pred.add("layer fixed", self.overheads.prefill_layer_ms)
+            pred.add("layer fixed", self.overheads.at_hidden(h)[2])
             # Causal attention: QK^T and PV over half the [T, T] scores.
             flops = 2 * tokens * tokens * shape.num_heads * shape.head_dim
             pred.add("attention", flops / (self.overheads.attention_gflops * 1e9) * 1e3)
@@ -366,13 +389,15 @@ _TINY = dict(
     tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )  # fmt: skip
 _PROBE_PROMPT = 32
+_PROBE_STEPS = 16
+_PROBE_LAYERS = (1, 5)
 
 
-def _tiny_model(layers: int, dtype: torch.dtype) -> nn.Module:
+def _tiny_model(layers: int, dtype: torch.dtype, hidden: int = _TINY["hidden_size"]) -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.OlmoeConfig(num_hidden_layers=layers, **_TINY)
+    config = transformers.OlmoeConfig(num_hidden_layers=layers, **{**_TINY, "hidden_size": hidden})
     return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
@@ -386,28 +411,55 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _runner_times(layers: int, dtype: torch.dtype, reps: int) -> tuple[float, float, nn.Module]:
-    """(decode step ms, prefill ms of a 32-token prompt) of the lean runner over a tiny OLMoE."""
+def _runner_timers(model: nn.Module) -> dict[str, Callable[[], None]]:
+    """Timed parts of the lean runner over a tiny OLMoE: a 32-token prefill, a 4-token prefill, and that
+    followed by 16 decode steps."""
     from ..runtime.lean import LeanRunner
 
-    model = _tiny_model(layers, dtype)
     runner = LeanRunner(model, 256)
-    prompt = torch.arange(_PROBE_PROMPT) % 256
+    prompt = torch.arange(_PROBE_PROMPT) % _TINY["vocab_size"]
 
     def prefill() -> None:
         runner.reset()
         runner.prefill(prompt)
 
-    def decode_steps() -> None:
+    def first() -> None:
         runner.reset()
         runner.prefill(prompt[:4])
-        for i in range(16):
+
+    def decode_steps() -> None:
+        first()
+        for i in range(_PROBE_STEPS):
             runner.decode(i)
 
-    prefill_ms = _median_ms(prefill, reps)
-    steps_ms = _median_ms(decode_steps, reps)
-    first_ms = _median_ms(lambda: (runner.reset(), runner.prefill(prompt[:4])), reps)
-    return (steps_ms - first_ms) / 16, prefill_ms, model
+    return {"prefill": prefill, "first": first, "steps": decode_steps}
+
+
+def _runner_times(
+    hidden: int, dtype: torch.dtype, layer: MoELayer, rounds: int, reps: int
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """({layers: {"step": decode step ms, "prefill": 32-token prefill ms}} of the lean runner over tiny OLMoEs
+    of ``_PROBE_LAYERS`` layers at ``hidden``, {"decode", "prefill": ms of ``layer`` alone on 1 and 32 rows}),
+    timed in alternating rounds: the host's speed drifts, and a difference of two times measured minutes
+    apart would be mostly drift."""
+    timers = {layers: _runner_timers(_tiny_model(layers, dtype, hidden)) for layers in _PROBE_LAYERS}
+    x1, xp = torch.randn(1, hidden).to(dtype), torch.randn(_PROBE_PROMPT, hidden).to(dtype)
+    alone = {"decode": lambda: [layer(x1) for _ in range(10)], "prefill": lambda: layer(xp)}
+    samples: dict[int, dict[str, list[float]]] = {n: {"prefill": [], "first": [], "steps": []} for n in timers}
+    alone_samples: dict[str, list[float]] = {"decode": [], "prefill": []}
+    for _ in range(rounds):
+        for layers, parts in timers.items():
+            for name, fn in parts.items():
+                samples[layers][name].append(_median_ms(fn, reps))
+        for name, fn in alone.items():
+            alone_samples[name].append(_median_ms(fn, reps))
+    times = {}
+    for layers, parts in samples.items():
+        med = {name: statistics.median(values) for name, values in parts.items()}
+        times[layers] = {"step": (med["steps"] - med["first"]) / _PROBE_STEPS, "prefill": med["prefill"]}
+    layer_ms = {name: statistics.median(values) for name, values in alone_samples.items()}
+    layer_ms["decode"] /= 10
+    return times, layer_ms
 
 
 def _save_quietly(model: nn.Module, directory: str) -> None:
@@ -462,58 +514,62 @@ def _expert_miss_ms(dtype: torch.dtype, reps: int) -> float:
     return max(statistics.median(per_miss), 0.0) if per_miss else 0.0
 
 
-def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: int = 15) -> Overheads:
-    """Fit the fixed costs on tiny OLMoE models of 1 and 3 layers, and of an expert cache miss on a 2-layer
-    one read from disk (about 10 s).
-
-    A layer's fixed decode cost is the per-layer slope of the step time less the tiny layer's own matrices
-    (q/k/v, o and its MoE layer, each timed alone); the step's is the intercept less the tiny head; a miss's
-    is ``_expert_miss_ms``.
-    """
+def _layer_costs(hidden: int, dtype: torch.dtype, threads: int, rounds: int, reps: int) -> dict[str, float]:
+    """The fixed costs of a layer at ``hidden`` (MoE call, decode layer, prefill layer) and of a step, fitted
+    on tiny OLMoEs of 1 and 5 layers: a layer's is the per-layer slope of the runner's time less the tiny
+    layer's own matrices (q/k/v, o and its MoE layer, each timed alone); the step's is the intercept less
+    the tiny head."""
     from ..models.hf import layer_from_hf_block
 
     top_k = _TINY["num_experts_per_tok"]
+    model = _tiny_model(1, dtype, hidden)
+    block = model.model.layers[0]
+    layer: MoELayer = layer_from_hf_block(block.mlp)
+    times, layer_ms = _runner_times(hidden, dtype, layer, rounds, reps)
+    attn = block.self_attn
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+    dense = {"qkv": qkv, "o": attn.o_proj.weight.detach(), "head": model.lm_head.weight.detach()}
+    decode_ms = {n: min(measure.measure_linear(w, dtype, 1, threads).values()) for n, w in dense.items()}
+    prefill_ms = {n: measure.measure_linear(w, dtype, _PROBE_PROMPT, threads)["torch"] for n, w in dense.items()}
+    moe_decode, moe_prefill = layer_ms["decode"], layer_ms["prefill"]
+    groups = min(measure.measure_experts(layer.resident.weights(), dtype, 1, threads, groups=top_k).values())
+    few, many = _PROBE_LAYERS
+    decode_slope = (times[many]["step"] - times[few]["step"]) / (many - few)
+    prefill_slope = (times[many]["prefill"] - times[few]["prefill"]) / (many - few)
+    # A negative remainder is noise around zero: those costs are then too small to see at this size.
+    return {
+        "moe_call": max(moe_decode - top_k * groups, 0.0),
+        "decode_layer": max(decode_slope - decode_ms["qkv"] - decode_ms["o"] - moe_decode, 0.0),
+        "prefill_layer": max(prefill_slope - prefill_ms["qkv"] - prefill_ms["o"] - moe_prefill, 0.0),
+        "step": max(times[few]["step"] - few * decode_slope - decode_ms["head"], 0.0),
+    }
+
+
+def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: int = 5) -> Overheads:
+    """Fit the fixed costs on tiny OLMoE models of 1 and 5 layers at hidden sizes ``Overheads.NARROW`` and
+    ``Overheads.WIDE`` (``_layer_costs``), the attention's rate, and an expert cache miss's cost on a 2-layer
+    one read from disk (``_expert_miss_ms``); about 20 s."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            one_step, one_prefill, _ = _runner_times(1, dtype, reps)
-            three_step, three_prefill, model = _runner_times(3, dtype, reps)
-            block = model.model.layers[0]
-            layer: MoELayer = layer_from_hf_block(block.mlp)
-            attn = block.self_attn
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-            dense = {"qkv": qkv, "o": attn.o_proj.weight.detach(), "head": model.lm_head.weight.detach()}
-            decode_ms = {n: min(measure.measure_linear(w, dtype, 1, threads).values()) for n, w in dense.items()}
-            prefill_ms = {
-                n: measure.measure_linear(w, dtype, _PROBE_PROMPT, threads)["torch"] for n, w in dense.items()
-            }
-            hidden = _TINY["hidden_size"]
-            x1 = torch.randn(1, hidden).to(dtype)
-            xp = torch.randn(_PROBE_PROMPT, hidden).to(dtype)
-            moe_decode = _median_ms(lambda: layer(x1), 50)
-            moe_prefill = _median_ms(lambda: layer(xp), 20)
-            groups = min(measure.measure_experts(layer.expert_weights(), dtype, 1, threads, groups=top_k).values())
+            narrow = _layer_costs(Overheads.NARROW, dtype, threads, rounds=5, reps=reps)
+            wide = _layer_costs(Overheads.WIDE, dtype, threads, rounds=5, reps=reps)
             q = torch.randn(1, 8, 256, 64).to(dtype)
             attention_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 10)
             expert_miss = _expert_miss_ms(dtype, reps=5)
     finally:
         torch.set_num_threads(previous)
-    moe_call = max(moe_decode - top_k * groups, 0.0)
-    decode_slope = (three_step - one_step) / 2
-    decode_layer = decode_slope - decode_ms["qkv"] - decode_ms["o"] - moe_decode
-    prefill_slope = (three_prefill - one_prefill) / 2
-    prefill_layer = prefill_slope - prefill_ms["qkv"] - prefill_ms["o"] - moe_prefill
-    decode_step = one_step - decode_slope - decode_ms["head"]
-    attention_gflops = 2 * 256 * 256 * 8 * 64 / (attention_ms * 1e-3) / 1e9
-    # A negative remainder is noise around zero: those costs are then too small to see at this size.
     return Overheads(
-        moe_call_ms=moe_call,
-        decode_layer_ms=max(decode_layer, 0.0),
-        decode_step_ms=max(decode_step, 0.0),
-        prefill_layer_ms=max(prefill_layer, 0.0),
-        attention_gflops=attention_gflops,
+        moe_call_ms=narrow["moe_call"],
+        decode_layer_ms=narrow["decode_layer"],
+        decode_step_ms=narrow["step"],
+        prefill_layer_ms=narrow["prefill_layer"],
+        attention_gflops=2 * 256 * 256 * 8 * 64 / (attention_ms * 1e-3) / 1e9,
         expert_miss_ms=expert_miss,
+        moe_call_wide_ms=wide["moe_call"],
+        decode_layer_wide_ms=wide["decode_layer"],
+        prefill_layer_wide_ms=wide["prefill_layer"],
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..experts import ResidentExperts
 from ..kernels import measure, tuning
 from ..layer import MoELayer
 from ..quant.formats import QuantizedWeight, concat_rows
@@ -69,9 +70,11 @@ def expert_row_buckets(num_experts: int, top_k: int, max_tokens: int = MAX_PROMP
 
 
 def _experts_cases(layer: MoELayer, threads: int, max_tokens: int) -> list[CaseSpec]:
-    w = layer.expert_weights()
+    if not isinstance(layer.experts, ResidentExperts):  # offloaded: nothing resident to time
+        return []
+    w = layer.resident.weights()
     fmt = tuning.format_key(w.gate_up)
-    if fmt is None or w.gate_up.device.type == "meta":  # mixed formats, or offloaded (nothing resident to time)
+    if fmt is None:  # mixed formats
         return []
     shape = (w.hidden_size, w.intermediate_size)
     cases = []
@@ -164,7 +167,7 @@ def model_cases(model: nn.Module, threads: int, max_tokens: int = MAX_PROMPT_TOK
     cases: list[CaseSpec] = []
     seen: set[tuple] = set()
     for layer in moe_layer_views(model):
-        key = (tuning.format_key(layer.gate_up), layer.hidden_size, layer.intermediate_size, layer.num_experts)
+        key = (tuning.format_key(layer.experts.gate_up), layer.hidden_size, layer.intermediate_size, layer.num_experts)
         if key not in seen:
             seen.add(key)
             cases += _experts_cases(layer, threads, max_tokens)
@@ -199,7 +202,7 @@ def preset_cases(preset: str, dtype_name: str, bits: tuple[int, ...], group_size
             layers.clear()  # one preset layer in memory at a time
             layer = layer_from_hf_block(build_block(p, dtype))
             if b != 16:
-                layer.quantize_experts(QuantFormat(b, group_size))
+                layer.resident.quantize(QuantFormat(b, group_size))
             layers[b] = layer
         return layers[b]
 
@@ -213,7 +216,7 @@ def preset_cases(preset: str, dtype_name: str, bits: tuple[int, ...], group_size
                     tuning.case_key("experts", fmt, shape, rows, threads),
                     f"{preset} experts {fmt}, {rows} rows/expert",
                     lambda b=b, rows=rows: measure.measure_experts(
-                        layer_at(b).expert_weights(),
+                        layer_at(b).resident.weights(),
                         dtype,
                         rows,
                         threads,
