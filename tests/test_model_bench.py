@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from families import tiny_model
+from families import family_config, tiny_model
 from moerun import cli
 from moerun.perf import model_bench
 from moerun.runtime.lean import make_lean_runner
@@ -49,7 +49,7 @@ def test_bench_model_writes_json_records(tiny_dir, tmp_path, capsys) -> None:
 
 
 def test_uncovered_family_runs_transformers_with_moerun_experts(tmp_path) -> None:
-    tiny_model("deepseek_v3").save_pretrained(tmp_path)
+    tiny_model("glm4_moe").save_pretrained(tmp_path)
     (record,) = model_bench.run_model_bench(str(tmp_path), "fp32", 1, ("moerun",), 4, 2, rounds=1)
     assert record.path == "transformers" and "moerun experts" in record.note
     assert record.decode_tokens_per_s > 0
@@ -69,6 +69,36 @@ def test_synthetic_model_is_seeded_and_runs_lean(monkeypatch) -> None:
     with torch.inference_mode():
         expected = model(ids[None]).logits[0, -1]
     torch.testing.assert_close(runner.prefill(ids), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "gpt_oss"])
+def test_synthetic_variants_rebuild_their_rope_and_run_lean(monkeypatch, family: str) -> None:
+    """The synthetic DeepSeek and GPT-OSS builders (meta device, then filled) recompute the rotary buffers
+    (YaRN for GPT-OSS), so the lean runner computes what the model's own forward does."""
+    config = family_config(family)
+    fields = {k: v for k, v in config.to_dict().items() if k in type(config)().to_dict()}
+    monkeypatch.setitem(model_bench.SYNTHETIC_MODELS, "tiny", (type(config).__name__, fields))
+    model = model_bench.build_synthetic("tiny", torch.float32, seed=3)
+    assert torch.equal(model.model.rotary_emb.inv_freq, type(model.model.rotary_emb)(config=model.config).inv_freq)
+    ids = torch.arange(9)
+    runner = make_lean_runner(model, max_seq_len=16)
+    with torch.inference_mode():
+        expected = model(ids[None]).logits[0, -1]
+    torch.testing.assert_close(runner.prefill(ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_copy_shares_float_weights_and_leaves_the_model_alone() -> None:
+    model = tiny_model("olmoe")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    ids = torch.arange(7)
+    with torch.inference_mode():
+        expected = model(ids[None]).logits
+        quantized = model_bench.quantized_copy(model, 8)
+        assert torch.equal(model(ids[None]).logits, expected)
+        assert (quantized(ids[None]).logits - expected).abs().max() < 0.1 * expected.abs().max()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    # the copy holds no float expert weights of its own: its embedding is the model's very tensor
+    assert quantized.model.embed_tokens.weight is model.model.embed_tokens.weight
 
 
 def test_decode_bytes_per_token_counts_top_k_experts() -> None:

@@ -17,7 +17,8 @@ from moerun.perf.roofline import Roofline
 
 ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
 OVERHEADS = Overheads(moe_call_ms=0.5, decode_layer_ms=0.25, decode_step_ms=1.0, prefill_layer_ms=2.0,
-                      attention_gflops=20.0, expert_miss_ms=0.3, moe_call_wide_ms=0.5, decode_layer_wide_ms=0.25,
+                      attention_gflops=20.0, expert_miss_ms=0.3, offloaded_call_ms=0.2, moe_call_wide_ms=0.5,
+                      decode_layer_wide_ms=0.25,
                       prefill_layer_wide_ms=2.0)  # fmt: skip
 SHAPE = ModelShape(num_layers=2, hidden=64, intermediate=32, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, vocab=100)  # fmt: skip
@@ -74,8 +75,11 @@ def test_decode_step_adds_layers_head_and_misses() -> None:
     assert resident.ms == pytest.approx(expected)
     offloaded = model.decode_step(SHAPE, PLAN, position=10, hit_rate=0.75, storage_gbps=1.0)
     misses = 2 * 2 * 0.25  # layers x k x miss rate
-    assert offloaded.ms - resident.ms == pytest.approx(misses * ((3 * 32 * 64 * 2) / 1e9 * 1e3 + 0.3))
+    calls = 2 * 0.2  # layers x the offloaded call's own cost
+    assert offloaded.ms - resident.ms == pytest.approx(misses * ((3 * 32 * 64 * 2) / 1e9 * 1e3 + 0.3) + calls)
     assert offloaded.parts["expert misses"] == pytest.approx(misses * 0.3)
+    all_cached = model.decode_step(SHAPE, PLAN, position=10, offloaded=True)
+    assert all_cached.ms - resident.ms == pytest.approx(calls) and "expert misses" not in all_cached.parts
     with pytest.raises(ValueError, match="storage read bandwidth"):
         model.decode_step(SHAPE, PLAN, hit_rate=0.5)
 

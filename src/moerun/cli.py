@@ -160,7 +160,8 @@ def bench(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Time a whole model instead of one layer: a checkpoint directory, 'reference' or 'olmoe-1b-7b-4l'."
+            help="Time a whole model instead of one layer: a checkpoint directory, 'reference', or a synthetic "
+            "model: 'olmoe-1b-7b-4l', 'deepseek-v2-lite-4l', 'gpt-oss-20b-4l'."
         ),
     ] = None,
     prompt_tokens: Annotated[
@@ -560,7 +561,7 @@ def _root(
 def tune(
     model: Annotated[
         str | None,
-        typer.Option(help="Tune for a whole model: a checkpoint directory, 'reference' or 'olmoe-1b-7b-4l'."),
+        typer.Option(help="Tune for a whole model: a checkpoint directory, 'reference', or a synthetic model (bench)."),
     ] = None,
     preset: Annotated[
         list[str] | None, typer.Option(help="Tune for a layer preset (as in bench), repeat for several, or 'all'.")

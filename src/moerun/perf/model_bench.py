@@ -29,7 +29,8 @@ from ..models.hf import SUPPORTED_BLOCKS, patch
 from ..models.quantized import QuantConfig, low_bit_weights, moe_layers, quantize
 from ..quant.formats import weight_nbytes
 from ..runtime.generate import HFRunner
-from ..runtime.lean import LeanRunner, Runner
+from ..runtime.lean import LeanRunner, Runner, make_lean_runner
+from ..runtime.lean_variants import VariantLeanRunner
 from .bench import DTYPES, available_memory_bytes
 from .predict import FormatPlan, ModelShape, PerfModel
 
@@ -47,6 +48,31 @@ SYNTHETIC_MODELS = {
             intermediate_size=1024, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
             vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        ),
+    ),
+    # DeepSeek-V2-Lite's shapes (multi-head latent attention, a dense first layer, 64 experts, top-6, two
+    # shared experts) with 4 of its 27 layers; default RoPE instead of its YaRN.
+    "deepseek-v2-lite-4l": (
+        "DeepseekV2Config",
+        dict(
+            hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=4,
+            intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+            num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=1.0,
+            topk_method="greedy", norm_topk_prob=False, vocab_size=102400, max_position_embeddings=4096,
+            tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        ),
+    ),
+    # GPT-OSS-20B's shapes (64 query and 8 kv heads, sinks, alternating 128-token sliding windows, 32 experts,
+    # top-4, expert biases) with 4 of its 24 layers.
+    "gpt-oss-20b-4l": (
+        "GptOssConfig",
+        dict(
+            hidden_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_hidden_layers=4,
+            intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * 2, vocab_size=201088,
+            max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None,
         ),
     ),
 }  # fmt: skip
@@ -87,11 +113,14 @@ def build_synthetic(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
                 p.fill_(1.0)
             else:
                 _fill_random_(p, generator)
-        # to_empty left the non-persistent RoPE buffers uninitialised: recompute them.
+        # to_empty left the non-persistent buffers (RoPE frequencies) uninitialised: take a fresh module's.
         rotary = model.model.rotary_emb
-        inv_freq, _ = rotary.compute_default_rope_parameters(config)
-        rotary.inv_freq.copy_(inv_freq)
-        rotary.original_inv_freq.copy_(inv_freq)
+        fresh = type(rotary)(config=model.config)
+        for name, buffer in fresh.named_buffers():
+            rotary.get_buffer(name).copy_(buffer)
+        for name, buffer in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.zero_()
     return model
 
 
@@ -199,7 +228,7 @@ def make_runners(
             runners[impl] = TransformersRunner(model, _HF_EXPERTS[impl])
             continue
         try:
-            lean = LeanRunner(model, max_seq_len)
+            lean = make_lean_runner(model, max_seq_len)
         except NotImplementedError as e:
             runners[impl] = TransformersRunner(model, "moerun")
             notes[impl] = f"transformers forward with moerun experts ({e})"
@@ -212,8 +241,12 @@ def make_runners(
 
 
 def quantized_copy(model: nn.Module, bits: int, group_size: int = 32) -> nn.Module:
-    """A moerun-patched copy of ``model`` with experts and dense matrices at ``bits`` (int4: ``group_size``)."""
-    quantized = copy.deepcopy(model)
+    """A moerun-patched copy of ``model`` with experts and dense matrices at ``bits`` (int4: ``group_size``).
+
+    The copy's modules are new but start out sharing ``model``'s parameters: patching and quantizing replace
+    tensors rather than write into them, so the copy costs its low-bit weights, not a float copy as well.
+    """
+    quantized = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
     if not moe_layers(quantized):
         patch(quantized)
     quantize(quantized, QuantConfig(bits=bits, group_size=group_size))
@@ -399,7 +432,7 @@ def run_model_bench(
             decode_roofline_fraction=decode_per_s * bytes_per_token / (read_gbps * 1e9),
             decode_non_moe_share=statistics.median(1 - s["decode_moe"] / s["decode"] for s in runs),
             prefill_non_moe_share=statistics.median(1 - s["prefill_moe"] / s["ttft"] for s in runs),
-            path="lean" if isinstance(runners[impl], LeanRunner) else "transformers",
+            path="lean" if isinstance(runners[impl], (LeanRunner, VariantLeanRunner)) else "transformers",
             note=notes.get(impl),
             predicted_prefill_tokens_per_s=predicted["prefill"],
             predicted_decode_tokens_per_s=predicted["decode"],

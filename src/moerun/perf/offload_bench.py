@@ -393,7 +393,7 @@ def _with_prediction(record: OffloadRecord, perf_model: PerfModel, shape: ModelS
     storage = record.storage_gbps if record.storage_gbps > 0 else None
     position = record.prompt_tokens + record.decode_tokens // 2
     hit_rate = record.hit_rate if storage else 1.0
-    step_ms = perf_model.decode_step(shape, plan, position, hit_rate, storage).ms
+    step_ms = perf_model.decode_step(shape, plan, position, hit_rate, storage, offloaded=True).ms
     # Every round loads afresh: the prompt finds the cache empty.
     prefill_ms = perf_model.prefill(shape, plan, record.prompt_tokens, 0 if storage else None, storage).ms
     decode = 1e3 / step_ms

@@ -11,8 +11,8 @@ Every term comes from a measurement on this host, none from a run of the thing p
 - **overheads** (:func:`measure_overheads`), fitted on a tiny model of the same code path whose kernels are
   timed separately: the fixed cost of an MoE layer call (routing, plan, combine), of a decoder layer
   outside its matrices (norms, RoPE, cache writes, attention ops), and of a step outside its layers;
-  and the attention's GFLOP/s; and what an expert cache miss costs beyond its read (on a tiny model read
-  from disk).
+  and the attention's GFLOP/s; and, on a tiny model read from disk, what an offloaded MoE layer call costs
+  beyond a resident one (cache lookups, slot views) and what an expert cache miss costs beyond its read.
 
 An MoE layer of E experts and top-k at T tokens routes each expert r ~ Binomial(T, k/E) rows (uniform
 routing; E (1 - (1 - k/E)^T) experts receive any on average):
@@ -22,7 +22,8 @@ routing; E (1 - (1 - k/E)^T) experts receive any on average):
 A decode step at position p (``hit_rate`` < 1 with experts offloaded adds the reads that miss):
 
     step = sum over layers [qkv(1) + o(1) + layer(1) + layer_fixed + 2 p Hkv D b / BW
-                            + k (1 - hit) (expert_bytes / storage_BW + miss)] + head(1) + step_fixed
+                            + offloaded_call + k (1 - hit) (expert_bytes / storage_BW + miss)]
+           + head(1) + step_fixed
 
 A prefill of T tokens: per layer qkv(T) + o(T) + layer(T) + layer_fixed + causal attention FLOPs / rate
 + elementwise passes over [T, H] / BW, plus the output head on one row; offloaded, each expert the prompt
@@ -181,6 +182,7 @@ class Overheads:
     prefill_layer_ms: float
     attention_gflops: float
     expert_miss_ms: float  # an expert cache miss beyond its read: lookup, eviction, slot and thread handoffs
+    offloaded_call_ms: float  # an offloaded MoE layer's call beyond a resident one's, all experts cached
     moe_call_wide_ms: float
     decode_layer_wide_ms: float
     prefill_layer_wide_ms: float
@@ -322,9 +324,11 @@ class PerfModel:
         position: int = 0,
         hit_rate: float = 1.0,
         storage_gbps: float | None = None,
+        offloaded: bool | None = None,
     ) -> Prediction:
-        """One decode step at ``position`` (tokens already cached); ``hit_rate`` of offloaded experts found in
-        the cache, the misses read at ``storage_gbps``."""
+        """One decode step at ``position`` (tokens already cached); with experts ``offloaded`` (default: when
+        ``hit_rate`` < 1), ``hit_rate`` of them found in the cache and the misses read at ``storage_gbps``."""
+        offloaded = hit_rate < 1.0 if offloaded is None else offloaded
         pred = Prediction(0.0)
         h, dtype = shape.hidden, plan.dtype
         for _ in range(shape.num_layers):
@@ -334,6 +338,8 @@ class PerfModel:
             pred.add("layer fixed", self.overheads.at_hidden(h)[1])
             kv_bytes = 2 * position * shape.num_kv_heads * shape.head_dim * dtype.itemsize
             pred.add("attention", kv_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
+            if offloaded:
+                pred.add("offloaded call", self.overheads.offloaded_call_ms)
             if hit_rate < 1.0:
                 if not storage_gbps:
                     raise ValueError("predicting offloaded experts needs the storage read bandwidth")
@@ -476,42 +482,62 @@ def _save_quietly(model: nn.Module, directory: str) -> None:
 
 
 def _decode_ms_and_misses(runner, cache, ids: torch.Tensor) -> tuple[float, int, float]:
-    """(ms, expert misses, seconds in reads) of decoding ``ids`` one token at a time after a reset."""
+    """(ms, expert misses, seconds in reads) of decoding ``ids`` one token at a time after a reset (no cache:
+    resident experts)."""
     runner.reset()
     runner.prefill(ids[:1])
-    cache.reset_stats()
-    read_before = cache.store.stats.seconds
+    if cache is not None:
+        cache.reset_stats()
+        read_before = cache.store.stats.seconds
     start = time.perf_counter()
     for token in ids[1:].tolist():
         runner.decode(token)
     ms = (time.perf_counter() - start) * 1e3
+    if cache is None:
+        return ms, 0, 0.0
     total = LayerCacheStats.total(cache.stats)
     return ms, total.accesses - total.hits, cache.store.stats.seconds - read_before
 
 
-def _expert_miss_ms(dtype: torch.dtype, reps: int) -> float:
-    """What an expert cache miss costs beyond its read, on a tiny 2-layer OLMoE saved to disk: decoding with
-    a cache of one layer's selected experts (on-demand LRU, no prefetch) against all experts cached, less the
-    seconds spent in reads, per miss."""
+def _offload_costs(dtype: torch.dtype, reps: int) -> tuple[float, float]:
+    """(ms an expert cache miss costs beyond its read, ms an offloaded MoE layer call costs beyond a resident
+    one) on a tiny 2-layer OLMoE saved to disk, decoding with it resident, offloaded with every expert
+    cached, and offloaded with a cache of one layer's selected experts (on-demand LRU, no prefetch): the
+    second less the first per layer call; the third less the second, less the seconds spent in reads, per
+    miss. The three take turns (the host's speed drifts)."""
     from ..files import cache_directory
     from ..models.loader import load
     from ..runtime.lean import LeanRunner
 
-    ids = torch.randint(_TINY["vocab_size"], (65,), generator=torch.Generator().manual_seed(0))
+    steps = 64
+    ids = torch.randint(_TINY["vocab_size"], (steps + 1,), generator=torch.Generator().manual_seed(0))
     directory = cache_directory()
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".miss-probe-", dir=directory) as tmp:
         _save_quietly(_tiny_model(2, dtype), tmp)
-        budgets = {"all": "100%", "few": f"{_TINY['num_experts_per_tok'] / (2 * _TINY['num_experts']):.0%}"}
-        runs = {}
+        budgets = {
+            "resident": None,
+            "all": "100%",
+            "few": f"{_TINY['num_experts_per_tok'] / (2 * _TINY['num_experts']):.0%}",
+        }
+        runners = {}
         for name, budget in budgets.items():
             loaded = load(tmp, dtype, None, budget, "lru", prefetch=False)
-            runner = LeanRunner(loaded.model, 128)
-            _decode_ms_and_misses(runner, loaded.cache, ids)  # warm-up: the full cache fills here
-            runs[name] = [_decode_ms_and_misses(runner, loaded.cache, ids) for _ in range(reps)]
-    all_ms = statistics.median(ms for ms, _, _ in runs["all"])
+            runners[name] = (LeanRunner(loaded.model, 128), loaded.cache)
+        runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in budgets}
+        for round_index in range(reps + 1):  # round 0 warms up (the full cache fills there)
+            for name, (runner, cache) in runners.items():
+                run = _decode_ms_and_misses(runner, cache, ids)
+                if round_index:
+                    runs[name].append(run)
+        for _, cache in runners.values():
+            if cache is not None:
+                cache.close()
+    resident_ms, all_ms = (statistics.median(ms for ms, _, _ in runs[name]) for name in ("resident", "all"))
     per_miss = [(ms - all_ms - read_s * 1e3) / misses for ms, misses, read_s in runs["few"] if misses]
-    return max(statistics.median(per_miss), 0.0) if per_miss else 0.0
+    miss = max(statistics.median(per_miss), 0.0) if per_miss else 0.0
+    call = max((all_ms - resident_ms) / (2 * steps), 0.0)
+    return miss, call
 
 
 def _layer_costs(hidden: int, dtype: torch.dtype, threads: int, rounds: int, reps: int) -> dict[str, float]:
@@ -547,8 +573,8 @@ def _layer_costs(hidden: int, dtype: torch.dtype, threads: int, rounds: int, rep
 
 def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: int = 5) -> Overheads:
     """Fit the fixed costs on tiny OLMoE models of 1 and 5 layers at hidden sizes ``Overheads.NARROW`` and
-    ``Overheads.WIDE`` (``_layer_costs``), the attention's rate, and an expert cache miss's cost on a 2-layer
-    one read from disk (``_expert_miss_ms``); about 20 s."""
+    ``Overheads.WIDE`` (``_layer_costs``), the attention's rate, and the costs of offloading on a 2-layer one
+    read from disk (``_offload_costs``); about 20 s."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -557,7 +583,7 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
             wide = _layer_costs(Overheads.WIDE, dtype, threads, rounds=5, reps=reps)
             q = torch.randn(1, 8, 256, 64).to(dtype)
             attention_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), 10)
-            expert_miss = _expert_miss_ms(dtype, reps=5)
+            expert_miss, offloaded_call = _offload_costs(dtype, reps=5)
     finally:
         torch.set_num_threads(previous)
     return Overheads(
@@ -567,6 +593,7 @@ def measure_overheads(threads: int, dtype: torch.dtype = torch.bfloat16, reps: i
         prefill_layer_ms=narrow["prefill_layer"],
         attention_gflops=2 * 256 * 256 * 8 * 64 / (attention_ms * 1e-3) / 1e9,
         expert_miss_ms=expert_miss,
+        offloaded_call_ms=offloaded_call,
         moe_call_wide_ms=wide["moe_call"],
         decode_layer_wide_ms=wide["decode_layer"],
         prefill_layer_wide_ms=wide["prefill_layer"],

@@ -3,7 +3,7 @@
 A :class:`~moerun.runtime.lean.Runner` owns the model's state between calls (its KV cache): ``prefill`` the
 prompt, then ``decode`` one token at a time, each returning the logits of the last position. :class:`HFRunner`
 runs a transformers model with its ``DynamicCache``; :func:`default_runner` prefers moerun's lean decode
-path (:class:`~moerun.runtime.lean.LeanRunner`) for the families it covers.
+path (:func:`~moerun.runtime.lean.make_lean_runner`) for the families it covers.
 
 Shape legend: T prompt tokens, V vocabulary.
 """

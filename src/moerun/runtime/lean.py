@@ -21,7 +21,8 @@ norm -> RoPE -> causal attention -> o projection -> residual -> RMSNorm -> MoE o
 
 Families: OLMoE (q/k RMSNorm over all heads, optional qkv clipping), Qwen3-MoE (per-head q/k RMSNorm),
 Mixtral, Qwen2-MoE (qkv biases; its shared expert lives in the MoE layer). DeepSeek (MLA) and GPT-OSS
-(attention sinks, sliding windows) are left to transformers.
+(attention sinks, sliding windows) run on :mod:`moerun.runtime.lean_variants`; :func:`make_lean_runner`
+picks the runner for a model.
 
 Shape legend: T prompt tokens, H hidden, Hq query heads, Hkv key/value heads, D head dim, L max_seq_len,
 P cached positions, V vocabulary.
@@ -519,6 +520,11 @@ class LeanRunner:
         return native.rms_norm(h, weight, self.eps, self._normed)
 
 
-def make_lean_runner(model: nn.Module, max_seq_len: int | None = None, use_native: bool = True) -> LeanRunner:
-    """The lean runner over ``model`` (see :class:`LeanRunner`); NotImplementedError for uncovered families."""
+def make_lean_runner(model: nn.Module, max_seq_len: int | None = None, use_native: bool = True) -> Runner:
+    """The lean runner over ``model``: :class:`LeanRunner` for llama-like attention, ``VariantLeanRunner``
+    (:mod:`moerun.runtime.lean_variants`) for DeepSeek-V2/V3 and GPT-OSS; NotImplementedError for the rest."""
+    from .lean_variants import VARIANT_FAMILIES, VariantLeanRunner
+
+    if getattr(model.config, "model_type", None) in VARIANT_FAMILIES:
+        return VariantLeanRunner(model, max_seq_len, use_native)
     return LeanRunner(model, max_seq_len, use_native)
