@@ -122,6 +122,20 @@ def test_offloading_swaps_the_experts_container():
     loaded.cache.close()
 
 
+def test_offloaded_experts_refuse_a_forward_that_records_gradients():
+    loaded = moerun.load(REFERENCE, "fp32", memory_budget="50%")
+    layer = next(iter(moe_layers(loaded.model).values()))
+    x = torch.randn(3, layer.hidden_size)
+    with pytest.raises(ValueError, match="inference only"):
+        layer(x.clone().requires_grad_())
+    layer.router_weight.requires_grad_(True)  # the routing weights then require grad
+    with pytest.raises(ValueError, match="inference only"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
+    loaded.cache.close()
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
 def test_offloaded_layer_takes_zero_tokens(backend):
     loaded = moerun.load(REFERENCE, "fp32", memory_budget=2 * expert_bytes("fp32"))

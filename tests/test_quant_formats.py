@@ -128,16 +128,23 @@ def test_concat_rows_equals_quantizing_the_stacked_matrix(rows, fmt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 37])
-@pytest.mark.parametrize("fmt", [QuantFormat(8), QuantFormat(4, 32)])
-def test_matmul_transposed_equals_the_dequantized_product(dtype: torch.dtype, rows: int, fmt: QuantFormat) -> None:
+@pytest.mark.parametrize("n", [48, 40])
+@pytest.mark.parametrize(
+    "fmt", [QuantFormat(8), QuantFormat(4, 32), QuantFormat(4, 64), QuantFormat(4, 128, False)], ids=str
+)
+def test_matmul_transposed_equals_the_dequantized_product(
+    dtype: torch.dtype, rows: int, n: int, fmt: QuantFormat
+) -> None:
+    """torch's weight-only int8 and int4 GEMMs (rows not a multiple of 16 padded for int4) equal the
+    dequantized product."""
     from moerun.quant.formats import matmul_transposed
 
     g = torch.Generator().manual_seed(rows)
-    w = quantize_weight(torch.randn(48, 128, generator=g) * 0.1, fmt)
+    w = quantize_weight(torch.randn(n, 128, generator=g) * 0.1, fmt)
     a = torch.randn(rows, 128, generator=g).to(dtype)
     want = a.float() @ w.dequantize(torch.float32).T
     got = matmul_transposed(a, w)
-    assert got.dtype == dtype and got.shape == (rows, 48)
+    assert got.dtype == dtype and got.shape == (rows, n)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(
         got.float(), want, rtol=tolerance, atol=tolerance * max(1.0, want.abs().amax().item() if rows else 1.0)
@@ -159,3 +166,20 @@ def test_matmul_transposed_int8_falls_back_to_dequantizing_where_the_op_cannot_r
     got.sum().backward()
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaf.grad, w.dequantize(torch.float32).sum(0).expand(3, -1))
+
+
+def test_int4_conversion_is_made_once_per_matrix_and_kept_by_stack_views() -> None:
+    """The torch-layout copy is made on first use, per dtype; indexing a stack shares it; a weight without
+    conversions (a view over an expert cache's slot) dequantizes instead, with the same result."""
+    from moerun.quant.formats import QuantizedWeight, matmul_transposed
+
+    stack = quantize_weight(torch.randn(3, 32, 64) * 0.1, QuantFormat(4, 32))
+    a = torch.randn(2, 64)
+    first = matmul_transposed(a, stack[1])
+    (held,) = stack.conversions[1].values()
+    assert matmul_transposed(a, stack[1]) is not None and stack.conversions[1][("int4pack", torch.float32)] is held
+    matmul_transposed(a.bfloat16(), stack[1])
+    assert len(stack.conversions[1]) == 2 and set(stack.conversions) == {1}
+    slot_view = QuantizedWeight(stack.format, stack.qweight[1], stack.scales[1], None, 64)
+    torch.testing.assert_close(matmul_transposed(a, slot_view), first, rtol=1e-5, atol=1e-5)
+    assert slot_view.conversions is None

@@ -188,5 +188,6 @@ def measure_linear(
 def _copy(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
     if isinstance(weight, QuantizedWeight):
         mins = None if weight.mins is None else weight.mins.clone()
-        return QuantizedWeight(weight.format, weight.qweight.clone(), weight.scales.clone(), mins, weight.in_features)
+        qweight, scales = weight.qweight.clone(), weight.scales.clone()
+        return QuantizedWeight(weight.format, qweight, scales, mins, weight.in_features, {})
     return weight.detach().clone()

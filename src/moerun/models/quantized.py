@@ -27,7 +27,7 @@ from ..layer import MoELayer
 from ..quant.formats import QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
 
 QUANT_FILE = "moerun_quant.json"
-QUANT_FORMAT_VERSION = 2  # 2: int4 in row tiles and blocks of 16 groups
+QUANT_FORMAT_VERSION = 3  # 2: int4 in row tiles and blocks of 16 groups; 3: float expert tensors under <layer>.experts
 
 
 @dataclass(frozen=True)

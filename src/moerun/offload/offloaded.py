@@ -138,24 +138,24 @@ class OffloadedExperts(Experts):
         self._last_call: tuple[float, float] | None = None  # (time, store.busy_s) at this layer's last call
 
     def _predict_next(self, x: torch.Tensor) -> None:
-        layer, hook = self.next_layer
+        layer, following = self.next_layer
         _, ids = layer.select_experts(x)
         predicted = sorted(set(ids.flatten().tolist()))
-        hook.expected, hook.expected_uncached = set(predicted), set()
-        hook._predicted_at = time.perf_counter()
+        following.expected, following.expected_uncached = set(predicted), set()
+        following._predicted_at = time.perf_counter()
         # Many tokens (prefill) select most experts: reading them all ahead would only evict this layer's. Their
         # predictions are not scored either: they come true far more often than one token's.
         if len(predicted) > self.cache.num_slots // 2:
             return
         uncached = self.cache.uncached(self.index + 1, predicted)
-        hook.expected_uncached = set(uncached)
-        if not uncached or hook.accuracy is None or hook.lead_s is None or hook.busy is None:
+        following.expected_uncached = set(uncached)
+        if not uncached or following.accuracy is None or following.lead_s is None or following.busy is None:
             return
         reads = self.cache.store.stats
         bytes_per_s = reads.bytes / reads.seconds if reads.seconds > 0 else ASSUMED_STORAGE_BYTES_PER_S
-        read_s = hook.layouts[uncached[0]].nbytes / bytes_per_s
+        read_s = following.layouts[uncached[0]].nbytes / bytes_per_s
         cpu_s = self.cache.prefetch_cpu_s if _cores_are_full() else 0.0
-        if prefetch_pays(hook.accuracy, hook.lead_s, read_s, hook.busy, cpu_s or 0.0):
+        if prefetch_pays(following.accuracy, following.lead_s, read_s, following.busy, cpu_s or 0.0):
             self.cache.prefetch(self.index + 1, uncached)
 
     def _score_prediction(self, experts: list[int]) -> None:
@@ -206,7 +206,8 @@ class OffloadedExperts(Experts):
         return "sum", torch.zeros(plan.num_tokens, self.hidden_size, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or plan.weights.requires_grad):
+        records = x.requires_grad or plan.weights.requires_grad or any(p.requires_grad for p in self.parameters())
+        if torch.is_grad_enabled() and records:
             raise ValueError(
                 "offloaded experts (a memory budget) run for inference only and cannot record gradients: call the "
                 "model under torch.no_grad() or torch.inference_mode()"

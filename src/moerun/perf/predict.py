@@ -521,18 +521,20 @@ def _offload_costs(dtype: torch.dtype, reps: int) -> tuple[float, float]:
             "few": f"{_TINY['num_experts_per_tok'] / (2 * _TINY['num_experts']):.0%}",
         }
         runners = {}
-        for name, budget in budgets.items():
-            loaded = load(tmp, dtype, None, budget, "lru", prefetch=False)
-            runners[name] = (LeanRunner(loaded.model, 128), loaded.cache)
         runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in budgets}
-        for round_index in range(reps + 1):  # round 0 warms up (the full cache fills there)
-            for name, (runner, cache) in runners.items():
-                run = _decode_ms_and_misses(runner, cache, ids)
-                if round_index:
-                    runs[name].append(run)
-        for _, cache in runners.values():
-            if cache is not None:
-                cache.close()
+        try:
+            for name, budget in budgets.items():
+                loaded = load(tmp, dtype, None, budget, "lru", prefetch=False)
+                runners[name] = (LeanRunner(loaded.model, 128), loaded.cache)
+            for round_index in range(reps + 1):  # round 0 warms up (the full cache fills there)
+                for name, (runner, cache) in runners.items():
+                    run = _decode_ms_and_misses(runner, cache, ids)
+                    if round_index:
+                        runs[name].append(run)
+        finally:
+            for _, cache in runners.values():
+                if cache is not None:
+                    cache.close()
     resident_ms, all_ms = (statistics.median(ms for ms, _, _ in runs[name]) for name in ("resident", "all"))
     per_miss = [(ms - all_ms - read_s * 1e3) / misses for ms, misses, read_s in runs["few"] if misses]
     miss = max(statistics.median(per_miss), 0.0) if per_miss else 0.0

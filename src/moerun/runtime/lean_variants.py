@@ -44,7 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: 
     normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
     if weight_in_fp32:
         return (weight * normed).to(x.dtype)
-    return weight * normed.to(x.dtype)
+    return (weight * normed.to(x.dtype)).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool) -> torch.Tensor:
