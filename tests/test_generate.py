@@ -13,6 +13,7 @@ import moerun
 from families import FAMILIES
 from moerun.runtime.generate import HFRunner, default_runner, sample_next
 from moerun.runtime.lean import LeanRunner
+from moerun.runtime.lean_variants import VariantLeanRunner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
 
 NEW_TOKENS = 20
@@ -40,7 +41,10 @@ def test_greedy_matches_transformers_generate(family: str, tmp_path: Path) -> No
     assert result.stop_reason == "max_new_tokens" and result.prompt_tokens == 7
 
 
-@pytest.mark.parametrize(("family", "runner_type"), [("olmoe", LeanRunner), ("gpt_oss", HFRunner)])
+@pytest.mark.parametrize(
+    ("family", "runner_type"),
+    [("olmoe", LeanRunner), ("gpt_oss", VariantLeanRunner), ("deepseek_v2", VariantLeanRunner), ("glm4_moe", HFRunner)],
+)
 def test_default_runner_is_lean_where_covered(family: str, runner_type: type, tmp_path: Path) -> None:
     """The equivalence test above runs whichever runner this picks, so both kinds are checked."""
     assert isinstance(default_runner(moerun.load(save_checkpoint(family, tmp_path)).model), runner_type)

@@ -147,10 +147,16 @@ def test_offloaded_layer_takes_zero_tokens(backend):
 
 
 def test_quantized_checkpoint_offloaded_equals_resident(int4_dir):
+    """Bit for bit where the native kernel runs both; on the torch path resident int4 experts run torch's int4
+    GEMM on a converted copy while offloaded ones, read into cache slots, are dequantized (converting every
+    expert read would cost more than reading it), so there they agree to float rounding."""
     want = logits(moerun.load(int4_dir, "fp32"))
     loaded = moerun.load(int4_dir, "fp32", memory_budget="25%")
     assert loaded.cache.num_slots == 8  # a quarter of 4 layers x 8 experts
-    assert torch.equal(logits(loaded), want)
+    if native.is_available():
+        assert torch.equal(logits(loaded), want)
+    else:
+        torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_lean_runner_decodes_the_same_tokens_offloaded():
