@@ -178,8 +178,12 @@ MORE_FAMILIES = (
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random transformers model of ``family`` with weights large enough to route decisively."""
+    return model_of_config(family_config(family), seed, dtype)
+
+
+def model_of_config(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random transformers model of ``config``, initialised as ``tiny_model`` does."""
     torch.manual_seed(seed)
-    config = family_config(family)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -19,7 +19,7 @@ from moerun.runtime.lean import (
     make_lean_runner,
 )
 
-LEAN_FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe")
+LEAN_FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 NATIVE = [True, False] if native.is_available() else [False]
 DECODE_STEPS = 20
 
@@ -51,13 +51,9 @@ def prompt(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("use_native", NATIVE)
-@pytest.mark.parametrize("family", LEAN_FAMILIES)
-def test_prefill_and_decode_match_transformers_fp32(family: str, use_native: bool) -> None:
-    model = tiny_model(family)
-    runner = make_lean_runner(model, max_seq_len=64, use_native=use_native)
+def assert_prefill_and_decode_match(model, runner, ids: torch.Tensor) -> None:
+    """The runner's logits after the prompt ``ids`` and DECODE_STEPS greedy steps equal transformers' (fp32)."""
     reference = HFReference(model)
-    ids = prompt(11)
     expected = reference(ids.tolist())
     got = runner.prefill(ids)
     assert got.dtype == torch.float32 and got.shape == (128,)
@@ -65,10 +61,16 @@ def test_prefill_and_decode_match_transformers_fp32(family: str, use_native: boo
     token = int(expected.argmax())
     for _ in range(DECODE_STEPS):
         expected = reference([token])
-        got = runner.decode(token)
-        assert_logits_close(got, expected, 1e-4)
+        assert_logits_close(runner.decode(token), expected, 1e-4)
         token = int(expected.argmax())
-    assert runner.length == 11 + DECODE_STEPS
+    assert runner.length == ids.shape[0] + DECODE_STEPS
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_prefill_and_decode_match_transformers_fp32(family: str, use_native: bool) -> None:
+    model = tiny_model(family)
+    assert_prefill_and_decode_match(model, make_lean_runner(model, max_seq_len=64, use_native=use_native), prompt(11))
 
 
 def greedy(runner, ids: torch.Tensor, steps: int) -> list[int]:
@@ -90,7 +92,7 @@ def test_greedy_ids_match_transformers_generate(family: str) -> None:
     assert greedy(runner, ids, DECODE_STEPS) == expected[0, 7:].tolist()
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss"])
 def test_patched_model_and_reset(family: str) -> None:
     model = tiny_model(family)
     ids = prompt(9)
@@ -188,8 +190,9 @@ def test_apply_rope_matches_rotate_half() -> None:
     torch.testing.assert_close(apply_rope(x, cos, signed_sin), x * cos + rotated * sin)
 
 
-def test_sequence_longer_than_the_cache_is_refused() -> None:
-    runner = make_lean_runner(tiny_model("mixtral"), max_seq_len=8)
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_sequence_longer_than_the_cache_is_refused(family: str) -> None:
+    runner = make_lean_runner(tiny_model(family), max_seq_len=8)
     runner.prefill(prompt(7))
     runner.decode(1)
     with pytest.raises(ValueError, match="holds 8"):

@@ -1,5 +1,6 @@
 """The lean runner for DeepSeek-V2/V3 (multi-head latent attention) and GPT-OSS (sinks, sliding windows)
-computes what transformers computes: prefill and decode logits, greedy ids, continued prompts, low-bit."""
+computes what transformers computes: prefill and decode logits, continued prompts, low-bit, bf16 (test_lean.py
+runs them through its family tests too: greedy ids, patched models)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 import moerun
-from families import family_config, tiny_model
+from families import family_config, model_of_config, tiny_model
 from moerun.models.quantized import QuantConfig
 from moerun.runtime.lean import make_lean_runner
 from moerun.runtime.lean_variants import VariantLeanRunner, rope_tables, rotate
-from test_lean import DECODE_STEPS, HFReference, assert_logits_close, greedy, prompt, relative_error
+from test_lean import HFReference, assert_logits_close, assert_prefill_and_decode_match, prompt, relative_error
 
 VARIANTS = ("deepseek_v2", "deepseek_v3", "gpt_oss")
 
@@ -21,28 +22,12 @@ def variant_model(name: str, dtype: torch.dtype = torch.float32):
     if name == "deepseek_v3_q_lora":
         config = family_config("deepseek_v3")
         config.q_lora_rank = 24
-        return _model_of(config, dtype)
+        return model_of_config(config, dtype=dtype)
     if name == "deepseek_v3_rotate_half":
         config = family_config("deepseek_v3")
         config.rope_interleave = False
-        return _model_of(config, dtype)
+        return model_of_config(config, dtype=dtype)
     return tiny_model(name, dtype=dtype)
-
-
-def _model_of(config, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.02 if "embed" in name or "norm" in name else 0.15)
-            if "norm" in name:
-                p.add_(1.0)
-        for name, b in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                b.normal_(0.0, 0.1)
-    return model.to(dtype)
 
 
 @pytest.mark.parametrize("name", [*VARIANTS, "deepseek_v3_q_lora", "deepseek_v3_rotate_half"])
@@ -52,27 +37,7 @@ def test_prefill_and_decode_match_transformers_fp32(name: str, prompt_length: in
     model = variant_model(name)
     runner = make_lean_runner(model, max_seq_len=64)
     assert isinstance(runner, VariantLeanRunner)
-    reference = HFReference(model)
-    ids = prompt(prompt_length)
-    expected = reference(ids.tolist())
-    got = runner.prefill(ids)
-    assert got.dtype == torch.float32 and got.shape == (128,)
-    assert_logits_close(got, expected, 1e-4)
-    token = int(expected.argmax())
-    for _ in range(DECODE_STEPS):
-        expected = reference([token])
-        assert_logits_close(runner.decode(token), expected, 1e-4)
-        token = int(expected.argmax())
-    assert runner.length == prompt_length + DECODE_STEPS
-
-
-@pytest.mark.parametrize("family", VARIANTS)
-def test_greedy_ids_match_transformers_generate(family: str) -> None:
-    model = tiny_model(family)
-    ids = prompt(7, seed=2)
-    with torch.inference_mode():
-        expected = model.generate(ids[None], max_new_tokens=DECODE_STEPS, do_sample=False, min_new_tokens=DECODE_STEPS)
-    assert greedy(make_lean_runner(model, max_seq_len=32), ids, DECODE_STEPS) == expected[0, 7:].tolist()
+    assert_prefill_and_decode_match(model, runner, prompt(prompt_length))
 
 
 @pytest.mark.parametrize("family", VARIANTS)
@@ -88,19 +53,6 @@ def test_prompt_after_cached_positions_matches_transformers(family: str) -> None
     assert_logits_close(runner.decode(5), expected[14], 1e-4)
     assert_logits_close(runner.prefill(second), expected[-1], 1e-4)
     assert runner.length == 24
-
-
-@pytest.mark.parametrize("family", VARIANTS)
-def test_patched_model_and_reset(family: str) -> None:
-    model = tiny_model(family)
-    ids = prompt(9)
-    expected = greedy(make_lean_runner(model, max_seq_len=32), ids, 8)
-    moerun.patch(model)
-    runner = make_lean_runner(model, max_seq_len=32)
-    assert greedy(runner, ids, 8) == expected
-    runner.reset()
-    assert runner.length == 0
-    assert greedy(runner, ids, 8) == expected
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -131,19 +83,6 @@ def test_bf16_close_to_transformers_fp32(family: str) -> None:
     for token in (3, 50, 7, 90):
         errors.append(relative_error(runner.decode(token), reference([token])))
     assert max(errors) <= 5e-2, errors
-
-
-def test_sequence_longer_than_the_cache_is_refused() -> None:
-    runner = make_lean_runner(tiny_model("gpt_oss"), max_seq_len=8)
-    runner.prefill(prompt(7))
-    runner.decode(1)
-    with pytest.raises(ValueError, match="holds 8"):
-        runner.decode(1)
-    runner.reset()
-    with pytest.raises(ValueError, match="holds 8"):
-        runner.prefill(prompt(9))
-    with pytest.raises(ValueError, match="non-empty 1-D integer"):
-        runner.prefill(torch.zeros(0, dtype=torch.int64))
 
 
 def test_families_without_a_lean_path_are_refused() -> None:

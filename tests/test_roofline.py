@@ -60,6 +60,12 @@ def test_compute_bound_uses_the_dtype_peak() -> None:
     assert HAND_MADE.fraction(2.0, 1e8, 1e11, torch.float32) == pytest.approx(1.0)
 
 
+def test_fastest_dtype_bounds_low_bit_arithmetic() -> None:
+    assert HAND_MADE.fastest_dtype() == torch.bfloat16
+    slow_bf16 = Roofline.from_dict({**HAND_MADE.to_dict(), "gemm_gflops": {"bfloat16": 17.0, "float32": 90.0}})
+    assert slow_bf16.fastest_dtype() == torch.float32
+
+
 def test_bound_rejects_unmeasured_dtype_and_nonpositive_time() -> None:
     with pytest.raises(ValueError, match="float16"):
         HAND_MADE.time_bound_s(1e9, 1e9, torch.float16)

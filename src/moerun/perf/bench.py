@@ -269,6 +269,7 @@ def run_bench(
             for impl, seconds in medians.items():
                 touched, flops = work[impl]
                 predicted = None
+                arithmetic = case_roofline.fastest_dtype() if impl in quantized else dtype
                 if perf_model is not None and (impl == "moerun" or impl in quantized):
                     impl_bits = int(impl.removeprefix("moerun-int")) if impl in quantized else 16
                     shape = ModelShape.of_layer(
@@ -288,8 +289,8 @@ def run_bench(
                     tokens_per_s=count / seconds,
                     gbps=touched / seconds / 1e9,
                     gflops=flops / seconds / 1e9,
-                    roofline_fraction=case_roofline.fraction(seconds, touched, flops, dtype),
-                    bound=case_roofline.bound(touched, flops, dtype),
+                    roofline_fraction=case_roofline.fraction(seconds, touched, flops, arithmetic),
+                    bound=case_roofline.bound(touched, flops, arithmetic),
                     predicted_ms=predicted,
                     prediction_error=None if predicted is None else predicted / (seconds * 1e3) - 1,
                     num_experts=preset.num_experts,

@@ -263,7 +263,10 @@ class PerfModel:
         self.threads, self.native = threads, native
 
     # ---- kernels
-    def _bound_ms(self, nbytes: float, flops: float, dtype: torch.dtype) -> float:
+    def _bound_ms(self, nbytes: float, flops: float, plan: FormatPlan, fmt: str) -> float:
+        """The roofline bound of a case in format ``fmt`` (low-bit formats compute in the fastest arithmetic)."""
+        low_bit = fmt not in ("bfloat16", "float32", "float16")
+        dtype = self.roofline.fastest_dtype() if low_bit else plan.dtype
         return self.roofline.time_bound_s(nbytes, flops, dtype) * 1e3
 
     def linear_ms(self, fmt: str, out_features: int, in_features: int, rows: int, plan: FormatPlan,
@@ -279,7 +282,7 @@ class PerfModel:
         if ms is None:
             pred.estimated.add(f"linear {fmt} {out_features}x{in_features}")
             nbytes = plan.bytes_of(fmt, out_features, in_features)
-            ms = self._bound_ms(nbytes, 2 * rows * out_features * in_features, plan.dtype)
+            ms = self._bound_ms(nbytes, 2 * rows * out_features * in_features, plan, fmt)
         return ms
 
     def group_ms(self, shape: ModelShape, plan: FormatPlan, rows: float, pred: Prediction) -> float:
@@ -290,7 +293,7 @@ class PerfModel:
         if ms is None:
             pred.estimated.add(f"experts {plan.experts} H={shape.hidden} I={shape.intermediate}")
             nbytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, shape.hidden)
-            ms = self._bound_ms(nbytes, 6 * rows * shape.hidden * shape.intermediate, plan.dtype)
+            ms = self._bound_ms(nbytes, 6 * rows * shape.hidden * shape.intermediate, plan, plan.experts)
         return ms
 
     # ---- one MoE layer
@@ -306,7 +309,9 @@ class PerfModel:
         pred.add("experts", experts_ms)
         itemsize = plan.dtype.itemsize
         router_bytes = shape.num_experts * shape.hidden * itemsize
-        pred.add("router", self._bound_ms(router_bytes, 2 * tokens * shape.num_experts * shape.hidden, plan.dtype))
+        router_flops = 2 * tokens * shape.num_experts * shape.hidden
+        float_format = str(plan.dtype).removeprefix("torch.")  # the router stays in the model dtype
+        pred.add("router", self._bound_ms(router_bytes, router_flops, plan, float_format))
         # Gathering rows into expert order, and the combine: about three passes over [T k, H].
         slots_bytes = 3 * tokens * shape.top_k * shape.hidden * itemsize
         pred.add("gather and combine", slots_bytes / (self.roofline.read_gbps * 1e9) * 1e3)

@@ -116,6 +116,12 @@ class Roofline:
             raise ValueError(f"no GEMM peak measured for {name}; have {', '.join(self.gemm_gflops)}")
         return max(bytes_read / (self.read_gbps * 1e9), flops / (self.gemm_gflops[name] * 1e9))
 
+    def fastest_dtype(self) -> torch.dtype:
+        """The dtype of the highest measured GEMM peak: the arithmetic bound of weight-only low-bit GEMMs,
+        which widen their weights into whichever float arithmetic the host runs fastest (fp32 on a CPU
+        without AVX-512 BF16, where bf16 GEMMs are several times slower)."""
+        return getattr(torch, max(self.gemm_gflops, key=self.gemm_gflops.get))
+
     def bound(self, bytes_read: float, flops: float, dtype: torch.dtype) -> str:
         """Which bound of :meth:`time_bound_s` applies: ``"bandwidth"`` or ``"compute"``."""
         name = _dtype_name(dtype)
