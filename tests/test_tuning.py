@@ -419,3 +419,18 @@ def test_suspects_are_judged_within_one_series() -> None:
     other = tuning.case_key("experts", "int8", (64, 32), 8, 1)
     assert suspect_keys({a: {"torch": 10.0}, b: {"torch": 6.0}, other: {"torch": 1.0}}) == [a]
     assert suspect_keys({a: {"torch": 10.0, "native": 5.0}, b: {"torch": 6.0}}) == []
+
+
+def test_timing_primes_the_low_bit_conversions_first() -> None:
+    """Conversions to torch's int4 layout happen once per weight in a model; a timed call must not pay them."""
+    from moerun.quant.formats import ExpertMatrices, QuantFormat, quantize_weight
+
+    stack = quantize_weight(torch.randn(4, 32, 64) * 0.1, QuantFormat(4, 32))
+    mixed = ExpertMatrices([stack[0], torch.randn(32, 64)])
+    for weight in (stack, mixed):
+        measure._prime_conversions(weight, torch.float32)
+    assert set(stack.conversions) == {0, 1, 2, 3}
+    assert all(("int4pack", torch.float32) in held for held in stack.conversions.values())
+    matrix = quantize_weight(torch.randn(32, 64) * 0.1, QuantFormat(4, 32))
+    measure.measure_linear(matrix, torch.float32, 1, 1, min_reps=1, budget_s=0.0)
+    assert ("int4pack", torch.float32) in matrix.conversions

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import QuantizedWeight, matmul_transposed, weight_nbytes
+from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight, matmul_transposed, weight_nbytes
 from ..routing import make_plan
 from . import native
 from .experts import IMPLEMENTATIONS, ExpertWeights, applicable_implementations
@@ -113,6 +113,8 @@ def measure_experts(
             plans.append(make_plan(ids, weights, num_experts))
         return plans
 
+    for weight in (w.gate_up, w.down):
+        _prime_conversions(weight, dtype)
     available = applicable_implementations(x_all[:rows], w)
     chosen = available if impls is None else tuple(i for i in impls if i in available)
     previous = torch.get_num_threads()
@@ -165,6 +167,8 @@ def measure_linear(
     nbytes = weight_nbytes(weight)
     copies = 1 if nbytes < _COLD_MATRIX_BYTES else max(1, min(_MAX_COPIES, _COLD_WORKING_SET_BYTES // nbytes))
     matrices = [weight] + [_copy(weight) for _ in range(copies - 1)]
+    for m in matrices:
+        _prime_conversions(m, dtype)
     x = (torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)) * 0.5).to(dtype)
     fns: dict[str, Callable[[int], object]] = {}
     if isinstance(weight, QuantizedWeight):  # what ``linear`` runs off the native kernel
@@ -183,6 +187,20 @@ def measure_linear(
     finally:
         torch.set_num_threads(previous)
     return {name: s * 1e3 for name, s in seconds.items()}
+
+
+def _prime_conversions(weight: Weight, dtype: torch.dtype) -> None:
+    """Make the copies in torch's layouts that low-bit GEMMs read (``QuantizedWeight.conversions``): a model
+    makes them once per weight, on first use, so they are not part of a call's time."""
+    if isinstance(weight, ExpertMatrices):
+        matrices = list(weight.matrices)
+    elif isinstance(weight, QuantizedWeight) and weight.qweight.dim() == 3:
+        matrices = [weight[e] for e in range(weight.shape[0])]
+    else:
+        matrices = [weight]
+    for m in matrices:
+        if isinstance(m, QuantizedWeight) and m.conversions is not None:
+            matmul_transposed(torch.zeros(1, m.shape[-1], dtype=dtype), m)
 
 
 def _copy(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
