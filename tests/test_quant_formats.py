@@ -169,17 +169,20 @@ def test_matmul_transposed_int8_falls_back_to_dequantizing_where_the_op_cannot_r
 
 
 def test_int4_conversion_is_made_once_per_matrix_and_kept_by_stack_views() -> None:
-    """The torch-layout copy is made on first use, per dtype; indexing a stack shares it; a weight without
-    conversions (a view over an expert cache's slot) dequantizes instead, with the same result."""
+    """The torch-layout copy is made on first use (its values once, its scales per dtype); indexing a stack
+    shares it; a weight without conversions (a view over an expert cache's slot) dequantizes instead, with the
+    same result."""
     from moerun.quant.formats import QuantizedWeight, matmul_transposed
 
     stack = quantize_weight(torch.randn(3, 32, 64) * 0.1, QuantFormat(4, 32))
     a = torch.randn(2, 64)
     first = matmul_transposed(a, stack[1])
-    (held,) = stack.conversions[1].values()
-    assert matmul_transposed(a, stack[1]) is not None and stack.conversions[1][("int4pack", torch.float32)] is held
+    held = dict(stack.conversions[1])
+    assert set(held) == {"int4pack", ("int4pack scales", torch.float32)}
+    assert matmul_transposed(a, stack[1]) is not None and all(stack.conversions[1][k] is v for k, v in held.items())
     matmul_transposed(a.bfloat16(), stack[1])
-    assert len(stack.conversions[1]) == 2 and set(stack.conversions) == {1}
+    assert stack.conversions[1]["int4pack"] is held["int4pack"]  # the values are packed once for both dtypes
+    assert len(stack.conversions[1]) == 3 and set(stack.conversions) == {1}
     slot_view = QuantizedWeight(stack.format, stack.qweight[1], stack.scales[1], None, 64)
     torch.testing.assert_close(matmul_transposed(a, slot_view), first, rtol=1e-5, atol=1e-5)
     assert slot_view.conversions is None

@@ -430,7 +430,7 @@ def test_timing_primes_the_low_bit_conversions_first() -> None:
     for weight in (stack, mixed):
         measure._prime_conversions(weight, torch.float32)
     assert set(stack.conversions) == {0, 1, 2, 3}
-    assert all(("int4pack", torch.float32) in held for held in stack.conversions.values())
+    assert all(("int4pack scales", torch.float32) in held for held in stack.conversions.values())
     matrix = quantize_weight(torch.randn(32, 64) * 0.1, QuantFormat(4, 32))
     measure.measure_linear(matrix, torch.float32, 1, 1, min_reps=1, budget_s=0.0)
-    assert ("int4pack", torch.float32) in matrix.conversions
+    assert ("int4pack scales", torch.float32) in matrix.conversions

@@ -397,12 +397,12 @@ def matmul_transposed(a: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> tor
     An int4 matrix that keeps conversions runs torch's weight-only int4 GEMM on a copy in torch's layout
     made on first use (``_int4pack``; about 1.1x the int4 bytes again): 1 ms against 128 ms dequantized for
     a 2048 x 2048 matrix at one row on a CPU without AVX-512. Other low-bit matrices, and devices or dtypes
-    the ops lack, are dequantized to a's dtype first. The
-    scales are used in a's dtype (bf16 scales round as the dequantized bf16 weights do).
+    the ops lack, are dequantized to a's dtype first. The scales are used in a's dtype (bf16 scales round as
+    the dequantized bf16 weights do).
     """
     if isinstance(w, torch.Tensor):
         return a @ w.to(a.dtype).T
-    if w.bits == 8 and _int8_matmul_runs(a):
+    if w.bits == 8 and _weight_only_matmul_runs(a, "_weight_int8pack_mm"):
         return torch.ops.aten._weight_int8pack_mm(a.contiguous(), unpack_int8(w.qweight), w.scales.to(a.dtype))
     if w.bits == 4 and w.conversions is not None and _int4_matmul_runs(a, w):
         packed, scales_and_zeros = _int4pack(w, a.dtype)
@@ -413,46 +413,45 @@ def matmul_transposed(a: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> tor
 
 def _int4_matmul_runs(a: torch.Tensor, w: QuantizedWeight) -> bool:
     return (
-        a.device.type == "cpu"
-        and a.dtype in (torch.bfloat16, torch.float32)
-        and a.dim() == 2
-        and w.qweight.dim() == 2
+        w.qweight.dim() == 2
         and w.format.group_size in (32, 64, 128, 256)
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-        and not (torch.is_grad_enabled() and a.requires_grad)  # the op has no backward
+        and _weight_only_matmul_runs(a, "_weight_int4pack_mm_for_cpu")
     )
 
 
 def _int4pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """An int4 matrix [N, K] in the layout of torch's weight-only int4 GEMM (``aten._weight_int4pack_mm_for_cpu``),
-    made once per activation dtype and kept in ``w.conversions``: values packed by torch (rows padded with
-    zeros to a multiple of 16, as the op needs) and per-group (scale, zero) [K/G, N', 2] in ``dtype``, where
-    the op computes ``(q - 8) * scale + zero``: zero 0 for symmetric groups, ``min + 8 scale`` else."""
-    key = ("int4pack", dtype)
-    held = w.conversions.get(key)
-    if held is None:
-        n = w.shape[0]
-        padded = -(-n // 16) * 16
+    kept in ``w.conversions``: values packed by torch (rows padded to a multiple of 16, as the op needs), made
+    once, and per-group (scale, zero) [K/G, N', 2] in ``dtype``, made once per activation dtype, where the op
+    computes ``(q - 8) * scale + zero``: zero 0 for symmetric groups, ``min + 8 scale`` else; padded rows
+    have scale and zero 0."""
+    n = w.shape[0]
+    pad = -(-n // 16) * 16 - n
+    packed = w.conversions.get("int4pack")
+    if packed is None:
         q = unpack_int4(w.qweight, w.format.group_size).to(torch.int32)  # [N, K] in [0, 15]
+        q = torch.cat((q, q.new_full((pad, q.shape[1]), 8)))  # [N', K]
+        packed = w.conversions["int4pack"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    key = ("int4pack scales", dtype)
+    scales_and_zeros = w.conversions.get(key)
+    if scales_and_zeros is None:
         scales = w.scales.float()  # [N, K/G]
         zeros = torch.zeros_like(scales) if w.mins is None else w.mins.float() + 8 * scales
-        if padded != n:
-            q = torch.cat((q, q.new_full((padded - n, q.shape[1]), 8)))  # level 8 is zero (scale 0 below)
-            scales = torch.cat((scales, scales.new_zeros(padded - n, scales.shape[1])))
-            zeros = torch.cat((zeros, zeros.new_zeros(padded - n, zeros.shape[1])))
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        held = (packed, torch.stack((scales.T, zeros.T), dim=-1).to(dtype).contiguous())
-        w.conversions[key] = held
-    return held
+        rows = torch.stack((scales, zeros), dim=-1)  # [N, K/G, 2]
+        rows = torch.cat((rows, rows.new_zeros(pad, *rows.shape[1:])))  # [N', K/G, 2]
+        scales_and_zeros = w.conversions[key] = rows.transpose(0, 1).to(dtype).contiguous()
+    return packed, scales_and_zeros
 
 
-def _int8_matmul_runs(a: torch.Tensor) -> bool:
+def _weight_only_matmul_runs(a: torch.Tensor, op: str) -> bool:
+    """Whether torch's weight-only low-bit GEMM ``aten.<op>`` takes activations a: CPU bf16/fp32 [M, K], not
+    recorded by autograd (the ops have no backward)."""
     return (
         a.device.type == "cpu"
         and a.dtype in (torch.bfloat16, torch.float32)
         and a.dim() == 2
-        and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-        and not (torch.is_grad_enabled() and a.requires_grad)  # the op has no backward
+        and hasattr(torch.ops.aten, op)
+        and not (torch.is_grad_enabled() and a.requires_grad)
     )
 
 

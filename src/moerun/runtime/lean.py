@@ -281,6 +281,23 @@ def _sliding_window(config, layer_idx: int) -> int | None:
     return getattr(config, "sliding_window", None) or None
 
 
+def resolve_max_seq_len(config, max_seq_len: int | None) -> int:
+    """The positions a runner's cache holds: ``max_seq_len``, by default the model's context (at most
+    ``DEFAULT_MAX_SEQ_LEN``); ValueError below 1."""
+    if max_seq_len is None:
+        max_seq_len = min(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    return max_seq_len
+
+
+def check_static_rope(config) -> None:
+    """NotImplementedError for RoPE variants whose tables change with the sequence (they cannot be precomputed)."""
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _DYNAMIC_ROPE:
+        raise NotImplementedError(f"RoPE type {rope_type!r} depends on the sequence length; use the HF runner")
+
+
 def _check_supported(model: nn.Module, max_seq_len: int) -> None:
     """Raise NotImplementedError unless the runner computes exactly what this model computes."""
     config = model.config
@@ -291,9 +308,7 @@ def _check_supported(model: nn.Module, max_seq_len: int) -> None:
         )
     if not (hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head")):
         raise NotImplementedError(f"expected a *ForCausalLM model with .model.layers and .lm_head, got {type(model)}")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type in _DYNAMIC_ROPE:
-        raise NotImplementedError(f"RoPE type {rope_type!r} depends on the sequence length; use the HF runner")
+    check_static_rope(config)
     for i in range(config.num_hidden_layers):
         window = _sliding_window(config, i)
         if window is not None and window < max_seq_len:
@@ -323,10 +338,7 @@ class LeanRunner:
         use_native: bool = True,
     ) -> None:
         config = model.config
-        if max_seq_len is None:
-            max_seq_len = min(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        max_seq_len = resolve_max_seq_len(config, max_seq_len)
         _check_supported(model, max_seq_len)
         self.max_seq_len = max_seq_len
         self.qk_norm = QK_NORM[config.model_type]

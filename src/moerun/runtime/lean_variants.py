@@ -31,20 +31,20 @@ from torch import nn
 
 from ..kernels.linear import linear
 from ..quant.formats import QuantizedWeight, concat_rows, dequantize_matrix
-from .lean import DEFAULT_MAX_SEQ_LEN, Matvec, _mlp_of
+from . import lean
+from .lean import Matvec, _mlp_of, check_static_rope, resolve_max_seq_len
 
-# model_type -> (attention class, RMSNorm rounding): "llama" norms round to the model dtype before the
-# weight, GPT-OSS's after it.
+# model_type -> its attention: DeepSeek's latent attention, or GPT-OSS's with sinks (whose RMSNorm also rounds
+# to the model dtype after the weight, not before it).
 VARIANT_FAMILIES = {"deepseek_v2": "latent", "deepseek_v3": "latent", "gpt_oss": "sinks"}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_fp32: bool = False) -> torch.Tensor:
     """RMSNorm over the last dim in float32: ``weight * n.to(dtype)`` (llama) or ``(weight * n).to(dtype)``
     (GPT-OSS, ``weight_in_fp32``). x: [..., N] -> [..., N] in x's dtype."""
-    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
     if weight_in_fp32:
-        return (weight * normed).to(x.dtype)
-    return (weight * normed.to(x.dtype)).to(x.dtype)
+        return (weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps)).to(x.dtype)
+    return lean.rms_norm(x, weight, eps).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool) -> torch.Tensor:
@@ -279,13 +279,8 @@ class VariantLeanRunner:
         family = getattr(config, "model_type", None)
         if family not in VARIANT_FAMILIES:
             raise NotImplementedError(f"the variant lean runner covers {', '.join(VARIANT_FAMILIES)}, not {family}")
-        if max_seq_len is None:
-            max_seq_len = min(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise NotImplementedError(f"RoPE type {rope_type!r} depends on the sequence length; use the HF runner")
+        max_seq_len = resolve_max_seq_len(config, max_seq_len)
+        check_static_rope(config)
         self.max_seq_len = max_seq_len
         decoder = model.model
         self.eps = float(decoder.norm.variance_epsilon)
