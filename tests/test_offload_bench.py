@@ -78,10 +78,10 @@ def test_quantized_copy_is_made_once_and_remade_when_stale(tmp_path, monkeypatch
     made = (path / "model.safetensors").stat().st_mtime_ns
     assert offload_bench.offload_checkpoint("reference", bits=4) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == made
-    plan = json.loads((path / "moerun_quant.json").read_text())
-    (path / "moerun_quant.json").write_text(json.dumps({**plan, "format_version": 1}))
+    layout = json.loads((path / "moerun_quant.json").read_text())
+    (path / "moerun_quant.json").write_text(json.dumps({**layout, "format_version": 1}))
     assert offload_bench.offload_checkpoint("reference", bits=4) == path
-    assert json.loads((path / "moerun_quant.json").read_text())["format_version"] == plan["format_version"]
+    assert json.loads((path / "moerun_quant.json").read_text())["format_version"] == layout["format_version"]
     with pytest.raises(ValueError, match="already a quantized checkpoint"):
         offload_bench.offload_checkpoint(str(path), bits=4)
 

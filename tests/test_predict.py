@@ -12,7 +12,7 @@ import transformers
 
 from moerun.kernels import tuning
 from moerun.perf import predict
-from moerun.perf.predict import FormatPlan, ModelShape, Overheads, PerfModel, expected_groups, rows_distribution
+from moerun.perf.predict import MatrixFormats, ModelShape, Overheads, PerfModel, expected_groups, rows_distribution
 from moerun.perf.roofline import Roofline
 
 ROOFLINE = Roofline(2, 10.0, {"bfloat16": 100.0, "float32": 50.0}, "test cpu", "2", "now")
@@ -22,7 +22,7 @@ OVERHEADS = Overheads(moe_call_ms=0.5, decode_layer_ms=0.25, decode_step_ms=1.0,
                       prefill_layer_wide_ms=2.0)  # fmt: skip
 SHAPE = ModelShape(num_layers=2, hidden=64, intermediate=32, num_experts=8, top_k=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, vocab=100)  # fmt: skip
-PLAN = FormatPlan.of(torch.bfloat16)
+FORMATS = MatrixFormats.of(torch.bfloat16)
 
 
 def full_table(ms_per_group: float = 2.0, linear_ms: float = 0.1) -> tuning.TuningTable:
@@ -43,7 +43,7 @@ def test_expected_groups() -> None:
 
 def test_layer_prediction_is_the_sum_of_its_terms() -> None:
     model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
-    pred = model.moe_layer(SHAPE, PLAN, 4)
+    pred = model.moe_layer(SHAPE, FORMATS, 4)
     groups = expected_groups(8, 2, 4)
     router_s = max(8 * 64 * 2 / 10e9, 2 * 4 * 8 * 64 / 100e9)
     gather_s = 3 * 4 * 2 * 64 * 2 / 10e9
@@ -54,49 +54,49 @@ def test_layer_prediction_is_the_sum_of_its_terms() -> None:
 
 def test_missing_cases_fall_back_to_the_roofline_and_say_so() -> None:
     model = PerfModel(ROOFLINE, tuning.TuningTable(), OVERHEADS, threads=2, native=False)
-    pred = model.moe_layer(SHAPE, PLAN, 1)
+    pred = model.moe_layer(SHAPE, FORMATS, 1)
     # one token, two experts: each reads its 3 x 32 x 64 bf16 weights at 10 GB/s
     assert pred.parts["experts"] == pytest.approx(2 * 3 * 32 * 64 * 2 / 10e9 * 1e3)
     assert pred.estimated == {"experts bfloat16 H=64 I=32"}
 
 
 def test_low_bit_formats_count_their_packed_bytes() -> None:
-    assert FormatPlan.of(torch.bfloat16, 8).bytes_of("int8", 96, 64) == 96 * 64 + 4 * 96
-    assert FormatPlan.of(torch.bfloat16, 4, 64).experts == "int4-g64"
-    assert FormatPlan.of(torch.float32).bytes_of("float32", 3, 5) == 60
+    assert MatrixFormats.of(torch.bfloat16, 8).bytes_of("int8", 96, 64) == 96 * 64 + 4 * 96
+    assert MatrixFormats.of(torch.bfloat16, 4, 64).experts == "int4-g64"
+    assert MatrixFormats.of(torch.float32).bytes_of("float32", 3, 5) == 60
 
 
 def test_decode_step_adds_layers_head_and_misses() -> None:
     model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
-    resident = model.decode_step(SHAPE, PLAN, position=10)
-    layer = model.moe_layer(SHAPE, PLAN, 1).ms
+    resident = model.decode_step(SHAPE, FORMATS, position=10)
+    layer = model.moe_layer(SHAPE, FORMATS, 1).ms
     kv_s = 2 * 10 * 2 * 16 * 2 / 10e9
     expected = 2 * (0.1 + 0.1 + layer + 0.25 + kv_s * 1e3) + 0.1 + 1.0
     assert resident.ms == pytest.approx(expected)
-    offloaded = model.decode_step(SHAPE, PLAN, position=10, hit_rate=0.75, storage_gbps=1.0)
+    offloaded = model.decode_step(SHAPE, FORMATS, position=10, hit_rate=0.75, storage_gbps=1.0)
     misses = 2 * 2 * 0.25  # layers x k x miss rate
     calls = 2 * 0.2  # layers x the offloaded call's own cost
     assert offloaded.ms - resident.ms == pytest.approx(misses * ((3 * 32 * 64 * 2) / 1e9 * 1e3 + 0.3) + calls)
     assert offloaded.parts["expert misses"] == pytest.approx(misses * 0.3)
-    all_cached = model.decode_step(SHAPE, PLAN, position=10, offloaded=True)
+    all_cached = model.decode_step(SHAPE, FORMATS, position=10, offloaded=True)
     assert all_cached.ms - resident.ms == pytest.approx(calls) and "expert misses" not in all_cached.parts
     with pytest.raises(ValueError, match="storage read bandwidth"):
-        model.decode_step(SHAPE, PLAN, hit_rate=0.5)
+        model.decode_step(SHAPE, FORMATS, hit_rate=0.5)
 
 
 def test_prefill_grows_with_the_prompt_and_reads_uncached_experts() -> None:
     model = PerfModel(ROOFLINE, full_table(), OVERHEADS, threads=2, native=False)
-    short, long = model.prefill(SHAPE, PLAN, 16), model.prefill(SHAPE, PLAN, 256)
+    short, long = model.prefill(SHAPE, FORMATS, 16), model.prefill(SHAPE, FORMATS, 256)
     assert long.ms > short.ms > 0
     assert long.parts["attention"] == pytest.approx(2 * 2 * 256 * 256 * 4 * 16 / 20e9 * 1e3)
-    offloaded = model.prefill(SHAPE, PLAN, 16, cached_experts=2, storage_gbps=1.0)
+    offloaded = model.prefill(SHAPE, FORMATS, 16, cached_experts=2, storage_gbps=1.0)
     touched = expected_groups(8, 2, 16)
     assert offloaded.parts["expert reads"] == pytest.approx(2 * touched * 0.75 * 3 * 32 * 64 * 2 / 1e9 * 1e3)
     assert offloaded.parts["expert misses"] == pytest.approx(2 * touched * 0.75 * 0.3)
     # Right after a load the cache is empty: every expert the prompt touches is read, whatever the budget.
-    cold = model.prefill(SHAPE, PLAN, 16, cached_experts=0, storage_gbps=1.0)
+    cold = model.prefill(SHAPE, FORMATS, 16, cached_experts=0, storage_gbps=1.0)
     assert cold.parts["expert misses"] == pytest.approx(2 * touched * 0.3)
-    assert "expert reads" not in model.prefill(SHAPE, PLAN, 16, cached_experts=8, storage_gbps=1.0).parts
+    assert "expert reads" not in model.prefill(SHAPE, FORMATS, 16, cached_experts=8, storage_gbps=1.0).parts
 
 
 def test_decode_uses_the_native_matrix_vector_time_where_the_kernel_runs() -> None:
@@ -104,8 +104,8 @@ def test_decode_uses_the_native_matrix_vector_time_where_the_kernel_runs() -> No
     for key in list(table.cases):
         if key.startswith("linear"):
             table.cases[key] = {"torch": 5.0, "native": 0.1}
-    with_native = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=True).decode_step(SHAPE, PLAN)
-    without = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=False).decode_step(SHAPE, PLAN)
+    with_native = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=True).decode_step(SHAPE, FORMATS)
+    without = PerfModel(ROOFLINE, table, OVERHEADS, threads=2, native=False).decode_step(SHAPE, FORMATS)
     assert without.ms - with_native.ms == pytest.approx((2 * 2 + 1) * 4.9)
 
 

@@ -46,9 +46,9 @@ def test_int8_model_matches_dequantized_weights(family, tmp_path):
     path = save_checkpoint(family, tmp_path / family)
     quantized = moerun.load(path, dtype="fp32").model
     reference = moerun.load(path, dtype="fp32").model
-    plan = quantize(quantized, QuantConfig(bits=8))
+    layout = quantize(quantized, QuantConfig(bits=8))
     _round_trip_weights(reference, QuantFormat(8))
-    assert all(f == "int8" for formats in plan["experts"].values() for f in formats)
+    assert all(f == "int8" for formats in layout["experts"].values() for f in formats)
     floats = dict(reference.named_modules())
     linears = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
     assert linears
@@ -115,7 +115,7 @@ def test_mixed_precision_stays_within_budget(tmp_path):
     budget = expert_nbytes(uniform)
     summary = quantize_checkpoint(REFERENCE, tmp_path / "mixed", QuantConfig(bits=4), memory_budget=budget)
     assert summary["expert_bytes"] <= budget
-    formats = {f for fs in summary["plan"]["experts"].values() for f in fs}
+    formats = {f for fs in summary["layout"]["experts"].values() for f in fs}
     assert len(formats) > 1  # the allocator traded group sizes / bits between experts
     loaded = moerun.load(tmp_path / "mixed")
     assert expert_nbytes(loaded.model) == summary["expert_bytes"]

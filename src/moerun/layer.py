@@ -16,7 +16,7 @@ from .kernels.activation import GluSpec, apply_glu
 from .kernels.experts import get_backend, route_token, routes_token_natively
 from .kernels.linear import linear
 from .quant.formats import Weight, dequantize_matrix
-from .routing import RoutingConfig, make_plan, route
+from .routing import ExpertSkipping, RoutingConfig, make_plan, route, skip_experts
 
 
 def check_hidden(x: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> None:
@@ -85,6 +85,8 @@ class MoELayer(nn.Module):
         self.glu = glu
         self.router_fp32 = router_fp32
         self.dtype = dtype
+        self._skipping: ExpertSkipping | None = None
+        self.skip_counts = [0, 0]  # (pairs routed, pairs skipped) while skipping is set
         factory = {"dtype": dtype, "device": device}
         self.router_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         self.router_bias = nn.Parameter(torch.zeros(num_experts, **factory)) if router_bias else None
@@ -129,6 +131,19 @@ class MoELayer(nn.Module):
     def backend(self, name: str) -> None:
         get_backend(name)
         self.experts.backend = name
+
+    @property
+    def skipping(self) -> ExpertSkipping | None:
+        """Dynamic expert skipping (``moerun.routing.ExpertSkipping``), or None (the default: every routed expert
+        runs, bit for bit as without the option). Settable; ValueError where the routing cannot take it."""
+        return self._skipping
+
+    @skipping.setter
+    def skipping(self, skipping: ExpertSkipping | None) -> None:
+        if skipping is not None:
+            skipping.validate(self.routing)
+        self._skipping = skipping
+        self.skip_counts = [0, 0]
 
     @property
     def resident(self) -> ResidentExperts:
@@ -183,13 +198,27 @@ class MoELayer(nn.Module):
         check_hidden(x, self.hidden_size, self.dtype)
         shape = x.shape
         x = x.reshape(-1, shape[-1]).contiguous()  # [T, H]
-        if self.routes_token_natively(x):
-            y = self.experts.fused_token(x, self.router_weight, self.routing)  # decode: one call, where it can
-            if y is not None:
-                return self._add_shared(x, y).reshape(shape)
-        weights, ids = self.select_experts(x)
+        if self._skipping is not None:
+            weights, ids = self._select_and_skip(x)
+        else:
+            if self.routes_token_natively(x):
+                y = self.experts.fused_token(x, self.router_weight, self.routing)  # decode: one call, where it can
+                if y is not None:
+                    return self._add_shared(x, y).reshape(shape)
+            weights, ids = self.select_experts(x)
         y = self.experts(x, make_plan(ids, weights, self.num_experts))  # [T, H]
         return self._add_shared(x, y).reshape(shape)
+
+    def _select_and_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choice for x [T, H] with ``skipping`` applied: weights [T, k], ids [T, k] with skipped
+        pairs as sentinels. The one-token decode path then runs the kept experts through the experts' backend
+        (the native grouped kernel where it runs) rather than the one-call path, which cannot skip."""
+        logits = self.router_logits(x)
+        weights, ids = route(logits, self.routing, self.score_bias)
+        weights, ids = skip_experts(logits, weights, ids, self._skipping, self.routing, self.num_experts)
+        self.skip_counts[0] += ids.numel()
+        self.skip_counts[1] += int((ids == self.num_experts).sum())
+        return weights, ids
 
     def _add_shared(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if self.shared_gate_up is None else y + self.shared_expert(x)

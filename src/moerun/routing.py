@@ -14,6 +14,7 @@ Three routing modes cover the supported families:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,104 @@ def route(
         config.renormalize,
         config.routed_scaling_factor,
     )
+
+
+SKIP_MODES = ("threshold", "top_p")
+
+
+@dataclass(frozen=True)
+class ExpertSkipping:
+    """Dynamic expert skipping: drop the (token, expert) pairs the router weighs least, so those experts are
+    neither computed nor read.
+
+    - ``threshold``: drop a token's expert when its router weight is below ``level`` (beta, in [0, 1]) times
+      the token's top weight (MC-MoE's online pruning). The ratio is the same for normalised and raw weights,
+      so it applies to every routing mode; ``calibrate_threshold`` picks beta for a target skipped share.
+    - ``top_p``: take a token's experts in weight order until their cumulative softmax probability reaches
+      ``level`` (p, in (0, 1]), at most k ("Harder Tasks Need More Experts"). Softmax top-k routing only: the
+      others have no probability over all experts (sigmoid scores; a softmax over the chosen k only).
+
+    A token's top expert is always kept. Where the routing renormalises (or softmaxes over the chosen experts,
+    GPT-OSS), the kept weights are rescaled to the original sum; otherwise they keep their values.
+    """
+
+    mode: str
+    level: float
+
+    def validate(self, routing: RoutingConfig) -> None:
+        """Raise ValueError if this skipping cannot apply to ``routing``."""
+        if self.mode not in SKIP_MODES:
+            raise ValueError(f"unknown expert skipping mode {self.mode!r}; expected one of {', '.join(SKIP_MODES)}")
+        if self.mode == "threshold" and not 0.0 <= self.level <= 1.0:
+            raise ValueError(f"threshold skipping needs beta in [0, 1], got {self.level}")
+        if self.mode == "top_p":
+            if not 0.0 < self.level <= 1.0:
+                raise ValueError(f"top-p routing needs p in (0, 1], got {self.level}")
+            if routing.mode != "softmax_topk":
+                raise ValueError(
+                    f"top-p routing needs softmax top-k routing (probabilities over all experts); {routing.mode} "
+                    "has none: use threshold skipping"
+                )
+
+
+def skip_experts(
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    skipping: ExpertSkipping,
+    config: RoutingConfig,
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the pairs ``skipping`` says to: their ids become the sentinel ``num_experts`` (``make_plan`` drops
+    them) and their weights zero.
+
+    Args:
+        logits: [T, E] router logits (top-p reads the softmax probabilities from them).
+        weights: [T, k] float32 router weights, ids: [T, k] int64 expert ids, as ``route`` returns them.
+        skipping: what to drop (validated against ``config`` by the caller).
+        config: the routing the weights came from.
+        num_experts: E, the sentinel id.
+
+    Returns:
+        weights [T, k] float32 and ids [T, k] int64, the dropped pairs as sentinels.
+    """
+    order = weights.argsort(dim=1, descending=True, stable=True)  # [T, k]
+    in_order = weights.gather(1, order)
+    if skipping.mode == "threshold":
+        keep_in_order = in_order >= skipping.level * in_order[:, :1]
+    else:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids).gather(1, order)  # [T, k]
+        keep_in_order = (probs.cumsum(dim=1) - probs) < skipping.level  # mass before each expert
+        keep_in_order[:, 0] = True
+    keep = torch.empty_like(keep_in_order).scatter_(1, order, keep_in_order)  # [T, k]
+    kept = torch.where(keep, weights, torch.zeros_like(weights))
+    if config.renormalize or config.mode == "topk_softmax":
+        kept = kept * (weights.sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True))
+    return kept, torch.where(keep, ids, torch.full_like(ids, num_experts))
+
+
+def calibrate_threshold(weights: torch.Tensor, skip_share: float) -> float:
+    """The beta of threshold skipping that drops ``skip_share`` of all (token, expert) pairs of ``weights``.
+
+    Args:
+        weights: [T, k] router weights of calibration tokens.
+        skip_share: the share of the T*k pairs to drop, in [0, (k-1)/k] (the top expert always stays).
+
+    Returns:
+        beta in [0, 1]: midway between the last ratio dropped and the first kept, so the calibration tokens drop
+        the share exactly (ties aside).
+    """
+    num_tokens, top_k = weights.shape
+    if not 0.0 <= skip_share <= (top_k - 1) / top_k:
+        raise ValueError(f"with top-{top_k} routing at most {(top_k - 1) / top_k:.0%} of pairs can be skipped")
+    dropped = round(skip_share * num_tokens * top_k)
+    if dropped == 0 or num_tokens == 0:
+        return 0.0
+    top = weights.max(dim=1, keepdim=True).values.clamp_min(1e-30)
+    ratios = (weights / top).sort(dim=1, descending=True).values[:, 1:].flatten().sort().values  # [T*(k-1)]
+    last_dropped = float(ratios[dropped - 1])
+    first_kept = float(ratios[dropped]) if dropped < ratios.numel() else 1.0
+    return min(1.0, (last_dropped + first_kept) / 2 if first_kept > last_dropped else math.nextafter(last_dropped, 2))
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from torch import nn
 from ..files import directory_written_whole
 from ..sizes import budget_bytes, format_size
 from .loader import CheckpointError, LoadedModel, join_tokens, load
-from .mixed import plan_mixed
-from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, plan_metadata, quantize, quantized_tensors
+from .mixed import choose_expert_formats
+from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, quant_layout_metadata, quantize, quantized_tensors
 
 # Files copied from the source checkpoint as they are (the weights are rewritten).
 _COPIED = (
@@ -68,16 +68,16 @@ def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens
 
 def save_quantized(
     model: nn.Module,
-    plan: dict[str, object],
+    layout: dict[str, object],
     dst: Path,
     copy_from: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Write a model quantized in memory (``plan`` is what ``quantize`` returned) as the checkpoint ``dst``.
+    """Write a model quantized in memory (``layout`` is what ``quantize`` returned) as the checkpoint ``dst``.
 
     Args:
         model: the quantized model.
-        plan: its quantization plan.
+        layout: its quant layout.
         dst: the new directory (must not exist, or be empty); written whole or not at all.
         copy_from: a checkpoint whose config, tokenizer and generation files are copied; None writes the
             model's config alone (a checkpoint without a tokenizer).
@@ -85,7 +85,7 @@ def save_quantized(
     """
     from ..version import __version__
 
-    metadata = plan_metadata(plan, __version__)
+    metadata = quant_layout_metadata(layout, __version__)
     tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
     with directory_written_whole(dst) as tmp:
         if copy_from is None:
@@ -118,14 +118,14 @@ def quantize_checkpoint(
         dst: the new directory (must not exist, or be empty; not inside ``src``).
         config: formats to use.
         memory_budget: bytes for the routed experts (``"600MB"``, ``"35%"`` of their float size, or an
-            int); with it, each expert's format is chosen by ``plan_mixed`` on calibration text.
+            int); with it, each expert's format is chosen by ``choose_expert_formats`` on calibration text.
         calibration_files: text files for mixed precision (default: ``default_calibration_files()``).
         calibration_tokens_max: at most this many calibration tokens.
         dtype: the float dtype kept for embeddings, norms and routers ("bf16" or "fp32").
         progress: called with a line of text per step (one per layer quantized).
 
     Returns:
-        a summary: the plan, bytes of experts before and after, total bytes written.
+        a summary: the quant layout, bytes of experts before and after, total bytes written.
 
     Raises:
         ValueError / CheckpointError: bad arguments, an unreadable source, an impossible budget.
@@ -144,15 +144,15 @@ def quantize_checkpoint(
         tokens = calibration_tokens(loaded, calibration_files, calibration_tokens_max)
         if progress:
             progress(f"calibrating on {len(tokens)} tokens for a {format_size(budget)} expert budget")
-        formats = plan_mixed(
+        formats = choose_expert_formats(
             model, tokens, budget, window=min(loaded.max_seq_len, 256),
             progress=progress and (lambda name: progress(f"scored {name}")),
         )  # fmt: skip
         config = replace(config, expert_formats=formats)
-    plan = quantize(model, config, progress=progress and (lambda name: progress(f"quantized {name}")))
-    save_quantized(model, plan, dst, copy_from=src, progress=progress)
+    layout = quantize(model, config, progress=progress and (lambda name: progress(f"quantized {name}")))
+    save_quantized(model, layout, dst, copy_from=src, progress=progress)
     return {
-        "plan": plan,
+        "layout": layout,
         "float_expert_bytes": float_expert_bytes,
         "expert_bytes": expert_nbytes(model),
         "file_bytes": (dst / "model.safetensors").stat().st_size,

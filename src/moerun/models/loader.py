@@ -41,7 +41,7 @@ from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
 from .hf import FAMILIES, SUPPORTED_BLOCKS, UNSUPPORTED_FAMILIES, patch
-from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_plan, model_nbytes, moe_layers
+from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_quant_layout, model_nbytes, moe_layers
 
 # config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
 SUPPORTED_MODEL_TYPES = {f.model_type: f.name for f in FAMILIES}
@@ -620,24 +620,24 @@ def load_exact(targets: dict[str, torch.Tensor], records: dict[str, TensorRecord
     return sum(name not in targets for name in records)
 
 
-def read_quant_plan(path: Path) -> dict | None:
-    """The quantization plan of a moerun quantized checkpoint, or None for a float checkpoint."""
+def read_quant_layout(path: Path) -> dict | None:
+    """The quant layout of a moerun quantized checkpoint, or None for a float checkpoint."""
     file = path / QUANT_FILE
     if not file.is_file():
         return None
     try:
-        plan = json.loads(file.read_text())
+        layout = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {_one_line(e)}") from None
-    if not isinstance(plan, dict) or plan.get("format_version") != QUANT_FORMAT_VERSION:
-        found = plan.get("format_version") if isinstance(plan, dict) else None
+    if not isinstance(layout, dict) or layout.get("format_version") != QUANT_FORMAT_VERSION:
+        found = layout.get("format_version") if isinstance(layout, dict) else None
         raise CheckpointError(
             f"{file}: quantized checkpoint format version {found}, this moerun reads version "
             f"{QUANT_FORMAT_VERSION}; quantize the float checkpoint again with this moerun"
         )
-    if not isinstance(plan.get("experts"), dict) or not isinstance(plan.get("dense"), dict):
+    if not isinstance(layout.get("experts"), dict) or not isinstance(layout.get("dense"), dict):
         raise CheckpointError(f"{file} lacks the 'experts' and 'dense' format tables")
-    return plan
+    return layout
 
 
 def _build_empty_model(config, dtype: torch.dtype) -> nn.Module:
@@ -748,10 +748,10 @@ def load(
     start = time.perf_counter()
     rss_before = rss_bytes()
     reset_peak_rss()
-    plan = read_quant_plan(path)
+    layout = read_quant_layout(path)
     model = _build_empty_model(config, dtype)
     destinations = []  # with a memory budget: (file, offset, dtype, storage filled) per checkpoint tensor
-    if plan is None:
+    if layout is None:
         skip = frozenset()
         if memory_budget is not None:
             if config.model_type == "gpt_oss":
@@ -769,7 +769,7 @@ def load(
     else:  # moerun wrote it: patch first, give the layers their low-bit layout, fill by name
         _patch_layer_by_layer(model)
         try:
-            targets = apply_plan(model, plan)
+            targets = apply_quant_layout(model, layout)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / QUANT_FILE}: {_one_line(e)}") from None
         for name, record in records.items():
@@ -787,7 +787,7 @@ def load(
             raise  # about the budget, not the checkpoint
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{path}: {_one_line(e)}") from None
-    if plan is not None:  # experts left in the checkpoint are not read
+    if layout is not None:  # experts left in the checkpoint are not read
         consumed = {named[i] for i in cache.store.consumed} if cache is not None else set()
         ignored = load_exact({n: t for n, t in targets.items() if n not in consumed}, records) - len(consumed)
     model.eval()

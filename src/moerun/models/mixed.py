@@ -94,7 +94,7 @@ def expert_sensitivity(
     return sensitivity, cost
 
 
-def plan_mixed(
+def choose_expert_formats(
     model: nn.Module,
     token_ids: list[int],
     budget: int,
@@ -134,7 +134,7 @@ def plan_mixed(
         if progress:
             progress(name)
     choice = allocate_bits(all_sens, all_cost, budget)
-    plan: dict[str, list[str]] = {name: [] for name in layers}
+    expert_formats: dict[str, list[str]] = {name: [] for name in layers}
     for owner, c in zip(owners, choice, strict=True):
-        plan[owner].append(formats[c].name)
-    return plan
+        expert_formats[owner].append(formats[c].name)
+    return expert_formats

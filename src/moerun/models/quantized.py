@@ -115,7 +115,7 @@ def _replace_param(module: nn.Module, name: str, value: Weight) -> None:
 
 
 def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], None] | None = None) -> dict[str, object]:
-    """Quantize a moerun-patched model in place (``moerun.load`` returns one) and return its plan.
+    """Quantize a moerun-patched model in place (``moerun.load`` returns one) and return its quant layout.
 
     Args:
         model: a transformers CausalLM whose MoE blocks moerun patched.
@@ -123,7 +123,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
         progress: called with a module name after each MoE layer or dense matrix.
 
     Returns:
-        the plan ``moerun_quant.json`` stores: format names per expert per MoE layer and per dense weight.
+        the quant layout ``moerun_quant.json`` stores: format names per expert per MoE layer and per dense weight.
 
     Raises:
         ValueError: the model has no moerun MoE layer, is already quantized, or a format does not fit.
@@ -133,7 +133,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no moerun MoE layer; load it with moerun.load or run moerun.patch first")
-    plan: dict[str, object] = {"experts": {}, "dense": {}, "config": _config_record(config)}
+    layout: dict[str, object] = {"experts": {}, "dense": {}, "config": _config_record(config)}
     with torch.no_grad():
         for name, layer in layers.items():
             names = (config.expert_formats or {}).get(name)
@@ -144,14 +144,14 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
                 if not (fmt.supports(layer.hidden_size) and fmt.supports(layer.intermediate_size)):
                     fmt = QuantFormat(8)  # int4 needs K % 64 == 0; tiny test models have smaller experts
                 layer.resident.quantize(fmt)
-            plan["experts"][name] = [f.name for f in (layer.experts.formats or [QuantFormat(16)] * layer.num_experts)]
+            layout["experts"][name] = [f.name for f in (layer.experts.formats or [QuantFormat(16)] * layer.num_experts)]
             for attr in ("shared_gate_up", "shared_down"):
                 weight = getattr(layer, attr)
                 if isinstance(weight, torch.Tensor):
                     fmt = config.dense_format(weight.shape[1])
                     if fmt.bits != 16:
                         _replace_param(layer, attr, quantize_weight(weight, fmt))
-                        plan["dense"][f"{name}.{attr}"] = fmt.name
+                        layout["dense"][f"{name}.{attr}"] = fmt.name
             if progress:
                 progress(name)
         for name, lin in dense_linears(model).items():
@@ -159,11 +159,11 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
             if fmt.bits == 16:
                 continue
             _replace_module(model, name, QuantLinear(quantize_weight(lin.weight, fmt), lin.bias))
-            plan["dense"][f"{name}.weight"] = fmt.name
+            layout["dense"][f"{name}.weight"] = fmt.name
             if progress:
                 progress(name)
-    model.moerun_quant = plan
-    return plan
+    model.moerun_quant = layout
+    return layout
 
 
 def _config_record(config: QuantConfig) -> dict[str, object]:
@@ -227,24 +227,26 @@ def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def apply_plan(model: nn.Module, plan: dict[str, object]) -> dict[str, torch.Tensor]:
-    """Give a freshly built, patched model the low-bit layout of ``plan`` with uninitialised storage.
+def apply_quant_layout(model: nn.Module, layout: dict[str, object]) -> dict[str, torch.Tensor]:
+    """Give a freshly built, patched model the low-bit layout of ``layout`` with uninitialised storage.
 
     Returns:
         every tensor the checkpoint must fill, by name (as ``quantized_tensors`` names them).
 
     Raises:
-        ValueError: the plan names a module the model lacks, or does not fit its shapes.
+        ValueError: the quant layout names a module the model lacks, or does not fit its shapes.
     """
     layers = moe_layers(model)
     storage: dict[str, torch.Tensor] = {}
-    for name, names in plan["experts"].items():
+    for name, names in layout["experts"].items():
         if name not in layers:
-            raise ValueError(f"the quantization plan names MoE layer {name}, which the model does not have")
+            raise ValueError(f"the quant layout names MoE layer {name}, which the model does not have")
         layer = layers[name]
         formats = [QuantFormat.parse(n) for n in names]
         if len(formats) != layer.num_experts:
-            raise ValueError(f"the plan gives {len(formats)} expert formats for {name}, which has {layer.num_experts}")
+            raise ValueError(
+                f"the quant layout gives {len(formats)} expert formats for {name}, which has {layer.num_experts}"
+            )
         if all(f.bits == 16 for f in formats):
             continue
         weights = []
@@ -253,20 +255,20 @@ def apply_plan(model: nn.Module, plan: dict[str, object]) -> dict[str, torch.Ten
             weights.append(weight)
             storage.update({f"{name}.{proj}.{key}": t for key, t in parts.items()})
         layer.resident.set_weights(formats, *weights)
-    for key, fmt_name in plan["dense"].items():
+    for key, fmt_name in layout["dense"].items():
         module_name, _, attr = key.rpartition(".")
         try:
             module = model.get_submodule(module_name)
             current = getattr(module, attr)
         except AttributeError:
-            raise ValueError(f"the quantization plan names {key}, which the model does not have") from None
+            raise ValueError(f"the quant layout names {key}, which the model does not have") from None
         weight = QuantizedWeight.empty(QuantFormat.parse(fmt_name), tuple(current.shape))
         if type(module) is nn.Linear:
             _replace_module(model, module_name, QuantLinear(weight, module.bias))
         else:
             _replace_param(module, attr, weight)
         storage.update({f"{key}.{k}": t for k, t in weight.tensors().items()})
-    model.moerun_quant = plan
+    model.moerun_quant = layout
     return {**model.state_dict(), **storage}
 
 
@@ -292,6 +294,6 @@ def expert_nbytes(model: nn.Module) -> int:
     return sum(weight_nbytes(getattr(m.experts, p)) for m in moe_layers(model).values() for p in ("gate_up", "down"))
 
 
-def plan_metadata(plan: dict[str, object], version: str) -> str:
+def quant_layout_metadata(layout: dict[str, object], version: str) -> str:
     """The JSON stored beside the weights (``moerun_quant.json`` and the safetensors metadata)."""
-    return json.dumps({"format_version": QUANT_FORMAT_VERSION, "moerun_version": version, **plan}, indent=1)
+    return json.dumps({"format_version": QUANT_FORMAT_VERSION, "moerun_version": version, **layout}, indent=1)

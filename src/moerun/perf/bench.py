@@ -20,7 +20,7 @@ from ..layer import MoELayer
 from ..models.hf import layer_from_hf_block
 from ..quant.formats import QuantFormat, weight_nbytes
 from ..routing import make_plan, route
-from .predict import FormatPlan, ModelShape, PerfModel
+from .predict import MatrixFormats, ModelShape, PerfModel
 from .roofline import Roofline
 
 # moerun-prepacked: moerun with a second, oneDNN-packed copy of the expert weights for prefill GEMMs.
@@ -276,8 +276,8 @@ def run_bench(
                         preset.hidden_size, preset.intermediate_size, preset.num_experts, preset.top_k,
                         preset.shared_intermediate_size,
                     )  # fmt: skip
-                    plan = FormatPlan.of(dtype, impl_bits, group_size)
-                    predicted = perf_model.moe_layer(shape, plan, count).ms
+                    formats = MatrixFormats.of(dtype, impl_bits, group_size)
+                    predicted = perf_model.moe_layer(shape, formats, count).ms
                 yield Record(
                     preset=name,
                     dtype=dtype_name,

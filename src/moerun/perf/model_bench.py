@@ -32,7 +32,7 @@ from ..runtime.generate import HFRunner
 from ..runtime.lean import LeanRunner, Runner, make_lean_runner
 from ..runtime.lean_variants import VariantLeanRunner
 from .bench import DTYPES, available_memory_bytes
-from .predict import FormatPlan, ModelShape, PerfModel
+from .predict import MatrixFormats, ModelShape, PerfModel
 
 IMPLS = ("moerun", "hf-eager", "hf-grouped_mm")
 _HF_EXPERTS = {"hf-eager": "eager", "hf-grouped_mm": "grouped_mm", "moerun": "moerun"}
@@ -410,9 +410,9 @@ def run_model_bench(
         predicted: dict[str, float | None] = dict.fromkeys(("prefill", "decode"))
         if model_of_host is not None and isinstance(runners[impl], LeanRunner):
             shape = ModelShape.of_model(models[impl])
-            plan = FormatPlan.of(dtype, int(impl.removeprefix("moerun-int")) if "int" in impl else 16, group_size)
-            predicted["prefill"] = prompt_tokens / model_of_host.prefill(shape, plan, prompt_tokens).ms * 1e3
-            step_ms = model_of_host.decode_step(shape, plan, position=prompt_tokens + decode_tokens // 2).ms
+            formats = MatrixFormats.of(dtype, int(impl.removeprefix("moerun-int")) if "int" in impl else 16, group_size)
+            predicted["prefill"] = prompt_tokens / model_of_host.prefill(shape, formats, prompt_tokens).ms * 1e3
+            step_ms = model_of_host.decode_step(shape, formats, position=prompt_tokens + decode_tokens // 2).ms
             predicted["decode"] = 1e3 / step_ms
         yield ModelRecord(
             model=model_spec,

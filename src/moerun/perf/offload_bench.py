@@ -47,7 +47,7 @@ from ..models.loader import (
     load,
     peak_rss_bytes,
     read_config,
-    read_quant_plan,
+    read_quant_layout,
     reset_peak_rss,
     rss_bytes,
 )
@@ -56,7 +56,7 @@ from ..offload.cache import LayerCacheStats, summarize
 from ..runtime.generate import default_runner
 from .bench import DTYPES
 from .model_bench import SYNTHETIC_MODELS, load_model, resolve_model_dir
-from .predict import FormatPlan, ModelShape, PerfModel
+from .predict import MatrixFormats, ModelShape, PerfModel
 
 SWEEP_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
@@ -92,7 +92,7 @@ def _is_current(path: Path, bits: int) -> bool:
     if not (path / "config.json").is_file():
         return False
     try:
-        return (read_quant_plan(path) is None) == (bits == 16)
+        return (read_quant_layout(path) is None) == (bits == 16)
     except CheckpointError:  # an older format version
         return False
 
@@ -141,13 +141,13 @@ def offload_checkpoint(
                 model.save_pretrained(tmp)
             return dst
         patch(model)
-        plan = quantize(model, QuantConfig(bits, group_size), progress=lambda name: step(f"quantizing {name}"))
-        save_quantized(model, plan, dst, progress=step)
+        layout = quantize(model, QuantConfig(bits, group_size), progress=lambda name: step(f"quantizing {name}"))
+        save_quantized(model, layout, dst, progress=step)
         return dst
     src = resolve_model_dir(spec)
     if bits == 16:
         return src
-    if read_quant_plan(src) is not None:
+    if read_quant_layout(src) is not None:
         raise ValueError(f"{src} is already a quantized checkpoint: run it as it is (bits 16)")
     dst = checkpoint_cache_dir() / f"{src.name}-{_source_key(src)}-{_suffix(bits, group_size)}"
     if _is_current(dst, bits):
@@ -389,13 +389,13 @@ def run_offload_bench(
 
 def _with_prediction(record: OffloadRecord, perf_model: PerfModel, shape: ModelShape, group_size: int) -> OffloadRecord:
     """The record with the performance model's prediction at its measured hit rate and storage bandwidth."""
-    plan = FormatPlan.of(DTYPES[record.dtype], record.bits, group_size)
+    formats = MatrixFormats.of(DTYPES[record.dtype], record.bits, group_size)
     storage = record.storage_gbps if record.storage_gbps > 0 else None
     position = record.prompt_tokens + record.decode_tokens // 2
     hit_rate = record.hit_rate if storage else 1.0
-    step_ms = perf_model.decode_step(shape, plan, position, hit_rate, storage, offloaded=True).ms
+    step_ms = perf_model.decode_step(shape, formats, position, hit_rate, storage, offloaded=True).ms
     # Every round loads afresh: the prompt finds the cache empty.
-    prefill_ms = perf_model.prefill(shape, plan, record.prompt_tokens, 0 if storage else None, storage).ms
+    prefill_ms = perf_model.prefill(shape, formats, record.prompt_tokens, 0 if storage else None, storage).ms
     decode = 1e3 / step_ms
     prefill = record.prompt_tokens / prefill_ms * 1e3
     prefill_measured = record.prompt_tokens / record.ttft_ms * 1e3

@@ -148,7 +148,7 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class FormatPlan:
+class MatrixFormats:
     """The weight formats of a run: format keys of the routed experts and of the dense matrices (attention,
     shared experts, head), as ``tuning.format_key`` names them, and the activations' dtype."""
 
@@ -157,7 +157,7 @@ class FormatPlan:
     dtype: torch.dtype = torch.bfloat16
 
     @classmethod
-    def of(cls, dtype: torch.dtype, bits: int = 16, group_size: int = 32) -> FormatPlan:
+    def of(cls, dtype: torch.dtype, bits: int = 16, group_size: int = 32) -> MatrixFormats:
         """Every large matrix at ``bits`` (16 = the dtype), as ``moerun quantize --bits`` makes them."""
         name = str(dtype).removeprefix("torch.") if bits == 16 else QuantFormat(bits, group_size).name
         return cls(name, name, dtype)
@@ -263,13 +263,13 @@ class PerfModel:
         self.threads, self.native = threads, native
 
     # ---- kernels
-    def _bound_ms(self, nbytes: float, flops: float, plan: FormatPlan, fmt: str) -> float:
+    def _bound_ms(self, nbytes: float, flops: float, formats: MatrixFormats, fmt: str) -> float:
         """The roofline bound of a case in format ``fmt`` (low-bit formats compute in the fastest arithmetic)."""
         low_bit = fmt not in ("bfloat16", "float32", "float16")
-        dtype = self.roofline.fastest_dtype() if low_bit else plan.dtype
+        dtype = self.roofline.fastest_dtype() if low_bit else formats.dtype
         return self.roofline.time_bound_s(nbytes, flops, dtype) * 1e3
 
-    def linear_ms(self, fmt: str, out_features: int, in_features: int, rows: int, plan: FormatPlan,
+    def linear_ms(self, fmt: str, out_features: int, in_features: int, rows: int, formats: MatrixFormats,
                   pred: Prediction, decode: bool = False) -> float:  # fmt: skip
         """One dense projection of ``rows`` rows (decode: the lean runner's matrix-vector path)."""
         if decode and self.native:
@@ -281,51 +281,53 @@ class PerfModel:
         ms = self.table.time_ms("linear", fmt, (out_features, in_features), rows, self.threads, allowed)
         if ms is None:
             pred.estimated.add(f"linear {fmt} {out_features}x{in_features}")
-            nbytes = plan.bytes_of(fmt, out_features, in_features)
-            ms = self._bound_ms(nbytes, 2 * rows * out_features * in_features, plan, fmt)
+            nbytes = formats.bytes_of(fmt, out_features, in_features)
+            ms = self._bound_ms(nbytes, 2 * rows * out_features * in_features, formats, fmt)
         return ms
 
-    def group_ms(self, shape: ModelShape, plan: FormatPlan, rows: float, pred: Prediction) -> float:
+    def group_ms(self, shape: ModelShape, formats: MatrixFormats, rows: float, pred: Prediction) -> float:
         """One expert group of ``rows`` rows (gate/up, activation, down)."""
         allowed = tuple(i for i in tuning.EXPERT_IMPLS if i != "torch-packed")
         key_shape = (shape.hidden, shape.intermediate)
-        ms = self.table.time_ms("experts", plan.experts, key_shape, rows, self.threads, allowed)
+        ms = self.table.time_ms("experts", formats.experts, key_shape, rows, self.threads, allowed)
         if ms is None:
-            pred.estimated.add(f"experts {plan.experts} H={shape.hidden} I={shape.intermediate}")
-            nbytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, shape.hidden)
-            ms = self._bound_ms(nbytes, 6 * rows * shape.hidden * shape.intermediate, plan, plan.experts)
+            pred.estimated.add(f"experts {formats.experts} H={shape.hidden} I={shape.intermediate}")
+            nbytes = formats.bytes_of(formats.experts, 3 * shape.intermediate, shape.hidden)
+            ms = self._bound_ms(nbytes, 6 * rows * shape.hidden * shape.intermediate, formats, formats.experts)
         return ms
 
     # ---- one MoE layer
-    def moe_layer(self, shape: ModelShape, plan: FormatPlan, tokens: int, pred: Prediction | None = None) -> Prediction:
+    def moe_layer(
+        self, shape: ModelShape, formats: MatrixFormats, tokens: int, pred: Prediction | None = None
+    ) -> Prediction:
         """An MoE layer's forward on ``tokens`` tokens: router, routed experts, shared expert, combine."""
         pred = Prediction(0.0) if pred is None else pred
         pred.add("moe call", self.overheads.at_hidden(shape.hidden)[0])
         # Each expert's rows are Binomial(T, k/E); a group's time depends on its own rows, not on the mean.
         experts_ms = sum(
-            shape.num_experts * probability * self.group_ms(shape, plan, rows, pred)
+            shape.num_experts * probability * self.group_ms(shape, formats, rows, pred)
             for rows, probability in rows_distribution(tokens, shape.top_k / shape.num_experts)
         )
         pred.add("experts", experts_ms)
-        itemsize = plan.dtype.itemsize
+        itemsize = formats.dtype.itemsize
         router_bytes = shape.num_experts * shape.hidden * itemsize
         router_flops = 2 * tokens * shape.num_experts * shape.hidden
-        float_format = str(plan.dtype).removeprefix("torch.")  # the router stays in the model dtype
-        pred.add("router", self._bound_ms(router_bytes, router_flops, plan, float_format))
+        float_format = str(formats.dtype).removeprefix("torch.")  # the router stays in the model dtype
+        pred.add("router", self._bound_ms(router_bytes, router_flops, formats, float_format))
         # Gathering rows into expert order, and the combine: about three passes over [T k, H].
         slots_bytes = 3 * tokens * shape.top_k * shape.hidden * itemsize
         pred.add("gather and combine", slots_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
         if shape.shared_intermediate:
             s = shape.shared_intermediate
-            pred.add("shared expert", self.linear_ms(plan.dense, 2 * s, shape.hidden, tokens, plan, pred))
-            pred.add("shared expert", self.linear_ms(plan.dense, shape.hidden, s, tokens, plan, pred))
+            pred.add("shared expert", self.linear_ms(formats.dense, 2 * s, shape.hidden, tokens, formats, pred))
+            pred.add("shared expert", self.linear_ms(formats.dense, shape.hidden, s, tokens, formats, pred))
         return pred
 
     # ---- whole model
     def decode_step(
         self,
         shape: ModelShape,
-        plan: FormatPlan,
+        formats: MatrixFormats,
         position: int = 0,
         hit_rate: float = 1.0,
         storage_gbps: float | None = None,
@@ -335,11 +337,13 @@ class PerfModel:
         ``hit_rate`` < 1), ``hit_rate`` of them found in the cache and the misses read at ``storage_gbps``."""
         offloaded = hit_rate < 1.0 if offloaded is None else offloaded
         pred = Prediction(0.0)
-        h, dtype = shape.hidden, plan.dtype
+        h, dtype = shape.hidden, formats.dtype
         for _ in range(shape.num_layers):
-            pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, 1, plan, pred, decode=True))
-            pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, 1, plan, pred, decode=True))
-            self.moe_layer(shape, plan, 1, pred)
+            pred.add("qkv", self.linear_ms(formats.dense, shape.qkv_rows, h, 1, formats, pred, decode=True))
+            pred.add(
+                "o", self.linear_ms(formats.dense, h, shape.num_heads * shape.head_dim, 1, formats, pred, decode=True)
+            )
+            self.moe_layer(shape, formats, 1, pred)
             pred.add("layer fixed", self.overheads.at_hidden(h)[1])
             kv_bytes = 2 * position * shape.num_kv_heads * shape.head_dim * dtype.itemsize
             pred.add("attention", kv_bytes / (self.roofline.read_gbps * 1e9) * 1e3)
@@ -348,18 +352,18 @@ class PerfModel:
             if hit_rate < 1.0:
                 if not storage_gbps:
                     raise ValueError("predicting offloaded experts needs the storage read bandwidth")
-                expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
+                expert_bytes = formats.bytes_of(formats.experts, 3 * shape.intermediate, h)
                 misses = shape.top_k * (1.0 - hit_rate)
                 pred.add("expert reads", misses * expert_bytes / (storage_gbps * 1e9) * 1e3)
                 pred.add("expert misses", misses * self.overheads.expert_miss_ms)
-        pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred, decode=True))
+        pred.add("head", self.linear_ms(formats.dense, shape.vocab, h, 1, formats, pred, decode=True))
         pred.add("step fixed", self.overheads.decode_step_ms)
         return pred
 
     def prefill(
         self,
         shape: ModelShape,
-        plan: FormatPlan,
+        formats: MatrixFormats,
         tokens: int,
         cached_experts: int | None = None,
         storage_gbps: float | None = None,
@@ -368,11 +372,11 @@ class PerfModel:
         offloaded, ``cached_experts`` of a layer's experts are in the cache when the prompt starts (0 right
         after a load) and the rest of those the prompt touches are read at ``storage_gbps``."""
         pred = Prediction(0.0)
-        h, dtype = shape.hidden, plan.dtype
+        h, dtype = shape.hidden, formats.dtype
         for _ in range(shape.num_layers):
-            pred.add("qkv", self.linear_ms(plan.dense, shape.qkv_rows, h, tokens, plan, pred))
-            pred.add("o", self.linear_ms(plan.dense, h, shape.num_heads * shape.head_dim, tokens, plan, pred))
-            self.moe_layer(shape, plan, tokens, pred)
+            pred.add("qkv", self.linear_ms(formats.dense, shape.qkv_rows, h, tokens, formats, pred))
+            pred.add("o", self.linear_ms(formats.dense, h, shape.num_heads * shape.head_dim, tokens, formats, pred))
+            self.moe_layer(shape, formats, tokens, pred)
             pred.add("layer fixed", self.overheads.at_hidden(h)[2])
             # Causal attention: QK^T and PV over half the [T, T] scores.
             flops = 2 * tokens * tokens * shape.num_heads * shape.head_dim
@@ -384,10 +388,10 @@ class PerfModel:
                     raise ValueError("predicting offloaded experts needs the storage read bandwidth")
                 touched = expected_groups(shape.num_experts, shape.top_k, tokens)
                 reads = touched * (1.0 - cached_experts / shape.num_experts)
-                expert_bytes = plan.bytes_of(plan.experts, 3 * shape.intermediate, h)
+                expert_bytes = formats.bytes_of(formats.experts, 3 * shape.intermediate, h)
                 pred.add("expert reads", reads * expert_bytes / (storage_gbps * 1e9) * 1e3)
                 pred.add("expert misses", reads * self.overheads.expert_miss_ms)
-        pred.add("head", self.linear_ms(plan.dense, shape.vocab, h, 1, plan, pred))
+        pred.add("head", self.linear_ms(formats.dense, shape.vocab, h, 1, formats, pred))
         pred.add("step fixed", self.overheads.decode_step_ms)
         return pred
 
