@@ -699,37 +699,99 @@ def eval_(
     dtype: DType = "bf16",
     threads: Threads = None,
     context: Annotated[int | None, typer.Option(help="Window length in tokens (default: the model's context).")] = None,
+    kl_against: Annotated[
+        str | None,
+        typer.Option(
+            "--kl-against",
+            help="Report instead the KL divergence of the next-token distributions from a reference's: bf16 or "
+            "fp32 (this float checkpoint, unmodified, in that dtype) or the directory of the unmodified checkpoint "
+            "(e.g. a quantized one's float source, loaded in --dtype).",
+        ),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
     debug: Debug = False,
 ) -> None:
-    """Perplexity and tokens/s of a model on text files."""
-    from .runtime.eval import evaluate
+    """Perplexity and tokens/s of a model on text files, or its KL divergence from a reference (--kl-against)."""
+    from .models.loader import join_tokens
+    from .runtime.eval import evaluate, kl_divergence
 
     files = _text_files(text)
     texts = _read_texts(files)
     _check_destination(json_path)
-    loaded = _load_model(
-        model, dtype, threads, needs_tokenizer_for="evaluation", memory_budget=memory_budget,
-        cache_policy=cache_policy, prefetch=prefetch,
-    )  # fmt: skip
-    with console.status(f"scoring {len(files)} file(s)..."):
-        result = evaluate(loaded, texts, context=context)
-    print(
-        f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f} nats/token) over {result.tokens:,} tokens "
-        f"in {len(files)} file(s), context {result.context}; "
-        f"{result.seconds:.2f} s, {result.tokens_per_s:,.0f} tokens/s"
-    )
+    options = dict(threads=threads, memory_budget=memory_budget, cache_policy=cache_policy, prefetch=prefetch)
+    record: dict = {}
+    if kl_against is not None:  # the reference first, freed before the model under test is loaded
+        reference, record = _kl_reference(kl_against, model, dtype, texts, context, **options)
+    loaded = _load_model(model, dtype, needs_tokenizer_for="evaluation", **options)
+    if kl_against is None:
+        with console.status(f"scoring {len(files)} file(s)..."):
+            result = evaluate(loaded, texts, context=context)
+        print(
+            f"perplexity {result.perplexity:.4f} (nll {result.nll:.4f} nats/token) over {result.tokens:,} tokens "
+            f"in {len(files)} file(s), context {result.context}; "
+            f"{result.seconds:.2f} s, {result.tokens_per_s:,.0f} tokens/s"
+        )
+    else:
+        if join_tokens(texts, loaded.tokenizer) != reference.token_ids.tolist():
+            raise UserError(f"the model's tokenizer splits the text differently from that of --kl-against {kl_against}")
+        with console.status(f"scoring {len(files)} file(s) against the reference..."):
+            result = kl_divergence(loaded, reference)
+        change = result.perplexity / result.reference_perplexity - 1
+        print(
+            f"KL divergence vs {kl_against}: mean {result.kl_mean:.6f} nats (median {result.kl_median:.6f}, "
+            f"p99 {result.kl_p99:.6f}, max {result.kl_max:.6f}), top-1 agreement {result.top1_agreement:.2%}; "
+            f"perplexity {result.perplexity:.4f} (reference {result.reference_perplexity:.4f}, {change:+.2%}) "
+            f"over {result.tokens:,} tokens, context {result.context}"
+        )
+        record["perplexity_change"] = change
     if loaded.cache is not None:
         print_cache_report(loaded.cache.report())
     if json_path is not None:
-        record = {**result.to_dict(), "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files]}
+        record = {
+            **result.to_dict(), **record, "model": str(loaded.path), "dtype": dtype, "files": [str(f) for f in files],
+        }  # fmt: skip
         if loaded.cache is not None:
             record["expert_cache"] = loaded.cache.report()
         write_json_atomic(json_path, record)
         _say(f"wrote {json_path}")
+
+
+def _kl_reference(kl_against: str, model: Path | None, dtype: str, texts: list[str], context: int | None, **options):
+    """eval --kl-against: load the reference, compute its log-probs on the texts, free it.
+
+    Returns:
+        the :class:`ReferenceLogprobs` and the JSON fields that name the reference.
+    """
+    import gc
+
+    from .models.loader import DTYPES, default_model_dir, join_tokens
+    from .models.quantized import QUANT_FILE
+    from .runtime.eval import reference_logprobs
+
+    if dtype not in DTYPES:  # checked before the reference's load, not after it
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if kl_against in ("bf16", "fp32"):
+        _check_model_dir(model)
+        path, ref_dtype = (default_model_dir() if model is None else model.expanduser()), kl_against
+        if (path / QUANT_FILE).is_file():
+            raise UserError(
+                f"--kl-against {kl_against}: {path} is a quantized checkpoint, with no unmodified weights to load in "
+                f"{kl_against}; give its float source checkpoint's directory instead"
+            )
+    else:
+        path, ref_dtype = Path(kl_against).expanduser(), dtype
+        if not path.is_dir():
+            state = "is not a directory" if path.exists() else "does not exist"
+            raise UserError(f"--kl-against takes bf16, fp32 or a checkpoint directory; {kl_against} {state}")
+    loaded = _load_model(path, ref_dtype, needs_tokenizer_for="--kl-against", **options)
+    with console.status("computing the reference's next-token distributions..."):
+        reference = reference_logprobs(loaded, join_tokens(texts, loaded.tokenizer), context)
+    del loaded
+    gc.collect()
+    return reference, {"kl_against": kl_against, "reference": str(path), "reference_dtype": ref_dtype}
 
 
 @app.command("routing-stats")
@@ -865,7 +927,7 @@ def quantize(
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if bits not in (8, 4) or (dense_bits is not None and dense_bits not in (16, 8, 4)):
         raise UserError(f"--bits must be 8 or 4 (and --dense-bits 16, 8 or 4), got {bits} / {dense_bits}")
-    if group_size not in (32, 64, 128):  # whatever --bits is: int4 experts of a --memory-budget plan use it too
+    if group_size not in (32, 64, 128):  # whatever --bits is: int4 experts a --memory-budget chooses use it too
         raise UserError(f"--group-size must be 32, 64 or 128 (the int4 group size), got {group_size}")
     _check_memory_budget(memory_budget)
     for file in calibration or []:
@@ -892,7 +954,7 @@ def quantize(
         except MemoryBudgetError as e:
             raise UserError(f"--memory-budget {memory_budget}: {e}") from None
     counts: dict[str, int] = {}
-    for formats in summary["plan"]["experts"].values():
+    for formats in summary["layout"]["experts"].values():
         for name in formats:
             counts[name] = counts.get(name, 0) + 1
     print(

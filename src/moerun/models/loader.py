@@ -40,8 +40,18 @@ from ..errors import CheckpointError, MemoryBudgetError
 from ..kernels.finite import all_finite
 from ..offload.cache import ExpertCache
 from ..offload.offloaded import offload_experts
+from ..routing import ExpertSkipping
 from .hf import FAMILIES, SUPPORTED_BLOCKS, UNSUPPORTED_FAMILIES, patch
-from .quantized import QUANT_FILE, QUANT_FORMAT_VERSION, apply_quant_layout, model_nbytes, moe_layers
+from .quantized import (
+    QUANT_FILE,
+    QUANT_FORMAT_VERSION,
+    apply_quant_layout,
+    config_record,
+    model_nbytes,
+    moe_layers,
+    quantize,
+)
+from .run_plan import PlanError, RunPlan, read_plan
 
 # config.json model_type -> family name, for the families whose MoE blocks moerun replaces.
 SUPPORTED_MODEL_TYPES = {f.model_type: f.name for f in FAMILIES}
@@ -131,6 +141,7 @@ class LoadedModel:
     stats: LoadStats
     path: Path
     cache: ExpertCache | None = None  # the expert cache when loaded with a memory budget
+    plan: RunPlan | None = None  # the run plan it was loaded with
 
     @property
     def max_seq_len(self) -> int:
@@ -710,6 +721,7 @@ def load(
     memory_budget: str | int | None = None,
     cache_policy: str = "lfu",
     prefetch: bool = True,
+    plan: RunPlan | str | Path | dict | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face MoE checkpoint directory, ready to run through moerun.
 
@@ -723,6 +735,11 @@ def load(
             of the model is resident. See :mod:`moerun.offload`.
         cache_policy: with a memory budget, the eviction policy: ``lfu`` or ``lru``.
         prefetch: with a memory budget, read each next layer's predicted experts in the background.
+        plan: a run plan (``moerun plan``: a file path, a dict or a ``RunPlan``) that sets the formats, the
+            expert cache, expert skipping and the threads; ``memory_budget``, ``cache_policy``, ``prefetch`` and
+            ``threads`` must then be left as they are. ``path`` is the checkpoint the plan was made for, or the
+            one ``moerun quantize --plan`` wrote from it; a float checkpoint is quantized after loading (its
+            peak memory is then the float model's), which a plan that reads experts from storage cannot do.
 
     Returns:
         a :class:`LoadedModel`; its ``model`` is a transformers CausalLM in eval mode with every MoE block
@@ -738,6 +755,8 @@ def load(
     path = default_model_dir() if path is None else Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
+    if plan is not None:
+        return _load_planned(path, dtype, read_plan(plan), memory_budget, threads)
     config = read_config(path)
     records = checkpoint_tensors(path)
     tokenizer = load_tokenizer(path)
@@ -803,6 +822,34 @@ def load(
         ignored_tensors=ignored,
     )
     return LoadedModel(model, tokenizer, model.config, stats, path, cache)
+
+
+def _load_planned(
+    path: Path, dtype: torch.dtype, plan: RunPlan, memory_budget: str | int | None, threads: int | None
+) -> LoadedModel:
+    """``load`` with a run plan: check the model, then load with the plan's formats, cache and threads, and
+    set its expert skipping."""
+    from .skipping import set_skipping  # noqa: PLC0415  (skipping builds on the layers this module loads)
+
+    if memory_budget is not None or threads is not None:
+        raise ValueError("a plan sets the memory budget and the threads itself: give either the plan or those")
+    plan.check_model(path)
+    layout = read_quant_layout(path)
+    if plan.quantized and layout is None and plan.cache_bytes is not None:
+        raise PlanError(
+            f"this plan reads low-bit experts from storage, and {path} holds float weights: write the checkpoint "
+            f"it describes with moerun quantize --plan PLAN {path} DST, then load DST"
+        )
+    mixed_differs = plan.expert_formats is not None and layout is not None and layout["experts"] != plan.expert_formats
+    if layout is not None and (layout.get("config") != config_record(plan.quant_config()) or mixed_differs):
+        raise PlanError(f"{path} holds other formats than this plan's: quantize the float checkpoint with --plan")
+    loaded = load(path, dtype, plan.threads, plan.cache_bytes, plan.cache_policy, plan.prefetch)
+    if plan.quantized and layout is None:
+        quantize(loaded.model, plan.quant_config())
+    if plan.skip_thresholds is not None:
+        set_skipping(loaded.model, {n: ExpertSkipping("threshold", b) for n, b in plan.skip_thresholds.items()})
+    loaded.plan = plan
+    return loaded
 
 
 def join_tokens(texts: Sequence[str], tokenizer) -> list[int]:

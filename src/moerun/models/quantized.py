@@ -133,7 +133,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no moerun MoE layer; load it with moerun.load or run moerun.patch first")
-    layout: dict[str, object] = {"experts": {}, "dense": {}, "config": _config_record(config)}
+    layout: dict[str, object] = {"experts": {}, "dense": {}, "config": config_record(config)}
     with torch.no_grad():
         for name, layer in layers.items():
             names = (config.expert_formats or {}).get(name)
@@ -166,7 +166,7 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
     return layout
 
 
-def _config_record(config: QuantConfig) -> dict[str, object]:
+def config_record(config: QuantConfig) -> dict[str, object]:
     record = asdict(config)
     record.pop("expert_formats")
     return record

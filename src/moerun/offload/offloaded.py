@@ -38,7 +38,7 @@ from ..layer import MoELayer
 from ..quant.formats import ExpertMatrices, Weight
 from ..routing import RoutingPlan
 from ..sizes import budget_bytes, format_size
-from .cache import ExpertCache, LFUPolicy, make_policy, running_mean
+from .cache import ExpertCache, LFUPolicy, LRUPolicy, make_policy, running_mean
 from .store import ExpertLayout, ExpertStore, meta_like
 
 # Storage speed assumed for the prefetch decision until reads have been timed.
@@ -264,6 +264,15 @@ def _meta_like(weight: Weight) -> Weight:
     return nn.Parameter(meta, requires_grad=False) if isinstance(weight, nn.Parameter) else meta
 
 
+def eviction_policy(name: str, top_ks: list[int], prefetch: bool) -> LRUPolicy | LFUPolicy:
+    """The eviction policy an offloaded model of MoE layers with these top-k uses: LFU forgets at the pace of
+    16 decoded tokens and, with prefetching, favours the first layer, which no prediction covers."""
+    eviction = make_policy(name)
+    if isinstance(eviction, LFUPolicy):
+        eviction = LFUPolicy(16 * sum(top_ks), frozenset({0} if prefetch else ()))
+    return eviction
+
+
 def offload_experts(
     layers: list[MoELayer],
     destinations: list[tuple[Path, int, torch.dtype, torch.Tensor]],
@@ -302,9 +311,7 @@ def offload_experts(
             f"{format_size(needed * slot)} ({needed} experts of {format_size(slot)}) are needed"
         )
     total_experts = sum(layer.num_experts for layer in layers)
-    eviction = make_policy(policy)
-    if isinstance(eviction, LFUPolicy):  # forget at the pace of 16 decoded tokens; favour what no prediction covers
-        eviction = LFUPolicy(16 * sum(layer.routing.top_k for layer in layers), frozenset({0} if prefetch else ()))
+    eviction = eviction_policy(policy, [layer.routing.top_k for layer in layers], prefetch)
     cache = ExpertCache(store, min(budget // slot, total_experts), eviction, prefetch)
     offloaded: list[OffloadedExperts] = []
     for index in reversed(range(len(layers))):
