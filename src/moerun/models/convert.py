@@ -21,6 +21,7 @@ from ..sizes import budget_bytes, format_size
 from .loader import CheckpointError, LoadedModel, join_tokens, load
 from .mixed import choose_expert_formats
 from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, quant_layout_metadata, quantize, quantized_tensors
+from .run_plan import PLAN_FILE, RunPlan
 
 # Files copied from the source checkpoint as they are (the weights are rewritten).
 _COPIED = (
@@ -72,6 +73,7 @@ def save_quantized(
     dst: Path,
     copy_from: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    plan: RunPlan | None = None,
 ) -> None:
     """Write a model quantized in memory (``layout`` is what ``quantize`` returned) as the checkpoint ``dst``.
 
@@ -82,6 +84,8 @@ def save_quantized(
         copy_from: a checkpoint whose config, tokenizer and generation files are copied; None writes the
             model's config alone (a checkpoint without a tokenizer).
         progress: called with a line of text before the weights are written.
+        plan: the run plan the checkpoint is written for, kept beside the weights (``PLAN_FILE``): it names the
+            source model, so that the plan applies to the copy.
     """
     from ..version import __version__
 
@@ -97,6 +101,8 @@ def save_quantized(
         if progress:
             progress(f"writing {len(tensors)} tensors")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "moerun_quant": metadata})
+        if plan is not None:
+            plan.write(tmp / PLAN_FILE)
         (tmp / QUANT_FILE).write_text(metadata)  # last: its presence marks a complete quantized checkpoint
 
 
@@ -110,6 +116,7 @@ def quantize_checkpoint(
     calibration_tokens_max: int = 4096,
     dtype: str = "bf16",
     progress: Callable[[str], None] | None = None,
+    plan: RunPlan | None = None,
 ) -> dict[str, object]:
     """Quantize the checkpoint in ``src`` and write it to ``dst`` (see the module docstring).
 
@@ -123,6 +130,8 @@ def quantize_checkpoint(
         calibration_tokens_max: at most this many calibration tokens.
         dtype: the float dtype kept for embeddings, norms and routers ("bf16" or "fp32").
         progress: called with a line of text per step (one per layer quantized).
+        plan: write the formats of this run plan instead of ``config`` (which is then ignored), for the source
+            model the plan was made for.
 
     Returns:
         a summary: the quant layout, bytes of experts before and after, total bytes written.
@@ -134,6 +143,11 @@ def quantize_checkpoint(
     if not src.is_dir():
         raise CheckpointError(f"model directory {src} does not exist")
     check_destination(src, dst)
+    if plan is not None:
+        plan.check_model(src)
+        if memory_budget is not None:
+            raise ValueError("a plan sets the experts' formats itself: give either the plan or a memory budget")
+        config = plan.quant_config()
     loaded = load(src, dtype=dtype)
     if getattr(loaded.model, "moerun_quant", None) is not None:
         raise ValueError(f"{src} is already a quantized checkpoint")
@@ -150,7 +164,7 @@ def quantize_checkpoint(
         )  # fmt: skip
         config = replace(config, expert_formats=formats)
     layout = quantize(model, config, progress=progress and (lambda name: progress(f"quantized {name}")))
-    save_quantized(model, layout, dst, copy_from=src, progress=progress)
+    save_quantized(model, layout, dst, copy_from=src, progress=progress, plan=plan)
     return {
         "layout": layout,
         "float_expert_bytes": float_expert_bytes,

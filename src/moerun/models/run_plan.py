@@ -35,7 +35,7 @@ def model_identity(path: Path) -> str:
     written = path / PLAN_FILE
     if written.is_file() and (path / QUANT_FILE).is_file():
         try:
-            return str(json.loads(written.read_text())["model"]["identity"])
+            return str(json.loads(written.read_text())["model_identity"])
         except (ValueError, KeyError, TypeError):
             raise PlanError(f"{written} is not a moerun plan") from None
     digest = hashlib.sha256((path / "config.json").read_bytes())

@@ -1,0 +1,675 @@
+"""`moerun plan`: the fastest configuration of a model that fits a memory budget and keeps quality.
+
+The search space, for one model on this host:
+
+- routed experts: the model's float dtype, int8, int4-g32, or a format per expert chosen by the exact
+  allocator (``choose``-style: least calibration sensitivity within the bytes the budget leaves);
+- attention and output head: float, int8 or int4-g32;
+- routed experts resident, or read from the checkpoint through a cache of 75/50/25% of their bytes or of the
+  least it takes (one layer's selected experts), with LFU or LRU eviction, prefetching on or off;
+- threshold expert skipping off, or calibrated to drop 10% or 25% of the (token, expert) pairs;
+- threads: 1 to the cores (those the host's measurements cover, and the one asked for).
+
+Every configuration gets a prediction:
+
+- decode and prefill tokens/s from the performance model (``moerun.perf.predict``), with the experts per
+  token that skipping leaves, the measured cost of the skipping path, and the cache's reads from replaying a
+  routing trace of the calibration text through moerun's own cache (``moerun.plan.trace``); reads are timed at
+  the storage bandwidth measured on the checkpoint;
+- peak resident memory: a fresh moerun process's memory (measured), plus the weights in the configuration's
+  formats, the cache, the lean runner's stacked q/k/v and the KV cache of the workload;
+- quality: KL divergence against the unmodified model on the calibration text, as the sum of the measured KL
+  of each knob alone (experts int8 and int4, dense int8 and int4, each skipping level); a per-expert mix
+  scales int4's KL by the allocator's sensitivity of the mix over that of int4 everywhere. Points on the Pareto
+  front are then measured, fastest first, until one within the limits is confirmed.
+
+Shape legend: E experts, k experts per token, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MemoryBudgetError
+from ..kernels import native, tuning
+from ..models.hf import patch
+from ..models.loader import LoadedModel, load
+from ..models.mixed import calibration_inputs, expert_sensitivity
+from ..models.quantized import QuantConfig, dense_linears, model_nbytes, moe_layers, quantize
+from ..models.run_plan import RunPlan, model_identity
+from ..models.skipping import calibrate_skipping, set_skipping
+from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
+from ..perf.roofline import load_or_measure_roofline
+from ..quant.allocate import allocate_bits
+from ..quant.formats import QuantFormat
+from ..routing import ExpertSkipping
+from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
+from ..sizes import format_size
+from .trace import CacheReplay, RoutingTrace, record_trace, replay_cache
+
+EXPERT_CHOICES = ("float", "int8", "int4-g32", "mixed")
+DENSE_CHOICES = ("float", "int8", "int4-g32")
+RESIDENT_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)  # 0.0: the least cache the model takes
+POLICIES = ("lfu", "lru")
+SKIP_SHARES = (0.0, 0.1, 0.25)
+MIXED_CANDIDATES = ("int4-g32", "int8", "16")
+_MEASURED_FRONT_POINTS = 4  # quality measurements of front points before settling on predictions
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One way to run the model (see the module docstring for the choices)."""
+
+    experts: str
+    dense: str
+    resident_share: float  # 1.0: resident; else the cache holds this share of the experts' bytes (0.0: least)
+    policy: str  # eviction policy when offloaded
+    prefetch: bool
+    skip_share: float
+    threads: int
+
+    @property
+    def offloaded(self) -> bool:
+        return self.resident_share < 1.0
+
+    def label(self) -> str:
+        where = "resident" if not self.offloaded else (
+            f"cache {self.resident_share:.0%} {self.policy}{' +prefetch' if self.prefetch else ''}"
+            if self.resident_share else f"least cache {self.policy}{' +prefetch' if self.prefetch else ''}"
+        )  # fmt: skip
+        skip = f", skip {self.skip_share:.0%}" if self.skip_share else ""
+        return f"experts {self.experts}, dense {self.dense}, {where}{skip}, {self.threads} thr"
+
+
+@dataclass
+class Point:
+    """A configuration and what was predicted (and measured) of it."""
+
+    config: Configuration
+    decode_tps: float
+    prefill_tps: float
+    peak_bytes: int
+    kl: float  # predicted, or measured once ``kl_measured``
+    nll_increase: float  # nats per token over the unmodified model, predicted or measured
+    kl_measured: bool = False
+    expert_formats: dict[str, list[str]] | None = None  # the allocation of a mixed configuration
+    cache_bytes: int | None = None
+
+    def speed(self, objective: str) -> float:
+        return self.decode_tps if objective == "decode" else self.prefill_tps
+
+    @property
+    def ppl_increase(self) -> float:
+        return math.expm1(self.nll_increase)
+
+
+@dataclass
+class PlanSearch:
+    """The outcome of a search: every point, the Pareto front, the chosen point and the plan made of it."""
+
+    points: list[Point]
+    front: list[Point]
+    chosen: Point
+    plan: RunPlan
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Facts:
+    """What the planner measured about the model on this host."""
+
+    shape: ModelShape
+    dtype: torch.dtype
+    layer_names: list[str]
+    base_rss: int
+    storage_gbps: float
+    skip_ms: float
+    expert_bytes: dict[str, int]  # all experts, per uniform format
+    dense_bytes: dict[str, int]  # everything but the routed experts, per dense format
+    slot_bytes: dict[str, int]
+    replays: dict[tuple, CacheReplay]
+    skip_shares: dict[float, float]  # asked -> measured on the calibration text
+    skip_thresholds: dict[float, dict[str, float]]
+    kl: dict[tuple[str, str], KLResult]  # ("experts", fmt) / ("dense", fmt) / ("skip", share)
+    sensitivity: list[list[float]]  # [all experts][MIXED_CANDIDATES]
+    sensitivity_cost: list[list[int]]
+    models: dict[int, PerfModel]
+    reference: ReferenceLogprobs
+    memo: dict = field(default_factory=dict)  # predicted step times by their inputs
+
+
+def _format_name(choice: str, dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.") if choice in ("float", "16") else choice
+
+
+def _bits(choice: str) -> int:
+    return 16 if choice in ("float", "16") else QuantFormat.parse(choice).bits
+
+
+# ---- measuring
+
+
+def measure_base_rss(prompt_tokens: int, decode_tokens: int) -> int:
+    """What a run holds beyond its weights and KV cache (the interpreter, torch, transformers, the tokenizer,
+    allocator pools): the peak resident bytes of the reference model's run in a fresh process (``verify``), less
+    its weights and runner memory."""
+    from ..models.loader import default_model_dir
+    from .verify import verify_plan
+
+    path = default_model_dir()
+    probe = load(path, torch.bfloat16)
+    shape = ModelShape.of_model(probe.model)
+    own = model_nbytes(probe.model) + _runtime_bytes(shape, "float", torch.bfloat16, prompt_tokens + decode_tokens)
+    plan = RunPlan(model_identity(path), str(path), "", 1, 16, None, 16,
+                   workload={"prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens})  # fmt: skip
+    return int(verify_plan(path, plan)["peak_bytes"]) - own
+
+
+def measure_storage_gbps(path: Path, dtype: torch.dtype, reads: int = 24) -> float:
+    """GB/s at which the expert store reads this checkpoint's experts (direct I/O, cold)."""
+    probe = load(path, dtype, memory_budget="100%", prefetch=False)
+    try:
+        store = probe.cache.store
+        store.drop_files_from_page_cache()
+        slot = probe.cache._arena[0]
+        layers = list(moe_layers(probe.model).values())
+        for i in range(reads):
+            layer = i % len(layers)
+            store.read(layer, (i * 7) % layers[layer].num_experts, slot)
+        return store.stats.bytes / store.stats.seconds / 1e9
+    finally:
+        probe.cache.close()
+
+
+@torch.inference_mode()
+def measure_skip_ms(layer: nn.Module, reps: int = 40) -> float:
+    """What routing one token through the skipping path costs beyond the plain one, per MoE layer call (ms)."""
+    x = torch.randn(1, layer.hidden_size, generator=torch.Generator().manual_seed(0)).to(layer.dtype)
+    saved = layer.skipping
+    times = {False: [], True: []}
+    try:
+        for _ in range(reps):
+            for skipping in (False, True):
+                layer.skipping = ExpertSkipping("threshold", 0.0) if skipping else None
+                start = time.perf_counter()
+                layer(x)
+                times[skipping].append(time.perf_counter() - start)
+    finally:
+        layer.skipping = saved
+    return max(0.0, (statistics.median(times[True]) - statistics.median(times[False])) * 1e3)
+
+
+def _variant(model: nn.Module, experts: str, dense: str) -> nn.Module:
+    """A copy of the float model with experts and dense matrices in these formats, sharing its float tensors."""
+    copied = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    if not moe_layers(copied):
+        patch(copied)
+    eb, db = _bits(experts), _bits(dense)
+    if eb != 16 or db != 16:
+        group = 32
+        quantize(copied, QuantConfig(bits=eb, group_size=group, dense_bits=db))
+    return copied
+
+
+def _dense_bytes(model: nn.Module, dense: str) -> int:
+    """Bytes of everything but the routed experts, with attention, shared experts and head in ``dense``."""
+    experts = {id(t) for layer in moe_layers(model).values() for t in (layer.resident.gate_up, layer.resident.down)}
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in experts}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if dense == "float":
+        return total
+    fmt = QuantFormat.parse(dense)
+    config = QuantConfig(bits=fmt.bits, dense_bits=fmt.bits)
+    matrices = [lin.weight for lin in dense_linears(model).values()]
+    matrices += [w for layer in moe_layers(model).values() for w in (layer.shared_gate_up, layer.shared_down) if
+                 w is not None]  # fmt: skip
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for w in matrices:
+        low = config.dense_format(w.shape[1])
+        if id(w) not in embeddings:  # a tied head keeps the embedding and adds its low-bit copy
+            total -= w.numel() * w.element_size()
+        total += low.nbytes(*w.shape) * (2 if _converted(low) else 1)
+    return total
+
+
+def _converted(fmt: QuantFormat) -> bool:
+    """Whether torch's path keeps a converted copy of weights in this format beside them (int4, for torch's
+    int4 GEMM, where the native kernel does not run)."""
+    return fmt.bits == 4 and not native.is_available()
+
+
+def _expert_bytes(model: nn.Module, choice: str) -> tuple[int, int]:
+    """(all routed experts' bytes, one expert's cache slot bytes) in a uniform format."""
+    total, slot = 0, 0
+    for layer in moe_layers(model).values():
+        gate_up, down = layer.resident.gate_up, layer.resident.down
+        if choice == "float":
+            one = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+            parts = 2
+        else:
+            fmt = QuantFormat.parse(choice)
+            one = fmt.nbytes(*gate_up.shape[1:]) + fmt.nbytes(*down.shape[1:])
+            parts = 4  # values and scales of each matrix (and mins, where asymmetric: below the alignment)
+        total += one * layer.num_experts
+        slot = max(slot, one + 64 * parts)  # parts one after another, each 64-byte aligned
+    return total, slot
+
+
+# ---- predicting
+
+
+def _runtime_bytes(shape: ModelShape, dense: str, dtype: torch.dtype, positions: int) -> int:
+    """The lean runner's own memory: its stacked q/k/v copy and the KV cache of ``positions`` positions."""
+    formats = MatrixFormats(_format_name(dense, dtype), _format_name(dense, dtype), dtype)
+    qkv = shape.num_layers * formats.bytes_of(formats.dense, shape.qkv_rows, shape.hidden)
+    kv = shape.num_layers * 2 * positions * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+    return qkv + kv
+
+
+def _decode_ms(facts: _Facts, config: Configuration, experts_fmt: str, position: int, cache_slots: int | None) -> float:
+    perf = facts.models[config.threads]
+    kept_k = facts.shape.top_k * (1.0 - facts.skip_shares[config.skip_share])
+    shape = dataclasses.replace(facts.shape, top_k=kept_k)
+    formats = MatrixFormats(experts_fmt, _format_name(config.dense, facts.dtype), facts.dtype)
+    key = ("decode", config.threads, shape, formats, position, config.offloaded)
+    if key not in facts.memo:  # the same step recurs across cache setups
+        facts.memo[key] = perf.decode_step(shape, formats, position, offloaded=config.offloaded).ms
+    step = facts.memo[key]
+    layers = facts.shape.num_layers
+    if config.skip_share:
+        step += layers * facts.skip_ms
+    if not config.offloaded:
+        return step
+    read_ms = facts.slot_bytes[experts_fmt] / (facts.storage_gbps * 1e9) * 1e3
+    miss_ms = perf.overheads.expert_miss_ms
+
+    def with_replay(replay: CacheReplay, prefetching: bool) -> float:
+        per_layer = replay.demand_reads * (read_ms + miss_ms)
+        if prefetching:  # reads ahead overlap the layer before; what does not fit in its compute time stalls
+            per_layer += replay.prefetch_reads * miss_ms
+            per_layer += max(0.0, replay.prefetch_reads * read_ms - step / layers)
+        return step + layers * per_layer
+
+    plain = with_replay(facts.replays[(config.skip_share, cache_slots, config.policy, False)], False)
+    if not config.prefetch:
+        return plain
+    # Prefetching runs only where measurement says it pays: at worst it is turned off.
+    return min(plain, with_replay(facts.replays[(config.skip_share, cache_slots, config.policy, True)], True))
+
+
+def _prefill_ms(facts: _Facts, config: Configuration, experts_fmt: str, prompt: int) -> float:
+    perf = facts.models[config.threads]
+    kept_k = facts.shape.top_k * (1.0 - facts.skip_shares[config.skip_share])
+    shape = dataclasses.replace(facts.shape, top_k=kept_k)
+    formats = MatrixFormats(experts_fmt, _format_name(config.dense, facts.dtype), facts.dtype)
+    cached = 0 if config.offloaded else None
+    key = ("prefill", config.threads, shape, formats, prompt, cached)
+    if key not in facts.memo:
+        facts.memo[key] = perf.prefill(
+            shape, formats, prompt, cached_experts=cached, storage_gbps=facts.storage_gbps
+        ).ms
+    ms = facts.memo[key]
+    return ms + (facts.shape.num_layers * facts.skip_ms if config.skip_share else 0.0)
+
+
+def _quality(facts: _Facts, config: Configuration, mixed_ratio: float | None) -> tuple[float, float]:
+    """Predicted (KL, nll increase): the knobs' measured effects, added."""
+    kl, nll = 0.0, 0.0
+    parts = []
+    if config.experts == "mixed":
+        base = facts.kl[("experts", "int4-g32")]
+        kl += base.kl_mean * mixed_ratio
+        nll += _nll_increase(base) * mixed_ratio
+    elif config.experts != "float":
+        parts.append(("experts", config.experts))
+    if config.dense != "float":
+        parts.append(("dense", config.dense))
+    if config.skip_share:
+        parts.append(("skip", config.skip_share))
+    for key in parts:
+        kl += facts.kl[key].kl_mean
+        nll += _nll_increase(facts.kl[key])
+    return kl, nll
+
+
+def _nll_increase(result: KLResult) -> float:
+    return math.log(result.perplexity) - math.log(result.reference_perplexity)
+
+
+def _slots(facts: _Facts, experts_fmt: str, share: float) -> tuple[int, int]:
+    """(cache slots, cache bytes) of a cache holding ``share`` of the experts (0: the least it takes)."""
+    slots = _cache_slots(facts.shape, share)
+    return slots, slots * facts.slot_bytes[experts_fmt]
+
+
+def _cache_slots(shape: ModelShape, share: float) -> int:
+    """Slots of a cache holding ``share`` of a model's experts; 0.0: the least it takes (k)."""
+    total = shape.num_layers * shape.num_experts
+    return shape.top_k if share == 0.0 else max(shape.top_k, min(total, round(share * total)))
+
+
+def _points(facts: _Facts, budget: int, threads: list[int], positions: int, prompt: int, decode: int) -> list[Point]:
+    """Predict every configuration (the mixed one sized to fill ``budget``)."""
+    points = []
+    mean_position = prompt + decode // 2
+    int4_sensitivity = sum(row[0] for row in facts.sensitivity) or 1.0
+    for dense in DENSE_CHOICES:
+        fixed = facts.base_rss + facts.dense_bytes[dense] + _runtime_bytes(facts.shape, dense, facts.dtype, positions)
+        mixed = _mixed_allocation(facts, budget - fixed)
+        for experts in EXPERT_CHOICES:
+            if experts == "mixed" and mixed is None:
+                continue
+            for share in RESIDENT_SHARES:
+                if experts == "mixed" and share < 1.0:
+                    continue  # the allocation is for resident experts; the cache reads one format's slots
+                for policy, prefetch in _cache_setups(share):
+                    for skip in SKIP_SHARES:
+                        for t in threads:
+                            config = Configuration(experts, dense, share, policy, prefetch, skip, t)
+                            points.append(_point(facts, config, fixed, mixed, int4_sensitivity, mean_position, prompt))
+    return points
+
+
+def _cache_setups(share: float) -> list[tuple[str, bool]]:
+    if share >= 1.0:
+        return [("lfu", False)]
+    return [(policy, prefetch) for policy in POLICIES for prefetch in (False, True)]
+
+
+def _point(facts, config, fixed, mixed, int4_sensitivity, mean_position, prompt) -> Point:
+    mixed_ratio, expert_formats = None, None
+    if config.experts == "mixed":
+        chosen, shares, sensitivity_sum, expert_bytes = mixed
+        mixed_ratio = sensitivity_sum / int4_sensitivity
+        expert_formats = chosen
+        decode = sum(s * _decode_ms(facts, config, f, mean_position, None) for f, s in shares.items())
+        prefill = sum(s * _prefill_ms(facts, config, f, prompt) for f, s in shares.items())
+        peak, cache_bytes = fixed + expert_bytes, None
+    else:
+        fmt = _format_name(config.experts, facts.dtype)
+        slots, cache_bytes = (None, None) if not config.offloaded else _slots(facts, fmt, config.resident_share)
+        decode = _decode_ms(facts, config, fmt, mean_position, slots)
+        prefill = _prefill_ms(facts, config, fmt, prompt)
+        resident = facts.expert_bytes[fmt] * (2 if fmt.startswith("int4") and _converted(QuantFormat(4)) else 1)
+        peak = fixed + (resident if cache_bytes is None else cache_bytes)
+    kl, nll = _quality(facts, config, mixed_ratio)
+    return Point(config, 1e3 / decode, prompt * 1e3 / prefill, int(peak), kl, nll, False, expert_formats, cache_bytes)
+
+
+def _mixed_allocation(facts: _Facts, expert_budget: int):
+    """Per-expert formats within ``expert_budget`` bytes: (formats per layer, share of experts per format,
+    summed sensitivity, bytes), or None where even int4 everywhere does not fit or float everywhere does."""
+    costs = facts.sensitivity_cost
+    if expert_budget < sum(min(row) for row in costs) or expert_budget >= sum(max(row) for row in costs):
+        return None
+    try:
+        choice = allocate_bits(facts.sensitivity, costs, expert_budget)
+    except MemoryBudgetError:
+        return None
+    names = [_format_name(c, facts.dtype) for c in MIXED_CANDIDATES]
+    per_layer: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for i, c in enumerate(choice):
+        layer = facts.layer_names[i // facts.shape.num_experts]
+        per_layer.setdefault(layer, []).append(QuantFormat.parse(MIXED_CANDIDATES[c]).name)
+        counts[names[c]] = counts.get(names[c], 0) + 1
+    total = len(choice)
+    shares = {f: n / total for f, n in counts.items()}
+    sensitivity = sum(facts.sensitivity[i][c] for i, c in enumerate(choice))
+    nbytes = sum(costs[i][c] for i, c in enumerate(choice))
+    return per_layer, shares, sensitivity, nbytes
+
+
+# ---- the front and the choice
+
+
+def pareto_front(points: list[Point], objective: str) -> list[Point]:
+    """The points no other point beats on speed, memory and KL at once, fastest first."""
+    ordered = sorted(points, key=lambda p: (-p.speed(objective), p.peak_bytes, p.kl))
+    front: list[Point] = []
+    for p in ordered:
+        if not any(q.peak_bytes <= p.peak_bytes and q.kl <= p.kl for q in front):
+            front.append(p)
+    return front
+
+
+def _within(point: Point, budget: int, max_kl: float | None, max_ppl_increase: float | None) -> bool:
+    if point.peak_bytes > budget:
+        return False
+    if max_kl is not None and point.kl > max_kl:
+        return False
+    return max_ppl_increase is None or point.ppl_increase <= max_ppl_increase
+
+
+def search_plan(
+    path: Path,
+    memory_budget: int,
+    *,
+    max_kl: float | None = None,
+    max_ppl_increase: float | None = None,
+    objective: str = "decode",
+    threads: int | None = None,
+    calibration_ids: list[int],
+    window: int = 256,
+    prompt_tokens: int = 128,
+    decode_tokens: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    progress: Callable[[str], None] | None = None,
+) -> PlanSearch:
+    """Search the configurations of the checkpoint at ``path`` (see the module docstring).
+
+    Args:
+        path: a float checkpoint directory.
+        memory_budget: bytes of peak resident memory a run may take.
+        max_kl: most mean KL divergence (nats per token) against the unmodified model on the calibration text.
+        max_ppl_increase: most relative perplexity increase (0.01 = 1%) on the calibration text.
+        objective: ``decode`` or ``prefill`` tokens/s.
+        threads: the most threads to use (default: torch's current count).
+        calibration_ids: calibration tokens.
+        window: tokens per calibration window.
+        prompt_tokens, decode_tokens: the workload predicted for (and sized into the KV cache).
+        dtype: the float dtype.
+        progress: called with a line per step.
+
+    Raises:
+        MemoryBudgetError: a budget below the smallest configuration (the message names it) or a quality limit
+            no configuration within the budget reaches (the message names the best reachable).
+    """
+    say = progress or (lambda _: None)
+    if objective not in ("decode", "prefill"):
+        raise ValueError(f"objective must be decode or prefill, got {objective!r}")
+    max_threads = threads or torch.get_num_threads()
+    torch.set_num_threads(max_threads)
+    say(f"loading {path}")
+    loaded = load(path, dtype)
+    facts = _measure(loaded, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens, say)
+    thread_counts = sorted(facts.models)
+    positions = prompt_tokens + decode_tokens
+    say("predicting every configuration")
+    points = _points(facts, memory_budget, thread_counts, positions, prompt_tokens, decode_tokens)
+    smallest = min(points, key=lambda p: p.peak_bytes)
+    if smallest.peak_bytes > memory_budget:
+        raise MemoryBudgetError(
+            f"memory budget {format_size(memory_budget)} is below the smallest configuration, "
+            f"{format_size(smallest.peak_bytes)} ({smallest.config.label()})"
+        )
+    fitting = [p for p in points if p.peak_bytes <= memory_budget]
+    best_kl = min(fitting, key=lambda p: p.kl)
+    best_ppl = min(fitting, key=lambda p: p.nll_increase)
+    if max_kl is not None and best_kl.kl > max_kl:
+        raise MemoryBudgetError(
+            f"no configuration within {format_size(memory_budget)} reaches KL {max_kl:g}: the best predicted is "
+            f"{best_kl.kl:.4g} ({best_kl.config.label()})"
+        )
+    if max_ppl_increase is not None and best_ppl.ppl_increase > max_ppl_increase:
+        raise MemoryBudgetError(
+            f"no configuration within {format_size(memory_budget)} keeps perplexity within +{max_ppl_increase:.2%}: "
+            f"the best predicted is +{best_ppl.ppl_increase:.2%} ({best_ppl.config.label()})"
+        )
+    front = pareto_front(points, objective)
+    chosen = _confirm(loaded, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
+    plan = _run_plan(path, facts, chosen, prompt_tokens, decode_tokens)
+    notes = []
+    if facts.storage_gbps <= 0:
+        notes.append("storage bandwidth could not be measured")
+    return PlanSearch(points, front, chosen, plan, notes)
+
+
+def _confirm(loaded, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
+    """Measure the quality of the front's points within the limits, fastest first, until one is confirmed."""
+    measured: dict[tuple, KLResult] = {}
+    candidates = [p for p in front if _within(p, budget, max_kl, max_ppl)]
+    for point in candidates:
+        key = (point.config.experts, point.config.dense, point.config.skip_share, str(point.expert_formats))
+        if key not in measured:
+            if len(measured) >= _MEASURED_FRONT_POINTS:
+                break
+            say(f"measuring the quality of {point.config.label()}")
+            measured[key] = _measure_quality(loaded, facts, point)
+        result = measured[key]
+        point.kl, point.nll_increase, point.kl_measured = result.kl_mean, _nll_increase(result), True
+        if _within(point, budget, max_kl, max_ppl):
+            return point
+    remaining = [p for p in candidates if not p.kl_measured or _within(p, budget, max_kl, max_ppl)]
+    if not remaining:
+        raise MemoryBudgetError("no configuration on the front keeps the quality limit once measured")
+    return max(remaining, key=lambda p: p.speed(objective))
+
+
+def _measure_quality(loaded: LoadedModel, facts: _Facts, point: Point) -> KLResult:
+    config = point.config
+    if config.experts == "mixed":
+        variant = copy.deepcopy(loaded.model, memo={id(p): p for p in loaded.model.parameters()})
+        db = _bits(config.dense)
+        quantize(variant, QuantConfig(bits=16, dense_bits=db, expert_formats=point.expert_formats))
+    else:
+        variant = _variant(loaded.model, config.experts, config.dense)
+    if config.skip_share:
+        thresholds = facts.skip_thresholds[config.skip_share]
+        set_skipping(variant, {n: ExpertSkipping("threshold", b) for n, b in thresholds.items()})
+    return kl_divergence(variant, facts.reference)
+
+
+def _measure(
+    loaded: LoadedModel, path: Path, dtype: torch.dtype, ids: list[int], window: int, max_threads: int,
+    prompt_tokens: int, decode_tokens: int, say,
+) -> _Facts:  # fmt: skip
+    model = loaded.model
+    layers = moe_layers(model)
+    names = list(layers)
+    shape = ModelShape.of_model(model)
+    say(f"reference distributions over {len(ids):,} calibration tokens")
+    reference = reference_logprobs(model, ids, window)
+    kl: dict[tuple, KLResult] = {}
+    skip_thresholds: dict[float, dict[str, float]] = {}
+    skip_shares: dict[float, float] = {}
+    traces: dict[float, RoutingTrace] = {}
+    for share in SKIP_SHARES:
+        if share:
+            say(f"calibrating expert skipping for {share:.0%} of the pairs")
+            skipping = calibrate_skipping(model, ids, share, window)
+            skip_thresholds[share] = {n: s.level for n, s in skipping.items()}
+            set_skipping(model, skipping)
+            kl[("skip", share)] = kl_divergence(model, reference)
+        say(f"recording the routing trace{f' with {share:.0%} skipping' if share else ''}")
+        traces[share] = record_trace(model, ids, window)
+        skip_shares[share] = traces[share].skipped_share()
+        set_skipping(model, None)
+    for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
+        say(f"measuring the quality of {kind} in {choice}")
+        variant = _variant(model, choice if kind == "experts" else "float", choice if kind == "dense" else "float")
+        kl[(kind, choice)] = kl_divergence(variant, reference)
+        _tune(variant, max_threads, say)
+        del variant
+    _tune(model, max_threads, say)
+    say("scoring each expert's formats for the per-expert allocation")
+    inputs = calibration_inputs(model, ids, window)
+    candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
+    sensitivity, cost = [], []
+    for name, layer in layers.items():
+        s, c = expert_sensitivity(layer, inputs[name], candidates)
+        sensitivity += s
+        cost += c
+    del inputs
+    say("measuring this host: storage, memory of a fresh process, the skipping path")
+    storage = measure_storage_gbps(path, dtype)
+    base_rss = measure_base_rss(prompt_tokens, decode_tokens)
+    skip_ms = measure_skip_ms(next(iter(layers.values())))
+    expert_bytes, slot_bytes = {}, {}
+    for choice in ("float", "int8", "int4-g32"):
+        fmt = _format_name(choice, dtype)
+        expert_bytes[fmt], slot_bytes[fmt] = _expert_bytes(model, choice)
+    dense_bytes = {choice: _dense_bytes(model, choice) for choice in DENSE_CHOICES}
+    models = {}
+    for t in range(1, max_threads + 1):
+        if t == max_threads or tuning.load_overheads(t) is not None:
+            models[t] = host_model(t, load_or_measure_roofline(t), dtype)
+    say("replaying the routing traces through the expert cache")
+    replays = {}
+    for share, trace in traces.items():
+        for resident in RESIDENT_SHARES[1:]:
+            slots = _cache_slots(shape, resident)
+            for policy in POLICIES:
+                for prefetch in (False, True):
+                    replays[(share, slots, policy, prefetch)] = replay_cache(trace, slots, policy, prefetch)
+    torch.set_num_threads(max_threads)
+    facts = _Facts(
+        shape, dtype, names, base_rss, storage, skip_ms, expert_bytes, dense_bytes, slot_bytes, replays,
+        skip_shares, skip_thresholds, kl, sensitivity, cost, models, reference,
+    )  # fmt: skip
+    return facts
+
+
+def _tune(model: nn.Module, threads: int, say) -> None:
+    """Measure the kernel cases this model meets that the host's tuning table lacks (once per host)."""
+    from ..perf.tune import missing_cases, model_cases, tune, tuning_enabled
+
+    if not tuning_enabled():
+        return
+    missing = missing_cases(model_cases(model, threads))
+    if missing:
+        tune(missing, on_case=lambda done, total, label: say(f"tuning ({done + 1}/{total}): {label}"))
+
+
+def _run_plan(path: Path, facts: _Facts, point: Point, prompt: int, decode: int) -> RunPlan:
+    config = point.config
+    return RunPlan(
+        model_identity=model_identity(path),
+        model_path=str(path),
+        host=tuning.host_fingerprint().key(),
+        threads=config.threads,
+        expert_bits=None if config.experts == "mixed" else _bits(config.experts),
+        expert_formats=point.expert_formats,
+        dense_bits=_bits(config.dense),
+        cache_bytes=point.cache_bytes,
+        cache_policy=config.policy,
+        prefetch=config.prefetch and config.offloaded,
+        skip_thresholds=facts.skip_thresholds.get(config.skip_share) if config.skip_share else None,
+        predicted=point_record(point),
+        workload={"prompt_tokens": prompt, "decode_tokens": decode},
+    )
+
+
+def point_record(point: Point) -> dict:
+    """A point as JSON-ready numbers."""
+    return {
+        "configuration": dataclasses.asdict(point.config),
+        "label": point.config.label(),
+        "decode_tokens_per_s": point.decode_tps,
+        "prefill_tokens_per_s": point.prefill_tps,
+        "peak_bytes": point.peak_bytes,
+        "kl": point.kl,
+        "ppl_increase": point.ppl_increase,
+        "kl_measured": point.kl_measured,
+        "cache_bytes": point.cache_bytes,
+    }
