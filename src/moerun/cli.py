@@ -44,6 +44,10 @@ CachePolicy = Annotated[str, typer.Option(help="With --memory-budget: expert evi
 Prefetch = Annotated[
     bool, typer.Option(help="With --memory-budget: read each next layer's predicted experts in the background.")
 ]
+PlanFile = Annotated[
+    Path | None,
+    typer.Option(help="A run plan (moerun plan): sets formats, expert cache, skipping and threads."),
+]
 
 
 class UserError(Exception):
@@ -649,6 +653,7 @@ def generate(
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
+    plan: PlanFile = None,
     debug: Debug = False,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; timings and memory go to stderr."""
@@ -666,7 +671,7 @@ def generate(
         raise UserError(f"--prompt is not valid UTF-8 text: undecodable bytes at character {e.start}") from None
     loaded = _load_model(
         model, dtype, threads, needs_tokenizer_for="a text prompt", memory_budget=memory_budget,
-        cache_policy=cache_policy, prefetch=prefetch,
+        cache_policy=cache_policy, prefetch=prefetch, plan=plan,
     )  # fmt: skip
 
     def write(token) -> None:
@@ -712,6 +717,7 @@ def eval_(
     memory_budget: MemoryBudget = None,
     cache_policy: CachePolicy = "lfu",
     prefetch: Prefetch = True,
+    plan: PlanFile = None,
     debug: Debug = False,
 ) -> None:
     """Perplexity and tokens/s of a model on text files, or its KL divergence from a reference (--kl-against)."""
@@ -915,6 +921,9 @@ def quantize(
     dtype: Annotated[
         str, typer.Option(help="Float dtype kept for embeddings, norms and routers: bf16 or fp32.")
     ] = "bf16",
+    plan: Annotated[
+        Path | None, typer.Option(help="Write the formats of this run plan (moerun plan) instead of --bits.")
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Write a quantized copy of a checkpoint that load, generate, eval and bench read back."""
@@ -936,6 +945,11 @@ def quantize(
     _read_texts(calibration or [], "calibration file")
     _check_model_dir(src)
     config = QuantConfig(bits, group_size, not asymmetric, dense_bits)
+    run_plan = None
+    if plan is not None:
+        from .models.run_plan import RunPlan
+
+        run_plan = RunPlan.read(plan)
     with Progress(
         TextColumn("{task.description}", markup=False), BarColumn(), TimeElapsedColumn(), console=console,
         transient=True,
@@ -949,7 +963,7 @@ def quantize(
         try:
             summary = quantize_checkpoint(
                 src, dst, config, memory_budget=memory_budget, calibration_files=calibration, dtype=dtype,
-                progress=step,
+                progress=step, plan=run_plan,
             )  # fmt: skip
         except MemoryBudgetError as e:
             raise UserError(f"--memory-budget {memory_budget}: {e}") from None
@@ -962,6 +976,196 @@ def quantize(
         f"{format_size(summary['expert_bytes'])} ({', '.join(f'{n} x {k}' for k, n in counts.items())}); "
         f"file {format_size(summary['file_bytes'])}"
     )
+
+
+@app.command("plan")
+def plan_(
+    memory_budget: Annotated[str, typer.Option(help="Peak resident memory a run may take: '12GB', '900MiB'.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint directory, 'reference', or a synthetic model (bench) (default: reference)."),
+    ] = None,
+    max_kl: Annotated[
+        float | None, typer.Option(help="Most mean KL divergence (nats/token) against the unmodified model.")
+    ] = None,
+    max_ppl_increase: Annotated[
+        str | None, typer.Option(help="Most perplexity increase on the calibration text: '1%' or 0.01.")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="What to make fastest: decode or prefill.")] = "decode",
+    threads: Annotated[int | None, typer.Option(help="Most CPU threads (default: all cores).")] = None,
+    calibration: Annotated[
+        list[Path] | None, typer.Option(help="Calibration text file, repeat for several (default: stdlib modules).")
+    ] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens to use.")] = 1024,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length the plan is made for.")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens decoded after it.")] = 128,
+    verify: Annotated[int, typer.Option(help="Measure this many of the best points of the front in fresh runs.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every point and the front as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw speed against memory, KL as colour, as a PNG.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the chosen plan here (default: plan.json).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Find the fastest configuration that fits a memory budget and keeps quality, and write it as a plan.
+
+    Searches the experts' format (uniform or per expert), the attention's and head's, resident experts or a cache
+    of them with its policy and prefetching, expert skipping and threads; predicts speed, memory and quality of
+    each; prints the Pareto front and the choice. generate, eval, bench and quantize take the plan with --plan.
+    """
+    from .models.convert import calibration_tokens as read_calibration
+    from .models.loader import default_model_dir, load
+    from .perf.model_bench import REFERENCE, SYNTHETIC_MODELS
+    from .perf.offload_bench import offload_checkpoint
+    from .sizes import parse_size
+
+    try:
+        budget = parse_size(memory_budget)
+    except ValueError as e:
+        raise UserError(f"--memory-budget: {e}") from None
+    if max_kl is not None and not (max_kl >= 0 and math.isfinite(max_kl)):
+        raise UserError(f"--max-kl must be a finite number >= 0, got {max_kl}")
+    ppl_limit = None if max_ppl_increase is None else _parse_share(max_ppl_increase, "--max-ppl-increase")
+    if max_kl is not None and ppl_limit is not None:
+        raise UserError("give one quality limit: --max-kl or --max-ppl-increase")
+    if objective not in ("decode", "prefill"):
+        raise UserError(f"--objective must be decode or prefill, got {objective!r}")
+    for name, value in (("--threads", threads), ("--calibration-tokens", calibration_tokens),
+                        ("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens)):  # fmt: skip
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if verify < 0:
+        raise UserError(f"--verify must be >= 0, got {verify}")
+    out = out or Path("plan.json")
+    for path, option in ((json_path, "--json"), (plot, "--plot"), (out, "--out")):
+        _check_destination(path, option)
+    for file in calibration or []:
+        if not file.is_file():
+            raise UserError(f"calibration file {file} does not exist")
+    _read_texts(calibration or [], "calibration file")
+
+    with _tuning_progress() as progress:
+        task = progress.add_task("planning", total=None)
+
+        def step(text: str) -> None:
+            progress.update(task, description=text)
+
+        if model in SYNTHETIC_MODELS:
+            path = offload_checkpoint(model, 16, progress=step)
+        elif model in (None, REFERENCE):
+            path = default_model_dir()
+        else:
+            _check_model_dir(Path(model))
+            path = Path(model).expanduser()
+        step("reading calibration text")
+        loaded = load(path, "bf16")
+        tokenizer_source = loaded if loaded.tokenizer is not None else load(default_model_dir(), "bf16")
+        ids = read_calibration(tokenizer_source, calibration, calibration_tokens)
+        vocab = loaded.model.lm_head.weight.shape[0]
+        ids = [i % vocab for i in ids]  # a checkpoint without a tokenizer reads the reference model's tokens
+        window = min(256, loaded.max_seq_len)
+        del loaded, tokenizer_source
+        from .errors import MemoryBudgetError as PlanLimitError
+        from .plan.search import search_plan
+
+        try:
+            result = search_plan(
+                path, budget, max_kl=max_kl, max_ppl_increase=ppl_limit, objective=objective, threads=threads,
+                calibration_ids=ids, window=window, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                progress=step,
+            )  # fmt: skip
+        except PlanLimitError as e:
+            raise UserError(str(e)) from None
+        verified = []
+        if verify:
+            from .plan.search import plan_of
+            from .plan.verify import planned_checkpoint, verify_plan
+
+            fitting = [p for p in result.front if p.peak_bytes <= budget][:verify]
+            if result.chosen not in fitting:
+                fitting = [result.chosen, *fitting[: verify - 1]]
+            for i, point in enumerate(fitting):
+                step(f"verifying {i + 1}/{len(fitting)}: {point.config.label()}")
+                plan = plan_of(result, point)
+                checkpoint = planned_checkpoint(plan, path, step)
+                verified.append((point, verify_plan(checkpoint, plan)))
+    print_plan_front(result, objective, budget)
+    if verified:
+        print_verified(verified, objective)
+    result.plan.write(out.expanduser())
+    _say(f"wrote the plan to {out}: {result.chosen.config.label()}")
+    if json_path is not None:
+        from .plan.search import point_record
+
+        record = {
+            "plan": result.plan.to_dict(),
+            "front": [point_record(p) for p in result.front],
+            "points": [point_record(p) for p in result.points],
+            "verified": [{"predicted": point_record(p), "measured": m} for p, m in verified],
+        }
+        write_json_atomic(json_path, record)
+        _say(f"wrote {len(result.points)} points to {json_path}")
+    if plot is not None:
+        from .plan.report import plot_front
+
+        plot_front(result, objective, budget, plot.expanduser())
+        _say(f"wrote {plot}")
+
+
+def _parse_share(text: str, option: str) -> float:
+    """'1%' or '0.01' -> 0.01."""
+    try:
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise UserError(f"{option} must be a share such as '1%' or 0.01, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise UserError(f"{option} must be >= 0, got {text!r}")
+    return value
+
+
+def print_plan_front(result, objective: str, budget: int) -> None:
+    """The Pareto front (at most 20 rows, fastest first), the chosen point marked."""
+    from .sizes import format_size
+
+    table = Table(title=f"Pareto front: {objective} speed, peak memory, KL (budget {format_size(budget)})")
+    for column in ("", "configuration", "decode tok/s", "prefill tok/s", "peak memory", "KL", "ppl"):
+        table.add_column(column, justify="left" if column in ("", "configuration") else "right")
+    rows = result.front[:20]
+    if result.chosen not in rows:
+        rows.append(result.chosen)
+    for p in rows:
+        mark = "→" if p is result.chosen else ("" if p.peak_bytes <= budget else "over")
+        kl = f"{p.kl:.4f}" + ("" if p.kl_measured else " (pred.)")
+        table.add_row(
+            mark, p.config.label(), f"{p.decode_tps:,.1f}", f"{p.prefill_tps:,.0f}", format_size(p.peak_bytes), kl,
+            f"+{p.ppl_increase:.2%}",
+        )  # fmt: skip
+    out = Console()
+    if not out.is_terminal:
+        out.width = 160
+    out.print(table)
+
+
+def print_verified(verified: list, objective: str) -> None:
+    """Predicted against measured, for each verified point."""
+    from .sizes import format_size
+
+    table = Table(title="predicted vs measured (fresh process each)")
+    for column in ("configuration", "decode tok/s", "prefill tok/s", "peak memory"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for p, m in verified:
+
+        def cell(predicted: float, measured: float, fmt) -> str:
+            return f"{fmt(predicted)} / {fmt(measured)} ({measured / predicted - 1:+.0%})"
+
+        table.add_row(
+            p.config.label(),
+            cell(p.decode_tps, m["decode_tokens_per_s"], lambda v: f"{v:,.1f}"),
+            cell(p.prefill_tps, m["prefill_tokens_per_s"], lambda v: f"{v:,.0f}"),
+            cell(p.peak_bytes, m["peak_bytes"], format_size),
+        )
+    out = Console()
+    if not out.is_terminal:
+        out.width = 160
+    out.print(table)
 
 
 def torch_threads() -> int:
@@ -1023,6 +1227,7 @@ def _load_model(
     memory_budget: str | None = None,
     cache_policy: str = "lfu",
     prefetch: bool = True,
+    plan: Path | None = None,
 ):
     """moerun.load with the CLI's option checks and a one-line report of what loading cost."""
     from .models.loader import DTYPES, SUPPORTED_MODEL_TYPES, default_model_dir, has_tokenizer, load
@@ -1039,9 +1244,19 @@ def _load_model(
     path = default_model_dir() if model is None else model.expanduser()
     if path.is_dir() and not has_tokenizer(path):  # checked before the weights are read; load() reports the rest
         raise UserError(f"{path} has no tokenizer files; {needs_tokenizer_for} needs one")
+    run_plan = None
+    if plan is not None:
+        from .kernels.tuning import host_fingerprint
+        from .models.run_plan import RunPlan
+
+        if memory_budget is not None or threads is not None:
+            raise UserError("--plan sets the memory budget and the threads: leave out --memory-budget and --threads")
+        run_plan = RunPlan.read(plan)
+        if run_plan.host != host_fingerprint().key():
+            _say(f"warning: {plan} was planned on another host ({run_plan.host}); its predictions may not hold here")
     with console.status("loading the model..."):
         try:
-            loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch)
+            loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch, plan=run_plan)
         except MemoryBudgetError as e:
             raise UserError(f"--memory-budget {memory_budget}: {e}") from None
     s = loaded.stats

@@ -121,7 +121,8 @@ class PlanSearch:
     front: list[Point]
     chosen: Point
     plan: RunPlan
-    notes: list[str] = field(default_factory=list)
+    facts: _Facts = field(repr=False, default=None)
+    path: Path | None = None
 
 
 @dataclass
@@ -519,10 +520,13 @@ def search_plan(
     front = pareto_front(points, objective)
     chosen = _confirm(loaded, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
     plan = _run_plan(path, facts, chosen, prompt_tokens, decode_tokens)
-    notes = []
-    if facts.storage_gbps <= 0:
-        notes.append("storage bandwidth could not be measured")
-    return PlanSearch(points, front, chosen, plan, notes)
+    return PlanSearch(points, front, chosen, plan, facts=facts, path=path)
+
+
+def plan_of(search: PlanSearch, point: Point) -> RunPlan:
+    """The run plan of any point of a search (``search.plan`` is the chosen one's)."""
+    workload = search.plan.workload
+    return _run_plan(search.path, search.facts, point, workload["prompt_tokens"], workload["decode_tokens"])
 
 
 def _confirm(loaded, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
