@@ -151,3 +151,14 @@ def test_quantize_command_writes_a_checkpoint(tmp_path, capsys):
     assert "32 x int8" in capsys.readouterr().out
     assert cli.main(["eval", "--model", str(tmp_path / "q8")]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_a_tied_float_head_beside_low_bit_experts_is_saved_and_loads_back(tmp_path) -> None:
+    """The reference model ties its head to the embedding: with dense matrices left in float both are stored."""
+    config = QuantConfig(bits=4, dense_bits=16)
+    quantize_checkpoint(REFERENCE, tmp_path / "q", config, dtype="fp32")
+    expected = moerun.load(REFERENCE, "fp32").model
+    quantize(expected, config)
+    ids = torch.arange(1, 30).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(moerun.load(tmp_path / "q", "fp32").model(ids).logits, expected(ids).logits)

@@ -35,6 +35,7 @@ def _layer(routing: RoutingConfig, dtype: torch.dtype = torch.float32, intermedi
 
 def _naive_skip(logits, weights, ids, skipping: ExpertSkipping, routing: RoutingConfig, num_experts: int):
     """The drop rules token by token, in Python."""
+    logits, weights = logits.detach(), weights.detach()
     probs = torch.softmax(logits.float(), dim=-1)
     out_w, out_ids = weights.clone(), ids.clone()
     for t in range(ids.shape[0]):

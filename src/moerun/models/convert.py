@@ -90,7 +90,11 @@ def save_quantized(
     from ..version import __version__
 
     metadata = quant_layout_metadata(layout, __version__)
-    tensors = {name: t.contiguous() for name, t in quantized_tensors(model).items()}
+    tensors, seen = {}, set()
+    for name, t in quantized_tensors(model).items():
+        # A tied output head left in float shares the embedding's storage, which safetensors refuses: store a copy.
+        tensors[name] = t.contiguous() if t.data_ptr() not in seen else t.clone()
+        seen.add(t.data_ptr())
     with directory_written_whole(dst) as tmp:
         if copy_from is None:
             model.config.save_pretrained(tmp)

@@ -64,6 +64,7 @@ POLICIES = ("lfu", "lru")
 SKIP_SHARES = (0.0, 0.1, 0.25)
 MIXED_CANDIDATES = ("int4-g32", "int8", "16")
 _MEASURED_FRONT_POINTS = 4  # quality measurements of front points before settling on predictions
+_TIMED_DECODE_STEPS = 32  # decode steps of each resident configuration the planner runs to correct its model
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class _Facts:
     models: dict[int, PerfModel]
     reference: ReferenceLogprobs
     memo: dict = field(default_factory=dict)  # predicted step times by their inputs
+    corrections: dict = field(default_factory=dict)  # measured over predicted compute times (_corrections)
 
 
 def _format_name(choice: str, dtype: torch.dtype) -> str:
@@ -285,7 +287,7 @@ def _decode_ms(facts: _Facts, config: Configuration, experts_fmt: str, position:
     key = ("decode", config.threads, shape, formats, position, config.offloaded)
     if key not in facts.memo:  # the same step recurs across cache setups
         facts.memo[key] = perf.decode_step(shape, formats, position, offloaded=config.offloaded).ms
-    step = facts.memo[key]
+    step = facts.memo[key] * _correction(facts, "decode", config, experts_fmt)
     layers = facts.shape.num_layers
     if config.skip_share:
         step += layers * facts.skip_ms
@@ -319,7 +321,7 @@ def _prefill_ms(facts: _Facts, config: Configuration, experts_fmt: str, prompt: 
         facts.memo[key] = perf.prefill(
             shape, formats, prompt, cached_experts=cached, storage_gbps=facts.storage_gbps
         ).ms
-    ms = facts.memo[key]
+    ms = facts.memo[key] * _correction(facts, "prefill", config, experts_fmt)
     return ms + (facts.shape.num_layers * facts.skip_ms if config.skip_share else 0.0)
 
 
@@ -589,13 +591,21 @@ def _measure(
         traces[share] = record_trace(model, ids, window)
         skip_shares[share] = traces[share].skipped_share()
         set_skipping(model, None)
+    thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
+    timed: dict[tuple, tuple[float, float]] = {}  # (experts, dense, threads) -> measured (prefill, decode) tok/s
     for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
-        say(f"measuring the quality of {kind} in {choice}")
+        say(f"measuring the quality and speed of {kind} in {choice}")
         variant = _variant(model, choice if kind == "experts" else "float", choice if kind == "dense" else "float")
         kl[(kind, choice)] = kl_divergence(variant, reference)
-        _tune(variant, max_threads, say)
+        for t in thread_counts:
+            _tune(variant, t, say)
+        key = (choice, "float") if kind == "experts" else ("float", choice)
+        for t in thread_counts:
+            timed[(*key, t)] = _timed(variant, t, prompt_tokens)
         del variant
-    _tune(model, max_threads, say)
+    for t in thread_counts:
+        _tune(model, t, say)
+        timed[("float", "float", t)] = _timed(model, t, prompt_tokens)
     say("scoring each expert's formats for the per-expert allocation")
     inputs = calibration_inputs(model, ids, window)
     candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
@@ -614,10 +624,7 @@ def _measure(
         fmt = _format_name(choice, dtype)
         expert_bytes[fmt], slot_bytes[fmt] = _expert_bytes(model, choice)
     dense_bytes = {choice: _dense_bytes(model, choice) for choice in DENSE_CHOICES}
-    models = {}
-    for t in range(1, max_threads + 1):
-        if t == max_threads or tuning.load_overheads(t) is not None:
-            models[t] = host_model(t, load_or_measure_roofline(t), dtype)
+    models = {t: host_model(t, load_or_measure_roofline(t), dtype) for t in thread_counts}  # after the tuning
     say("replaying the routing traces through the expert cache")
     replays = {}
     for share, trace in traces.items():
@@ -631,7 +638,42 @@ def _measure(
         shape, dtype, names, base_rss, storage, skip_ms, expert_bytes, dense_bytes, slot_bytes, replays,
         skip_shares, skip_thresholds, kl, sensitivity, cost, models, reference,
     )  # fmt: skip
+    facts.corrections = _corrections(facts, timed, max_threads, prompt_tokens)
     return facts
+
+
+def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, float]:
+    """Measured (prefill, decode) tokens/s of the resident model at ``threads``."""
+    from .verify import time_run
+
+    torch.set_num_threads(threads)
+    return time_run(model, prompt_tokens, _TIMED_DECODE_STEPS)
+
+
+def _corrections(facts: _Facts, timed: dict, max_threads: int, prompt_tokens: int) -> dict[tuple, float]:
+    """Measured over predicted time of the resident configurations that were run (the float model, and each
+    low-bit expert or dense format alone, at each thread count), as factors on the predicted compute time."""
+    corrections: dict[tuple, float] = {}
+    position = prompt_tokens + _TIMED_DECODE_STEPS // 2
+    for (experts, dense, t), (prefill_tps, decode_tps) in timed.items():
+        config = Configuration(experts, dense, 1.0, "lfu", False, 0.0, t)
+        fmt = _format_name(experts, facts.dtype)
+        corrections[("decode", experts, dense, t)] = (1e3 / decode_tps) / _decode_ms(facts, config, fmt, position, None)
+        corrections[("prefill", experts, dense, t)] = (prompt_tokens * 1e3 / prefill_tps) / _prefill_ms(
+            facts, config, fmt, prompt_tokens
+        )
+    return corrections
+
+
+def _correction(facts: _Facts, kind: str, config: Configuration, experts: str) -> float:
+    """The factor on a configuration's predicted compute time (``_corrections``): the float model's at its thread
+    count, times what its expert format and its dense format each change that by; 1 where nothing was run."""
+    table, t = facts.corrections, config.threads
+    base = table.get((kind, "float", "float", t), 1.0)
+    choice = "float" if experts.startswith(("bfloat16", "float")) else experts
+    experts_factor = table.get((kind, choice, "float", t), base) / base
+    dense_factor = table.get((kind, "float", config.dense, t), base) / base
+    return base * experts_factor * dense_factor
 
 
 def _tune(model: nn.Module, threads: int, say) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..files import cache_directory
 from ..models.convert import quantize_checkpoint
@@ -43,24 +44,19 @@ def planned_checkpoint(plan: RunPlan, source: Path, progress: Callable[[str], No
 
 
 @torch.inference_mode()
-def measure_plan_run(path: Path, plan: RunPlan, prompt_tokens: int, decode_tokens: int, seed: int = 0) -> dict:
-    """Load ``path`` with ``plan`` and time one prompt and its decode steps (in this process).
+def time_run(model: nn.Module, prompt_tokens: int, decode_tokens: int, seed: int = 0) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of the lean runner over ``model``: one prompt of random tokens, then decode steps.
 
-    Decode samples at temperature 1 from a seeded generator: greedy decoding of a random model loops over a
-    few tokens, whose experts any cache holds.
-
-    Returns:
-        prefill and decode tokens/s, the peak resident bytes of the process, and the share of pairs skipped.
+    A short prompt and a few steps run first: first calls make low-bit conversions and allocator pools, once per
+    process. Decode samples at temperature 1 from a seeded generator: greedy decoding of a random model loops
+    over a few tokens, whose experts any cache holds.
     """
-    from ..models.skipping import skipped_share
-
-    reset_peak_rss()
-    loaded = load(path, plan=plan)
-    runner = default_runner(loaded.model, prompt_tokens + decode_tokens)
+    runner = default_runner(model, prompt_tokens + decode_tokens)
     generator = torch.Generator().manual_seed(seed)
-    vocab = loaded.model.lm_head.weight.shape[0]
+    vocab = model.lm_head.weight.shape[0]
     prompt = torch.randint(0, min(vocab, 4096), (prompt_tokens,), generator=generator)
-    runner.prefill(prompt[:16])  # warm up: first calls make low-bit conversions and allocator pools, once
+    runner.reset()
+    runner.prefill(prompt[:16])
     for token in prompt[16:20].tolist():
         runner.decode(token)
     runner.reset()
@@ -72,11 +68,26 @@ def measure_plan_run(path: Path, plan: RunPlan, prompt_tokens: int, decode_token
         token = int(torch.multinomial(torch.softmax(logits.float().view(-1), dim=-1), 1, generator=generator))
         logits = runner.decode(token)
     decode_s = time.perf_counter() - start
+    return prompt_tokens / prefill_s, decode_tokens / decode_s
+
+
+def measure_plan_run(path: Path, plan: RunPlan, prompt_tokens: int, decode_tokens: int) -> dict:
+    """Load ``path`` with ``plan`` and time one prompt and its decode steps (``time_run``) in this process.
+
+    Returns:
+        prefill and decode tokens/s, the peak resident bytes of the process, the share of pairs skipped and the
+        expert cache's hit rate.
+    """
+    from ..models.skipping import skipped_share
+
+    reset_peak_rss()
+    loaded = load(path, plan=plan)
+    prefill_tps, decode_tps = time_run(loaded.model, prompt_tokens, decode_tokens)
     if loaded.cache is not None:
         loaded.cache.wait()
     return {
-        "prefill_tokens_per_s": prompt_tokens / prefill_s,
-        "decode_tokens_per_s": decode_tokens / decode_s,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
         "peak_bytes": peak_rss_bytes(),
         "skipped_share": skipped_share(loaded.model),
         "hit_rate": None if loaded.cache is None else loaded.cache.report()["hit_rate"],
