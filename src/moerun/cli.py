@@ -6,6 +6,8 @@ import json
 import math
 import os
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -198,6 +200,10 @@ def bench(
             "(default: --json's path as .png, else memory-sweep.png)."
         ),
     ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="With --model: run this plan (moerun plan) in fresh processes: measured vs predicted."),
+    ] = None,
 ) -> None:
     """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers.
 
@@ -226,6 +232,11 @@ def bench(
     if model is not None:
         if preset:
             raise UserError("--preset times one layer and --model a whole model; give one of them")
+        if plan is not None:
+            if offload or threads is not None:
+                raise UserError("--plan sets the formats, the expert cache and the threads: leave out those options")
+            _bench_plan(model, plan, json_path, prompt_tokens, decode_tokens, rounds)
+            return
         if offload:
             _bench_offload(
                 model, dtype, threads, impl, json_path, plot, 32 if prompt_tokens is None else prompt_tokens,
@@ -388,6 +399,49 @@ def _bench_model(
     if json_path is not None:
         write_json_atomic(json_path, record_dicts(records))
         _say(f"wrote {len(records)} records to {json_path}")
+
+
+def _bench_plan(
+    model: str, plan_path: Path, json_path: Path | None, prompt_tokens: int | None, decode_tokens: int, rounds: int
+) -> None:
+    """`moerun bench --model M --plan P`: the plan run in fresh processes, ``rounds`` times, against its prediction."""
+    from .models.run_plan import RunPlan
+    from .perf.model_bench import SYNTHETIC_MODELS, resolve_model_dir
+    from .perf.offload_bench import offload_checkpoint
+    from .plan.verify import planned_checkpoint, verify_plan
+
+    if rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {rounds}")
+    _check_destination(json_path)
+    run_plan = RunPlan.read(plan_path)
+    workload = {"prompt_tokens": prompt_tokens or run_plan.workload.get("prompt_tokens", 128),
+                "decode_tokens": decode_tokens}  # fmt: skip
+    run_plan = replace(run_plan, workload=workload)
+    source = offload_checkpoint(model, 16) if model in SYNTHETIC_MODELS else resolve_model_dir(model)
+    run_plan.check_model(source)
+    with console.status("writing the plan's checkpoint (once)..."):
+        checkpoint = planned_checkpoint(run_plan, source)
+    runs = []
+    for r in range(rounds):
+        with console.status(f"running the plan in a fresh process, round {r + 1}/{rounds}..."):
+            runs.append(verify_plan(checkpoint, run_plan))
+    measured = _median_record(runs)
+    predicted = run_plan.predicted
+    table = Table(title=f"{predicted.get('label', 'plan')}: median of {rounds} fresh runs, "
+                  f"{workload['prompt_tokens']}-token prompt, {decode_tokens} decode steps")  # fmt: skip
+    for column in ("", "decode tok/s", "prefill tok/s", "peak memory"):
+        table.add_column(column, justify="left" if not column else "right")
+    from .sizes import format_size
+
+    table.add_row("measured", f"{measured['decode_tokens_per_s']:,.1f}", f"{measured['prefill_tokens_per_s']:,.0f}",
+                  format_size(measured["peak_bytes"]))  # fmt: skip
+    if predicted:
+        table.add_row("predicted", f"{predicted['decode_tokens_per_s']:,.1f}",
+                      f"{predicted['prefill_tokens_per_s']:,.0f}", format_size(predicted["peak_bytes"]))  # fmt: skip
+    Console().print(table)
+    if json_path is not None:
+        write_json_atomic(json_path, {"plan": run_plan.to_dict(), "runs": runs, "measured": measured})
+        _say(f"wrote {json_path}")
 
 
 def _whole_model_perf(threads: int, dtype: str):
@@ -1000,6 +1054,7 @@ def plan_(
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length the plan is made for.")] = 128,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded after it.")] = 128,
     verify: Annotated[int, typer.Option(help="Measure this many of the best points of the front in fresh runs.")] = 0,
+    verify_rounds: Annotated[int, typer.Option(help="With --verify: runs of each point, taking turns (median).")] = 3,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every point and the front as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw speed against memory, KL as colour, as a PNG.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the chosen plan here (default: plan.json).")] = None,
@@ -1032,8 +1087,8 @@ def plan_(
                         ("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens)):  # fmt: skip
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    if verify < 0:
-        raise UserError(f"--verify must be >= 0, got {verify}")
+    if verify < 0 or verify_rounds < 1:
+        raise UserError(f"--verify must be >= 0 and --verify-rounds >= 1, got {verify} and {verify_rounds}")
     out = out or Path("plan.json")
     for path, option in ((json_path, "--json"), (plot, "--plot"), (out, "--out")):
         _check_destination(path, option)
@@ -1044,9 +1099,12 @@ def plan_(
 
     with _tuning_progress() as progress:
         task = progress.add_task("planning", total=None)
+        started = time.perf_counter()
 
         def step(text: str) -> None:
             progress.update(task, description=text)
+            if not console.is_terminal:  # a log gets the steps as lines, with the time they began
+                _say(f"[{time.perf_counter() - started:6.1f} s] {text}")
 
         if model in SYNTHETIC_MODELS:
             path = offload_checkpoint(model, 16, progress=step)
@@ -1082,11 +1140,14 @@ def plan_(
             fitting = [p for p in result.front if p.peak_bytes <= budget][:verify]
             if result.chosen not in fitting:
                 fitting = [result.chosen, *fitting[: verify - 1]]
-            for i, point in enumerate(fitting):
-                step(f"verifying {i + 1}/{len(fitting)}: {point.config.label()}")
-                plan = plan_of(result, point)
-                checkpoint = planned_checkpoint(plan, path, step)
-                verified.append((point, verify_plan(checkpoint, plan)))
+            runs = [(p, plan_of(result, p)) for p in fitting]
+            runs = [(p, plan, planned_checkpoint(plan, path, step)) for p, plan in runs]
+            measured: list[list[dict]] = [[] for _ in runs]
+            for r in range(verify_rounds):  # points take turns, so that the host's noise hits them alike
+                for i, (point, plan, checkpoint) in enumerate(runs):
+                    step(f"verifying, round {r + 1}/{verify_rounds}: {point.config.label()}")
+                    measured[i].append(verify_plan(checkpoint, plan))
+            verified = [(p, _median_record(m)) for (p, _, _), m in zip(runs, measured, strict=True)]
     print_plan_front(result, objective, budget)
     if verified:
         print_verified(verified, objective)
@@ -1108,6 +1169,13 @@ def plan_(
 
         plot_front(result, objective, budget, plot.expanduser())
         _say(f"wrote {plot}")
+
+
+def _median_record(records: list[dict]) -> dict:
+    """The median of each number over several runs' records."""
+    import statistics
+
+    return {k: statistics.median(r[k] for r in records) if records[0][k] is not None else None for k in records[0]}
 
 
 def _parse_share(text: str, option: str) -> float:
@@ -1148,7 +1216,7 @@ def print_verified(verified: list, objective: str) -> None:
     """Predicted against measured, for each verified point."""
     from .sizes import format_size
 
-    table = Table(title="predicted vs measured (fresh process each)")
+    table = Table(title="predicted / measured (median of fresh processes, taking turns)")
     for column in ("configuration", "decode tok/s", "prefill tok/s", "peak memory"):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for p, m in verified:

@@ -24,9 +24,18 @@ def plot_front(search: PlanSearch, objective: str, budget: int, path: Path) -> N
         [p.peak_bytes / gib for p in points], [p.speed(objective) for p in points], c=kls, s=14,
         cmap="viridis_r", norm=LogNorm(vmin=min(kls), vmax=max(kls)),
     )  # fmt: skip
-    front = sorted(search.front, key=lambda p: p.peak_bytes)
-    ax.plot([p.peak_bytes / gib for p in front], [p.speed(objective) for p in front], color="black", lw=0.8,
-            label="Pareto front")  # fmt: skip
+    # The front is three-dimensional (speed, memory, KL): its points get a black edge, and the step line is its
+    # speed-memory shadow, the fastest configuration at or below each memory.
+    front = search.front
+    ax.scatter([p.peak_bytes / gib for p in front], [p.speed(objective) for p in front], s=22, facecolors="none",
+               edgecolors="black", linewidths=0.6, label="Pareto front (speed, memory, KL)")  # fmt: skip
+    best, steps = 0.0, []
+    for p in sorted(points, key=lambda p: p.peak_bytes):
+        if p.speed(objective) > best:
+            best = p.speed(objective)
+            steps.append((p.peak_bytes / gib, best))
+    ax.step([m for m, _ in steps], [v for _, v in steps], where="post", color="black", lw=0.8,
+            label="fastest at or below each memory")  # fmt: skip
     chosen = search.chosen
     ax.scatter([chosen.peak_bytes / gib], [chosen.speed(objective)], s=160, facecolors="none", edgecolors="red",
                linewidths=2, label=f"chosen: {chosen.config.label()}")  # fmt: skip

@@ -600,8 +600,7 @@ def _measure(
         for t in thread_counts:
             _tune(variant, t, say)
         key = (choice, "float") if kind == "experts" else ("float", choice)
-        for t in thread_counts:
-            timed[(*key, t)] = _timed(variant, t, prompt_tokens)
+        timed[(*key, max_threads)] = _timed(variant, max_threads, prompt_tokens)
         del variant
     for t in thread_counts:
         _tune(model, t, say)
@@ -651,8 +650,9 @@ def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, f
 
 
 def _corrections(facts: _Facts, timed: dict, max_threads: int, prompt_tokens: int) -> dict[tuple, float]:
-    """Measured over predicted time of the resident configurations that were run (the float model, and each
-    low-bit expert or dense format alone, at each thread count), as factors on the predicted compute time."""
+    """Measured over predicted time of the resident configurations that were run (the float model at each thread
+    count, each low-bit expert or dense format alone at the most threads), as factors on the predicted compute
+    time."""
     corrections: dict[tuple, float] = {}
     position = prompt_tokens + _TIMED_DECODE_STEPS // 2
     for (experts, dense, t), (prefill_tps, decode_tps) in timed.items():
@@ -669,11 +669,15 @@ def _correction(facts: _Facts, kind: str, config: Configuration, experts: str) -
     """The factor on a configuration's predicted compute time (``_corrections``): the float model's at its thread
     count, times what its expert format and its dense format each change that by; 1 where nothing was run."""
     table, t = facts.corrections, config.threads
-    base = table.get((kind, "float", "float", t), 1.0)
+    top = max((key[3] for key in table), default=t)
+
+    def relative(experts: str, dense: str) -> float:
+        """A format's factor over the float model's, at these threads where it was run, else at the most."""
+        at = t if (kind, experts, dense, t) in table else top
+        return table.get((kind, experts, dense, at), 1.0) / table.get((kind, "float", "float", at), 1.0)
+
     choice = "float" if experts.startswith(("bfloat16", "float")) else experts
-    experts_factor = table.get((kind, choice, "float", t), base) / base
-    dense_factor = table.get((kind, "float", config.dense, t), base) / base
-    return base * experts_factor * dense_factor
+    return table.get((kind, "float", "float", t), 1.0) * relative(choice, "float") * relative("float", config.dense)
 
 
 def _tune(model: nn.Module, threads: int, say) -> None:
