@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import MemoryBudgetError
 from ..kernels import native, tuning
 from ..models.hf import patch
-from ..models.loader import LoadedModel, load
+from ..models.loader import load
 from ..models.mixed import calibration_inputs, expert_sensitivity
 from ..models.quantized import QuantConfig, dense_linears, model_nbytes, moe_layers, quantize
 from ..models.run_plan import RunPlan, model_identity
@@ -64,7 +64,9 @@ POLICIES = ("lfu", "lru")
 SKIP_SHARES = (0.0, 0.1, 0.25)
 MIXED_CANDIDATES = ("int4-g32", "int8", "16")
 _MEASURED_FRONT_POINTS = 4  # quality measurements of front points before settling on predictions
-_TIMED_DECODE_STEPS = 32  # decode steps of each resident configuration the planner runs to correct its model
+_REPLAY_TOKENS = 256  # decoded tokens replayed through the cache: ~8k accesses of a 4-layer top-8 model
+_TIMED_PROMPT_TOKENS = 64
+_TIMED_DECODE_STEPS = 16  # decode steps of each resident configuration the planner runs to correct its model
 
 
 @dataclass(frozen=True)
@@ -495,7 +497,13 @@ def search_plan(
     torch.set_num_threads(max_threads)
     say(f"loading {path}")
     loaded = load(path, dtype)
-    facts = _measure(loaded, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens, say)
+    # Calibration and quality runs compute in the dtype this host runs fastest (fp32 where bf16 GEMMs are slow):
+    # they measure what formats and skipping change, not the float rounding of the run.
+    quality_dtype = load_or_measure_roofline(max_threads).fastest_dtype()
+    quality = loaded.model if quality_dtype == dtype else load(path, quality_dtype).model
+    facts = _measure(
+        loaded.model, quality, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens, say
+    )
     thread_counts = sorted(facts.models)
     positions = prompt_tokens + decode_tokens
     say("predicting every configuration")
@@ -520,7 +528,7 @@ def search_plan(
             f"the best predicted is +{best_ppl.ppl_increase:.2%} ({best_ppl.config.label()})"
         )
     front = pareto_front(points, objective)
-    chosen = _confirm(loaded, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
+    chosen = _confirm(quality, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
     plan = _run_plan(path, facts, chosen, prompt_tokens, decode_tokens)
     return PlanSearch(points, front, chosen, plan, facts=facts, path=path)
 
@@ -531,7 +539,7 @@ def plan_of(search: PlanSearch, point: Point) -> RunPlan:
     return _run_plan(search.path, search.facts, point, workload["prompt_tokens"], workload["decode_tokens"])
 
 
-def _confirm(loaded, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
+def _confirm(model, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
     """Measure the quality of the front's points within the limits, fastest first, until one is confirmed."""
     measured: dict[tuple, KLResult] = {}
     candidates = [p for p in front if _within(p, budget, max_kl, max_ppl)]
@@ -541,7 +549,7 @@ def _confirm(loaded, facts, front, budget, max_kl, max_ppl, objective, say) -> P
             if len(measured) >= _MEASURED_FRONT_POINTS:
                 break
             say(f"measuring the quality of {point.config.label()}")
-            measured[key] = _measure_quality(loaded, facts, point)
+            measured[key] = _measure_quality(model, facts, point)
         result = measured[key]
         point.kl, point.nll_increase, point.kl_measured = result.kl_mean, _nll_increase(result), True
         if _within(point, budget, max_kl, max_ppl):
@@ -552,14 +560,14 @@ def _confirm(loaded, facts, front, budget, max_kl, max_ppl, objective, say) -> P
     return max(remaining, key=lambda p: p.speed(objective))
 
 
-def _measure_quality(loaded: LoadedModel, facts: _Facts, point: Point) -> KLResult:
+def _measure_quality(model: nn.Module, facts: _Facts, point: Point) -> KLResult:
     config = point.config
     if config.experts == "mixed":
-        variant = copy.deepcopy(loaded.model, memo={id(p): p for p in loaded.model.parameters()})
+        variant = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
         db = _bits(config.dense)
         quantize(variant, QuantConfig(bits=16, dense_bits=db, expert_formats=point.expert_formats))
     else:
-        variant = _variant(loaded.model, config.experts, config.dense)
+        variant = _variant(model, config.experts, config.dense)
     if config.skip_share:
         thresholds = facts.skip_thresholds[config.skip_share]
         set_skipping(variant, {n: ExpertSkipping("threshold", b) for n, b in thresholds.items()})
@@ -567,13 +575,15 @@ def _measure_quality(loaded: LoadedModel, facts: _Facts, point: Point) -> KLResu
 
 
 def _measure(
-    loaded: LoadedModel, path: Path, dtype: torch.dtype, ids: list[int], window: int, max_threads: int,
-    prompt_tokens: int, decode_tokens: int, say,
+    deployed: nn.Module, quality: nn.Module, path: Path, dtype: torch.dtype, ids: list[int], window: int,
+    max_threads: int, prompt_tokens: int, decode_tokens: int, say,
 ) -> _Facts:  # fmt: skip
-    model = loaded.model
-    layers = moe_layers(model)
+    """Measure what the predictions need: ``deployed`` is the model in the run's dtype (timed, tuned, sized),
+    ``quality`` the same weights in the dtype the host computes fastest (calibration, KL, traces)."""
+    model = quality
+    layers = moe_layers(deployed)
     names = list(layers)
-    shape = ModelShape.of_model(model)
+    shape = ModelShape.of_model(deployed)
     say(f"reference distributions over {len(ids):,} calibration tokens")
     reference = reference_logprobs(model, ids, window)
     kl: dict[tuple, KLResult] = {}
@@ -595,24 +605,31 @@ def _measure(
     timed: dict[tuple, tuple[float, float]] = {}  # (experts, dense, threads) -> measured (prefill, decode) tok/s
     for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
         say(f"measuring the quality and speed of {kind} in {choice}")
-        variant = _variant(model, choice if kind == "experts" else "float", choice if kind == "dense" else "float")
+        formats = (choice, "float") if kind == "experts" else ("float", choice)
+        variant = _variant(model, *formats)
         kl[(kind, choice)] = kl_divergence(variant, reference)
+        if quality is not deployed:
+            del variant
+            variant = _variant(deployed, *formats)
         for t in thread_counts:
             _tune(variant, t, say)
-        key = (choice, "float") if kind == "experts" else ("float", choice)
-        timed[(*key, max_threads)] = _timed(variant, max_threads, prompt_tokens)
+        timed[(*formats, max_threads)] = _timed(variant, max_threads, prompt_tokens)
         del variant
     for t in thread_counts:
-        _tune(model, t, say)
-        timed[("float", "float", t)] = _timed(model, t, prompt_tokens)
+        _tune(deployed, t, say)
+        timed[("float", "float", t)] = _timed(deployed, t, prompt_tokens)
     say("scoring each expert's formats for the per-expert allocation")
     inputs = calibration_inputs(model, ids, window)
     candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
     sensitivity, cost = [], []
+    quality_layers = moe_layers(model)
     for name, layer in layers.items():
-        s, c = expert_sensitivity(layer, inputs[name], candidates)
+        s, _ = expert_sensitivity(quality_layers[name], inputs[name], candidates)
+        float_bytes = layer.dtype.itemsize  # bytes in the run's dtype
+        two_i, hidden = layer.resident.gate_up.shape[1:]
+        one = [f.nbytes(two_i, hidden, float_bytes) + f.nbytes(hidden, two_i // 2, float_bytes) for f in candidates]
         sensitivity += s
-        cost += c
+        cost += [one] * layer.num_experts
     del inputs
     say("measuring this host: storage, memory of a fresh process, the skipping path")
     storage = measure_storage_gbps(path, dtype)
@@ -621,12 +638,13 @@ def _measure(
     expert_bytes, slot_bytes = {}, {}
     for choice in ("float", "int8", "int4-g32"):
         fmt = _format_name(choice, dtype)
-        expert_bytes[fmt], slot_bytes[fmt] = _expert_bytes(model, choice)
-    dense_bytes = {choice: _dense_bytes(model, choice) for choice in DENSE_CHOICES}
+        expert_bytes[fmt], slot_bytes[fmt] = _expert_bytes(deployed, choice)
+    dense_bytes = {choice: _dense_bytes(deployed, choice) for choice in DENSE_CHOICES}
     models = {t: host_model(t, load_or_measure_roofline(t), dtype) for t in thread_counts}  # after the tuning
     say("replaying the routing traces through the expert cache")
     replays = {}
     for share, trace in traces.items():
+        trace = trace.first(_REPLAY_TOKENS)
         for resident in RESIDENT_SHARES[1:]:
             slots = _cache_slots(shape, resident)
             for policy in POLICIES:
@@ -646,7 +664,7 @@ def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, f
     from .verify import time_run
 
     torch.set_num_threads(threads)
-    return time_run(model, prompt_tokens, _TIMED_DECODE_STEPS)
+    return time_run(model, min(prompt_tokens, _TIMED_PROMPT_TOKENS), _TIMED_DECODE_STEPS)
 
 
 def _corrections(facts: _Facts, timed: dict, max_threads: int, prompt_tokens: int) -> dict[tuple, float]:
@@ -654,6 +672,7 @@ def _corrections(facts: _Facts, timed: dict, max_threads: int, prompt_tokens: in
     count, each low-bit expert or dense format alone at the most threads), as factors on the predicted compute
     time."""
     corrections: dict[tuple, float] = {}
+    prompt_tokens = min(prompt_tokens, _TIMED_PROMPT_TOKENS)
     position = prompt_tokens + _TIMED_DECODE_STEPS // 2
     for (experts, dense, t), (prefill_tps, decode_tps) in timed.items():
         config = Configuration(experts, dense, 1.0, "lfu", False, 0.0, t)

@@ -42,6 +42,11 @@ class RoutingTrace:
     def num_tokens(self) -> int:
         return self.selected[0].shape[0]
 
+    def first(self, tokens: int) -> RoutingTrace:
+        """The trace of the first ``tokens`` tokens."""
+        return RoutingTrace([s[:tokens] for s in self.selected], [p[:tokens] for p in self.predicted],
+                            self.num_experts, self.top_ks)  # fmt: skip
+
     def skipped_share(self) -> float:
         """The share of (token, expert) pairs the trace skipped."""
         total = sum(s.numel() for s in self.selected)
