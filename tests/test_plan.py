@@ -167,3 +167,28 @@ def test_plan_writes_a_plan_that_generate_runs(capsys, tmp_path) -> None:
     assert record["front"] and len(record["points"]) > len(record["front"])
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert cli.main(["generate", "--prompt", "def f(", "--max-new-tokens", "4", "--plan", str(out)]) == 0
+
+
+@pytest.mark.parametrize("dense", ["float", "int8", "int4-g32"])
+@pytest.mark.parametrize("experts", ["float", "int8", "int4-g32", "mixed"])
+def test_emulated_formats_give_the_low_bit_model_and_restore_the_float_one(experts: str, dense: str) -> None:
+    from moerun.models.quantized import QuantConfig, quantize
+    from moerun.plan.search import emulated_formats
+
+    model = moerun.load(REFERENCE, "fp32").model
+    source = moerun.load(REFERENCE, "bf16").model
+    names = list(moe_layers(model))
+    formats = experts
+    if experts == "mixed":
+        formats = {n: ["int4-g32", "int8", "16", "int8", "int4-g32", "16", "int8", "int4-g32"] for n in names}
+    bits = {"float": 16, "int8": 8, "int4-g32": 4}
+    quantized = moerun.load(REFERENCE, "fp32").model
+    quantize(quantized, QuantConfig(bits=16 if experts == "mixed" else bits[experts], dense_bits=bits[dense],
+                                    expert_formats=formats if experts == "mixed" else None))  # fmt: skip
+    ids = torch.tensor([IDS[:40]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with emulated_formats(model, formats, dense, source=source if experts != "int8" else None):
+            torch.testing.assert_close(model(ids).logits, quantized(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model(ids).logits, before)
+        assert model.lm_head.weight is model.get_input_embeddings().weight

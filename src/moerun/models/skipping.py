@@ -16,7 +16,11 @@ from .quantized import moe_layers
 
 @torch.no_grad()
 def calibrate_skipping(
-    model: nn.Module, token_ids: list[int], skip_share: float, window: int = 256
+    model: nn.Module,
+    token_ids: list[int],
+    skip_share: float,
+    window: int = 256,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, ExpertSkipping]:
     """Threshold skipping per MoE layer that drops ``skip_share`` of the layer's pairs on ``token_ids``.
 
@@ -28,6 +32,8 @@ def calibrate_skipping(
         token_ids: calibration tokens.
         skip_share: the share of pairs to drop in every layer, in [0, (k-1)/k].
         window: tokens per calibration forward pass.
+        inputs: each MoE layer's inputs [T, H] on the calibration text, where a caller has them already (the
+            text is then not run again).
 
     Returns:
         ``ExpertSkipping("threshold", beta)`` per MoE layer name.
@@ -35,7 +41,8 @@ def calibrate_skipping(
     layers = moe_layers(model)
     if any(layer.skipping is not None for layer in layers.values()):
         raise ValueError("calibrate skipping on the model with skipping off")
-    inputs = calibration_inputs(model, token_ids, window)
+    if inputs is None:
+        inputs = calibration_inputs(model, token_ids, window)
     skipping = {}
     for name, layer in layers.items():
         x = inputs.get(name, torch.zeros(0, layer.hidden_size, dtype=layer.dtype))

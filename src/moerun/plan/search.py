@@ -33,7 +33,8 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,18 +45,18 @@ from ..errors import MemoryBudgetError
 from ..kernels import native, tuning
 from ..models.hf import patch
 from ..models.loader import load
-from ..models.mixed import calibration_inputs, expert_sensitivity
+from ..models.mixed import expert_sensitivity
 from ..models.quantized import QuantConfig, dense_linears, model_nbytes, moe_layers, quantize
 from ..models.run_plan import RunPlan, model_identity
 from ..models.skipping import calibrate_skipping, set_skipping
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat
+from ..quant.formats import QuantFormat, quantize_weight
 from ..routing import ExpertSkipping
 from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
 from ..sizes import format_size
-from .trace import CacheReplay, RoutingTrace, record_trace, replay_cache
+from .trace import CacheReplay, RoutingTrace, TraceRecorder, replay_cache
 
 EXPERT_CHOICES = ("float", "int8", "int4-g32", "mixed")
 DENSE_CHOICES = ("float", "int8", "int4-g32")
@@ -224,6 +225,74 @@ def _variant(model: nn.Module, experts: str, dense: str) -> nn.Module:
         group = 32
         quantize(copied, QuantConfig(bits=eb, group_size=group, dense_bits=db))
     return copied
+
+
+@contextmanager
+@torch.no_grad()
+def emulated_formats(
+    model: nn.Module, experts: str | dict[str, list[str]], dense: str, source: nn.Module | None = None
+) -> Iterator[None]:
+    """Within ``with``, ``model``'s routed experts and dense matrices hold the values their low-bit formats would
+    give them (quantized then dequantized, in place), as torchao's emulated path computes: the model runs at its
+    own float speed and memory, and its outputs are those of the low-bit model up to the activations' rounding.
+    The float values are restored afterwards: from ``source``, the same model in another float dtype that holds
+    them exactly (the checkpoint's bf16 beside an fp32 copy), else from copies of the changed rows.
+
+    Args:
+        model: a moerun-patched float model.
+        experts: a uniform format choice ("float", "int8", "int4-g32") or format names per expert per MoE layer.
+        dense: the attention's, shared experts' and output head's format choice.
+        source: the same model (same parameter names) whose values restore ``model``'s exactly, or None.
+    """
+    saved: list[tuple[torch.Tensor, list[int] | None, torch.Tensor | None]] = []
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    param_names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+    originals = dict(source.named_parameters(remove_duplicate=False)) if source is not None else {}
+
+    def emulate(weight: torch.Tensor, fmt: QuantFormat, rows: list[int] | None = None) -> None:
+        if fmt.bits == 16:
+            return
+        chosen = weight if rows is None else weight[rows]
+        kept = originals.get(param_names.get(id(weight), ""))
+        saved.append((weight, rows, chosen.detach().clone() if kept is None else kept))
+        values = quantize_weight(chosen.detach(), fmt).dequantize(weight.dtype)
+        if rows is None:
+            weight.copy_(values)
+        else:
+            weight[rows] = values
+
+    def restore(weight: torch.Tensor, rows: list[int] | None, original: torch.Tensor) -> None:
+        if original.shape != weight.shape:  # a copy of the changed rows
+            weight[rows] = original
+        elif rows is None:
+            weight.copy_(original)
+        else:
+            weight[rows] = original[rows].to(weight.dtype)
+
+    try:
+        for name, layer in moe_layers(model).items():
+            names = experts[name] if isinstance(experts, dict) else [experts] * layer.num_experts
+            for fmt_name in dict.fromkeys(names):
+                fmt = QuantFormat.parse("16" if fmt_name == "float" else fmt_name)
+                rows = [e for e, n in enumerate(names) if n == fmt_name]
+                for weight in (layer.resident.gate_up, layer.resident.down):
+                    emulate(weight, fmt, None if len(rows) == layer.num_experts else rows)
+        if dense != "float":
+            config = QuantConfig(bits=_bits(dense), dense_bits=_bits(dense))
+            if tied:  # the low-bit head is a copy; the embedding stays float
+                head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            weights = [lin.weight for lin in dense_linears(model).values()]
+            weights += [w for layer in moe_layers(model).values() for w in (layer.shared_gate_up, layer.shared_down)
+                        if isinstance(w, torch.Tensor)]  # fmt: skip
+            for weight in weights:
+                emulate(weight, config.dense_format(weight.shape[1]))
+        yield
+    finally:
+        for weight, rows, original in reversed(saved):
+            restore(weight, rows, original)
+        if tied:
+            head.weight = model.get_input_embeddings().weight
 
 
 def _dense_bytes(model: nn.Module, dense: str) -> int:
@@ -528,7 +597,8 @@ def search_plan(
             f"the best predicted is +{best_ppl.ppl_increase:.2%} ({best_ppl.config.label()})"
         )
     front = pareto_front(points, objective)
-    chosen = _confirm(quality, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
+    source = None if quality is loaded.model else loaded.model
+    chosen = _confirm(quality, source, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
     plan = _run_plan(path, facts, chosen, prompt_tokens, decode_tokens)
     return PlanSearch(points, front, chosen, plan, facts=facts, path=path)
 
@@ -539,7 +609,7 @@ def plan_of(search: PlanSearch, point: Point) -> RunPlan:
     return _run_plan(search.path, search.facts, point, workload["prompt_tokens"], workload["decode_tokens"])
 
 
-def _confirm(model, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
+def _confirm(model, source, facts, front, budget, max_kl, max_ppl, objective, say) -> Point:
     """Measure the quality of the front's points within the limits, fastest first, until one is confirmed."""
     measured: dict[tuple, KLResult] = {}
     candidates = [p for p in front if _within(p, budget, max_kl, max_ppl)]
@@ -549,7 +619,7 @@ def _confirm(model, facts, front, budget, max_kl, max_ppl, objective, say) -> Po
             if len(measured) >= _MEASURED_FRONT_POINTS:
                 break
             say(f"measuring the quality of {point.config.label()}")
-            measured[key] = _measure_quality(model, facts, point)
+            measured[key] = _measure_quality(model, source, facts, point)
         result = measured[key]
         point.kl, point.nll_increase, point.kl_measured = result.kl_mean, _nll_increase(result), True
         if _within(point, budget, max_kl, max_ppl):
@@ -560,18 +630,19 @@ def _confirm(model, facts, front, budget, max_kl, max_ppl, objective, say) -> Po
     return max(remaining, key=lambda p: p.speed(objective))
 
 
-def _measure_quality(model: nn.Module, facts: _Facts, point: Point) -> KLResult:
+def _measure_quality(model: nn.Module, source: nn.Module | None, facts: _Facts, point: Point) -> KLResult:
+    """The KL of a configuration, its formats emulated on the float ``model`` (``emulated_formats``)."""
     config = point.config
-    if config.experts == "mixed":
-        variant = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-        db = _bits(config.dense)
-        quantize(variant, QuantConfig(bits=16, dense_bits=db, expert_formats=point.expert_formats))
-    else:
-        variant = _variant(model, config.experts, config.dense)
+    experts = point.expert_formats if config.experts == "mixed" else config.experts
+    skipping = None
     if config.skip_share:
-        thresholds = facts.skip_thresholds[config.skip_share]
-        set_skipping(variant, {n: ExpertSkipping("threshold", b) for n, b in thresholds.items()})
-    return kl_divergence(variant, facts.reference)
+        skipping = {n: ExpertSkipping("threshold", b) for n, b in facts.skip_thresholds[config.skip_share].items()}
+    with emulated_formats(model, experts, config.dense, source):
+        set_skipping(model, skipping)
+        try:
+            return kl_divergence(model, facts.reference)
+        finally:
+            set_skipping(model, None)
 
 
 def _measure(
@@ -584,33 +655,31 @@ def _measure(
     layers = moe_layers(deployed)
     names = list(layers)
     shape = ModelShape.of_model(deployed)
-    say(f"reference distributions over {len(ids):,} calibration tokens")
-    reference = reference_logprobs(model, ids, window)
+    say(f"reference distributions and routing over {len(ids):,} calibration tokens")
+    with TraceRecorder(model, keep_inputs=True) as recorder:  # one pass: distributions, routing, layer inputs
+        reference = reference_logprobs(model, ids, window)
+    inputs = recorder.inputs
+    traces: dict[float, RoutingTrace] = {0.0: recorder.trace()}
     kl: dict[tuple, KLResult] = {}
     skip_thresholds: dict[float, dict[str, float]] = {}
-    skip_shares: dict[float, float] = {}
-    traces: dict[float, RoutingTrace] = {}
-    for share in SKIP_SHARES:
-        if share:
-            say(f"calibrating expert skipping for {share:.0%} of the pairs")
-            skipping = calibrate_skipping(model, ids, share, window)
-            skip_thresholds[share] = {n: s.level for n, s in skipping.items()}
-            set_skipping(model, skipping)
+    for share in SKIP_SHARES[1:]:
+        say(f"expert skipping for {share:.0%} of the pairs: calibration, quality and routing")
+        skipping = calibrate_skipping(model, ids, share, window, inputs=inputs)
+        skip_thresholds[share] = {n: s.level for n, s in skipping.items()}
+        set_skipping(model, skipping)
+        with TraceRecorder(model) as recorder:
             kl[("skip", share)] = kl_divergence(model, reference)
-        say(f"recording the routing trace{f' with {share:.0%} skipping' if share else ''}")
-        traces[share] = record_trace(model, ids, window)
-        skip_shares[share] = traces[share].skipped_share()
+        traces[share] = recorder.trace()
         set_skipping(model, None)
+    skip_shares = {share: trace.skipped_share() for share, trace in traces.items()}
     thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
     timed: dict[tuple, tuple[float, float]] = {}  # (experts, dense, threads) -> measured (prefill, decode) tok/s
     for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
         say(f"measuring the quality and speed of {kind} in {choice}")
         formats = (choice, "float") if kind == "experts" else ("float", choice)
-        variant = _variant(model, *formats)
-        kl[(kind, choice)] = kl_divergence(variant, reference)
-        if quality is not deployed:
-            del variant
-            variant = _variant(deployed, *formats)
+        with emulated_formats(model, *formats, source=None if quality is deployed else deployed):
+            kl[(kind, choice)] = kl_divergence(model, reference)
+        variant = _variant(deployed, *formats)
         for t in thread_counts:
             _tune(variant, t, say)
         timed[(*formats, max_threads)] = _timed(variant, max_threads, prompt_tokens)
@@ -619,7 +688,6 @@ def _measure(
         _tune(deployed, t, say)
         timed[("float", "float", t)] = _timed(deployed, t, prompt_tokens)
     say("scoring each expert's formats for the per-expert allocation")
-    inputs = calibration_inputs(model, ids, window)
     candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
     sensitivity, cost = [], []
     quality_layers = moe_layers(model)

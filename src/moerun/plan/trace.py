@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layer import MoELayer
 from ..models.quantized import moe_layers
 from ..offload.cache import ExpertCache, LayerCacheStats
 from ..offload.offloaded import eviction_policy
@@ -53,50 +54,81 @@ class RoutingTrace:
         return sum(int((s >= self.num_experts).sum()) for s in self.selected) / max(total, 1)
 
 
-@torch.no_grad()
-def record_trace(model: nn.Module, token_ids: list[int], window: int) -> RoutingTrace:
-    """Run ``token_ids`` through ``model`` in windows of ``window`` tokens and record its routing (with the
-    layers' current expert skipping).
+class TraceRecorder:
+    """Records the routing of every forward ``model`` runs inside ``with``; ``trace()`` returns it afterwards.
+    With ``keep_inputs``, each MoE layer's inputs [T, H] are kept too (``inputs``, by layer name), for
+    calibrations that would otherwise run the text again. Tracing is not a run: the layers' skip counters are
+    left as they were.
 
     Raises:
         ValueError: a model without MoE layers, or layers of different expert counts.
     """
-    layers = list(moe_layers(model).values())
-    if not layers:
-        raise ValueError("the model has no moerun MoE layer to trace")
-    num_experts = layers[0].num_experts
-    if any(layer.num_experts != num_experts for layer in layers):
-        raise ValueError("tracing needs every MoE layer to have the same number of experts")
-    selected: list[list[torch.Tensor]] = [[] for _ in layers]
-    predicted: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = []
-    for i, layer in enumerate(layers):
 
-        def hook(module, args, i=i):
+    def __init__(self, model: nn.Module, keep_inputs: bool = False) -> None:
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no moerun MoE layer to trace")
+        self.num_experts = next(iter(self.layers.values())).num_experts
+        if any(layer.num_experts != self.num_experts for layer in self.layers.values()):
+            raise ValueError("tracing needs every MoE layer to have the same number of experts")
+        self.keep_inputs = keep_inputs
+        self._selected: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._predicted: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self._hooks: list = []
+        self._counts: list[list[int]] = []
+
+    def _hook(self, i: int, following: MoELayer | None):
+        def hook(module, args) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
-            ids = module._select_and_skip(x)[1] if module.skipping is not None else module.select_experts(x)[1]
-            selected[i].append(ids)
-            if i + 1 < len(layers):
-                predicted[i + 1].append(layers[i + 1].select_experts(x)[1])
-            if i == 0:
-                predicted[0].append(torch.full_like(ids, num_experts))
+            with torch.no_grad():
+                ids = module._select_and_skip(x)[1] if module.skipping is not None else module.select_experts(x)[1]
+                self._selected[i].append(ids)
+                if following is not None:
+                    self._predicted[i + 1].append(following.select_experts(x)[1])
+                if i == 0:
+                    self._predicted[0].append(torch.full_like(ids, self.num_experts))
+            if self.keep_inputs:
+                self._inputs[i].append(x.detach().clone())
 
-        hooks.append(layer.register_forward_pre_hook(hook))
-    counts = [list(layer.skip_counts) for layer in layers]
-    try:
+        return hook
+
+    def __enter__(self) -> TraceRecorder:
+        layers = list(self.layers.values())
+        self._counts = [list(layer.skip_counts) for layer in layers]
+        for i, layer in enumerate(layers):
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            self._hooks.append(layer.register_forward_pre_hook(self._hook(i, following)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for layer, count in zip(self.layers.values(), self._counts, strict=True):
+            layer.skip_counts = count
+
+    def trace(self) -> RoutingTrace:
+        return RoutingTrace(
+            [torch.cat(s) for s in self._selected],
+            [torch.cat(p) for p in self._predicted],
+            self.num_experts,
+            [layer.routing.top_k for layer in self.layers.values()],
+        )
+
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts) for name, parts in zip(self.layers, self._inputs, strict=True) if parts}
+
+
+@torch.no_grad()
+def record_trace(model: nn.Module, token_ids: list[int], window: int) -> RoutingTrace:
+    """Run ``token_ids`` through ``model`` in windows of ``window`` tokens and record its routing (with the
+    layers' current expert skipping)."""
+    with TraceRecorder(model) as recorder:
         for start in range(0, len(token_ids), window):
             model(torch.tensor([token_ids[start : start + window]]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        for layer, count in zip(layers, counts, strict=True):  # tracing is not a run: keep the layers' counters
-            layer.skip_counts = count
-    return RoutingTrace(
-        [torch.cat(s) for s in selected],
-        [torch.cat(p) for p in predicted],
-        num_experts,
-        [layer.routing.top_k for layer in layers],
-    )
+    return recorder.trace()
 
 
 class _NullStore:
