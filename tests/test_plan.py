@@ -173,7 +173,7 @@ def test_plan_writes_a_plan_that_generate_runs(capsys, tmp_path) -> None:
 @pytest.mark.parametrize("experts", ["float", "int8", "int4-g32", "mixed"])
 def test_emulated_formats_give_the_low_bit_model_and_restore_the_float_one(experts: str, dense: str) -> None:
     from moerun.models.quantized import QuantConfig, quantize
-    from moerun.plan.search import emulated_formats
+    from moerun.plan.search import emulated_formats, lowbit_weights
 
     model = moerun.load(REFERENCE, "fp32").model
     source = moerun.load(REFERENCE, "bf16").model
@@ -188,7 +188,8 @@ def test_emulated_formats_give_the_low_bit_model_and_restore_the_float_one(exper
     ids = torch.tensor([IDS[:40]])
     with torch.no_grad():
         before = model(ids).logits
-        with emulated_formats(model, formats, dense, source=source if experts != "int8" else None):
+        made = lowbit_weights(quantized) if dense == "int8" else None  # reuse the low-bit weights, or quantize
+        with emulated_formats(model, formats, dense, source=source if experts != "int8" else None, quantized=made):
             torch.testing.assert_close(model(ids).logits, quantized(ids).logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(model(ids).logits, before)
         assert model.lm_head.weight is model.get_input_embeddings().weight

@@ -21,7 +21,7 @@ from torch import nn
 from ..kernels.activation import apply_glu
 from ..layer import MoELayer
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat, quantize_weight
+from ..quant.formats import QuantFormat, QuantizedWeight, quantize_weight
 from ..routing import route
 from .quantized import moe_layers
 
@@ -55,7 +55,10 @@ def _expert_output(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, l
 
 @torch.no_grad()
 def expert_sensitivity(
-    layer: MoELayer, x: torch.Tensor, candidates: list[QuantFormat]
+    layer: MoELayer,
+    x: torch.Tensor,
+    candidates: list[QuantFormat],
+    quantized: dict[str, tuple[QuantizedWeight, QuantizedWeight]] | None = None,
 ) -> tuple[list[list[float]], list[list[int]]]:
     """Sensitivity and bytes of each expert of ``layer`` in each candidate format.
 
@@ -63,6 +66,8 @@ def expert_sensitivity(
         layer: a float MoE layer.
         x: [T, H] calibration inputs of the layer.
         candidates: C formats.
+        quantized: this layer's (gate_up, down) stacks already quantized, by format name (they are then not
+            quantized again).
 
     Returns:
         (sensitivity [E][C], cost [E][C] in bytes).
@@ -83,7 +88,11 @@ def expert_sensitivity(
             if fmt.bits == 16:
                 row_sens.append(0.0)
                 continue
-            qg, qd = (quantize_weight(w[e], fmt).dequantize() for w in (gate_up, down))
+            made = (quantized or {}).get(fmt.name)
+            if made is not None:
+                qg, qd = (m[e].dequantize(torch.float32) for m in made)
+            else:
+                qg, qd = (quantize_weight(w[e], fmt).dequantize() for w in (gate_up, down))
             err = _expert_output(xe, qg, qd, layer) - reference
             # An expert the calibration never routes to still ranks by its weights' rounding error, far below
             # any routed expert's error, so spare bytes go to the routed ones first.

@@ -43,16 +43,17 @@ from torch import nn
 
 from ..errors import MemoryBudgetError
 from ..kernels import native, tuning
+from ..layer import MoELayer
 from ..models.hf import patch
 from ..models.loader import load
 from ..models.mixed import expert_sensitivity
-from ..models.quantized import QuantConfig, dense_linears, model_nbytes, moe_layers, quantize
+from ..models.quantized import QuantConfig, QuantLinear, dense_linears, model_nbytes, moe_layers, quantize
 from ..models.run_plan import RunPlan, model_identity
 from ..models.skipping import calibrate_skipping, set_skipping
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat, quantize_weight
+from ..quant.formats import QuantFormat, QuantizedWeight, quantize_weight
 from ..routing import ExpertSkipping
 from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
 from ..sizes import format_size
@@ -152,6 +153,7 @@ class _Facts:
     reference: ReferenceLogprobs
     memo: dict = field(default_factory=dict)  # predicted step times by their inputs
     corrections: dict = field(default_factory=dict)  # measured over predicted compute times (_corrections)
+    lowbit: dict = field(default_factory=dict)  # low-bit weights already made (lowbit_weights)
 
 
 def _format_name(choice: str, dtype: torch.dtype) -> str:
@@ -230,7 +232,11 @@ def _variant(model: nn.Module, experts: str, dense: str) -> nn.Module:
 @contextmanager
 @torch.no_grad()
 def emulated_formats(
-    model: nn.Module, experts: str | dict[str, list[str]], dense: str, source: nn.Module | None = None
+    model: nn.Module,
+    experts: str | dict[str, list[str]],
+    dense: str,
+    source: nn.Module | None = None,
+    quantized: dict[tuple[str, str], QuantizedWeight] | None = None,
 ) -> Iterator[None]:
     """Within ``with``, ``model``'s routed experts and dense matrices hold the values their low-bit formats would
     give them (quantized then dequantized, in place), as torchao's emulated path computes: the model runs at its
@@ -243,6 +249,8 @@ def emulated_formats(
         experts: a uniform format choice ("float", "int8", "int4-g32") or format names per expert per MoE layer.
         dense: the attention's, shared experts' and output head's format choice.
         source: the same model (same parameter names) whose values restore ``model``'s exactly, or None.
+        quantized: low-bit weights already made (``lowbit_weights``) by (parameter name, format name), used
+            instead of quantizing again.
     """
     saved: list[tuple[torch.Tensor, list[int] | None, torch.Tensor | None]] = []
     head = model.get_output_embeddings()
@@ -254,9 +262,16 @@ def emulated_formats(
         if fmt.bits == 16:
             return
         chosen = weight if rows is None else weight[rows]
-        kept = originals.get(param_names.get(id(weight), ""))
+        name = param_names.get(id(weight), "")
+        kept = originals.get(name)
         saved.append((weight, rows, chosen.detach().clone() if kept is None else kept))
-        values = quantize_weight(chosen.detach(), fmt).dequantize(weight.dtype)
+        made = (quantized or {}).get((name, fmt.name))
+        if made is None:
+            values = quantize_weight(chosen.detach(), fmt).dequantize(weight.dtype)
+        elif rows is None:
+            values = made.dequantize(weight.dtype)
+        else:
+            values = torch.stack([made[e].dequantize(weight.dtype) for e in rows])
         if rows is None:
             weight.copy_(values)
         else:
@@ -282,6 +297,7 @@ def emulated_formats(
             config = QuantConfig(bits=_bits(dense), dense_bits=_bits(dense))
             if tied:  # the low-bit head is a copy; the embedding stays float
                 head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+                param_names[id(head.weight)] = "lm_head.weight"
             weights = [lin.weight for lin in dense_linears(model).values()]
             weights += [w for layer in moe_layers(model).values() for w in (layer.shared_gate_up, layer.shared_down)
                         if isinstance(w, torch.Tensor)]  # fmt: skip
@@ -293,6 +309,26 @@ def emulated_formats(
             restore(weight, rows, original)
         if tied:
             head.weight = model.get_input_embeddings().weight
+
+
+def lowbit_weights(model: nn.Module) -> dict[tuple[str, str], QuantizedWeight]:
+    """A quantized model's low-bit weights by (the float model's parameter name, format name), for
+    ``emulated_formats``: uniform expert stacks, dense matrices and shared experts."""
+    found: dict[tuple[str, str], QuantizedWeight] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            experts = module.experts
+            for proj in ("gate_up", "down"):
+                weight = getattr(experts, proj, None)
+                if isinstance(weight, QuantizedWeight):
+                    found[(f"{name}.experts.{proj}", weight.format.name)] = weight
+            for attr in ("shared_gate_up", "shared_down"):
+                weight = getattr(module, attr)
+                if isinstance(weight, QuantizedWeight):
+                    found[(f"{name}.{attr}", weight.format.name)] = weight
+        elif isinstance(module, QuantLinear):
+            found[(f"{name}.weight", module.weight.format.name)] = module.weight
+    return found
 
 
 def _dense_bytes(model: nn.Module, dense: str) -> int:
@@ -637,7 +673,7 @@ def _measure_quality(model: nn.Module, source: nn.Module | None, facts: _Facts, 
     skipping = None
     if config.skip_share:
         skipping = {n: ExpertSkipping("threshold", b) for n, b in facts.skip_thresholds[config.skip_share].items()}
-    with emulated_formats(model, experts, config.dense, source):
+    with emulated_formats(model, experts, config.dense, source, facts.lowbit):
         set_skipping(model, skipping)
         try:
             return kl_divergence(model, facts.reference)
@@ -674,12 +710,14 @@ def _measure(
     skip_shares = {share: trace.skipped_share() for share, trace in traces.items()}
     thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
     timed: dict[tuple, tuple[float, float]] = {}  # (experts, dense, threads) -> measured (prefill, decode) tok/s
+    lowbit: dict[tuple[str, str], QuantizedWeight] = {}  # the variants' low-bit weights, kept for later emulation
     for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
         say(f"measuring the quality and speed of {kind} in {choice}")
         formats = (choice, "float") if kind == "experts" else ("float", choice)
-        with emulated_formats(model, *formats, source=None if quality is deployed else deployed):
-            kl[(kind, choice)] = kl_divergence(model, reference)
         variant = _variant(deployed, *formats)
+        lowbit.update(lowbit_weights(variant))
+        with emulated_formats(model, *formats, None if quality is deployed else deployed, lowbit):
+            kl[(kind, choice)] = kl_divergence(model, reference)
         for t in thread_counts:
             _tune(variant, t, say)
         timed[(*formats, max_threads)] = _timed(variant, max_threads, prompt_tokens)
@@ -692,7 +730,9 @@ def _measure(
     sensitivity, cost = [], []
     quality_layers = moe_layers(model)
     for name, layer in layers.items():
-        s, _ = expert_sensitivity(quality_layers[name], inputs[name], candidates)
+        made = {f.name: (lowbit[(f"{name}.experts.gate_up", f.name)], lowbit[(f"{name}.experts.down", f.name)])
+                for f in candidates if (f"{name}.experts.gate_up", f.name) in lowbit}  # fmt: skip
+        s, _ = expert_sensitivity(quality_layers[name], inputs[name], candidates, made)
         float_bytes = layer.dtype.itemsize  # bytes in the run's dtype
         two_i, hidden = layer.resident.gate_up.shape[1:]
         one = [f.nbytes(two_i, hidden, float_bytes) + f.nbytes(hidden, two_i // 2, float_bytes) for f in candidates]
@@ -724,6 +764,7 @@ def _measure(
         skip_shares, skip_thresholds, kl, sensitivity, cost, models, reference,
     )  # fmt: skip
     facts.corrections = _corrections(facts, timed, max_threads, prompt_tokens)
+    facts.lowbit = lowbit
     return facts
 
 
@@ -775,7 +816,8 @@ def _tune(model: nn.Module, threads: int, say) -> None:
         return
     missing = missing_cases(model_cases(model, threads))
     if missing:
-        tune(missing, on_case=lambda done, total, label: say(f"tuning ({done + 1}/{total}): {label}"))
+        say(f"measuring {len(missing)} kernel case(s) at {threads} thread(s) on this host, once")
+        tune(missing, on_case=lambda done, total, label: done < total and say(f"tuning ({done + 1}/{total}): {label}"))
 
 
 def _run_plan(path: Path, facts: _Facts, point: Point, prompt: int, decode: int) -> RunPlan:
