@@ -1204,7 +1204,7 @@ def print_plan_front(result, objective: str, budget: int) -> None:
         kl = f"{p.kl:.4f}" + ("" if p.kl_measured else " (pred.)")
         table.add_row(
             mark, p.config.label(), f"{p.decode_tps:,.1f}", f"{p.prefill_tps:,.0f}", format_size(p.peak_bytes), kl,
-            f"+{p.ppl_increase:.2%}",
+            f"{p.ppl_increase:+.2%}",
         )  # fmt: skip
     out = Console()
     if not out.is_terminal:
