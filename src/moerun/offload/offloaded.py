@@ -35,7 +35,7 @@ from ..kernels.experts import (
     native_supports,
 )
 from ..layer import MoELayer
-from ..quant.formats import ExpertMatrices, Weight
+from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
 from ..routing import RoutingPlan
 from ..sizes import budget_bytes, format_size
 from .cache import ExpertCache, LFUPolicy, LRUPolicy, make_policy, running_mean
@@ -182,7 +182,14 @@ class OffloadedExperts(Experts):
         """(gate_up, down) of ``expert`` held in ``slot``."""
         held = self._views.get(slot.data_ptr())
         if held is None or held[0] != expert:
-            held = (expert, self.layouts[expert].matrices(slot))
+            # The views keep their own conversions (torch's int4 GEMM layout, made on first use) for as long as
+            # the slot holds this expert: dequantizing an int4 matrix at every call is ~100x slower off the
+            # native kernel. They cost up to the slot's bytes again.
+            matrices = tuple(
+                replace(m, conversions={}) if isinstance(m, QuantizedWeight) else m
+                for m in self.layouts[expert].matrices(slot)
+            )
+            held = (expert, matrices)
             self._views[slot.data_ptr()] = held
         return held[1]
 

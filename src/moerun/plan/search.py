@@ -53,7 +53,7 @@ from ..models.skipping import calibrate_skipping, set_skipping
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat, QuantizedWeight, quantize_weight
+from ..quant.formats import QuantFormat, QuantizedWeight, matmul_transposed, quantize_weight
 from ..routing import ExpertSkipping
 from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
 from ..sizes import format_size
@@ -154,6 +154,7 @@ class _Facts:
     memo: dict = field(default_factory=dict)  # predicted step times by their inputs
     corrections: dict = field(default_factory=dict)  # measured over predicted compute times (_corrections)
     lowbit: dict = field(default_factory=dict)  # low-bit weights already made (lowbit_weights)
+    convert_ms: dict = field(default_factory=dict)  # per expert read: making its torch-path conversions, by format
 
 
 def _format_name(choice: str, dtype: torch.dtype) -> str:
@@ -197,6 +198,29 @@ def measure_storage_gbps(path: Path, dtype: torch.dtype, reads: int = 24) -> flo
         return store.stats.bytes / store.stats.seconds / 1e9
     finally:
         probe.cache.close()
+
+
+@torch.inference_mode()
+def measure_convert_ms(lowbit: dict[tuple[str, str], QuantizedWeight], fmt: str, reps: int = 5) -> float:
+    """What an expert read into the cache costs beyond its read where torch's path converts it for its low-bit
+    GEMM on first use (int4 off the native kernel): the first call of each matrix minus a later one (ms)."""
+    stacks = [w for (name, name_fmt), w in lowbit.items() if name_fmt == fmt and name.endswith(("gate_up", "down"))]
+    if not stacks:
+        return 0.0
+    extra = []
+    for e in range(min(reps, stacks[0].shape[0])):
+        total = 0.0
+        for stack in stacks[:2]:
+            view = dataclasses.replace(stack[e], conversions={})
+            x = torch.randn(1, view.in_features, dtype=torch.bfloat16)
+            start = time.perf_counter()
+            matmul_transposed(x, view)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            matmul_transposed(x, view)
+            total += max(0.0, first - (time.perf_counter() - start))
+        extra.append(total * 1e3)
+    return statistics.median(extra)
 
 
 @torch.inference_mode()
@@ -401,7 +425,7 @@ def _decode_ms(facts: _Facts, config: Configuration, experts_fmt: str, position:
     if not config.offloaded:
         return step
     read_ms = facts.slot_bytes[experts_fmt] / (facts.storage_gbps * 1e9) * 1e3
-    miss_ms = perf.overheads.expert_miss_ms
+    miss_ms = perf.overheads.expert_miss_ms + facts.convert_ms.get(experts_fmt, 0.0)
 
     def with_replay(replay: CacheReplay, prefetching: bool) -> float:
         per_layer = replay.demand_reads * (read_ms + miss_ms)
@@ -511,7 +535,8 @@ def _point(facts, config, fixed, mixed, int4_sensitivity, mean_position, prompt)
         decode = _decode_ms(facts, config, fmt, mean_position, slots)
         prefill = _prefill_ms(facts, config, fmt, prompt)
         resident = facts.expert_bytes[fmt] * (2 if fmt.startswith("int4") and _converted(QuantFormat(4)) else 1)
-        peak = fixed + (resident if cache_bytes is None else cache_bytes)
+        converted = 2 if fmt.startswith("int4") and _converted(QuantFormat(4)) else 1  # slots' conversions too
+        peak = fixed + (resident if cache_bytes is None else cache_bytes * converted)
     kl, nll = _quality(facts, config, mixed_ratio)
     return Point(config, 1e3 / decode, prompt * 1e3 / prefill, int(peak), kl, nll, False, expert_formats, cache_bytes)
 
@@ -561,43 +586,41 @@ def _within(point: Point, budget: int, max_kl: float | None, max_ppl_increase: f
     return max_ppl_increase is None or point.ppl_increase <= max_ppl_increase
 
 
-def search_plan(
+@dataclass
+class PlanMeasurements:
+    """What ``measure_for_planning`` found of one model on this host, for any number of ``choose_plan`` calls."""
+
+    path: Path
+    facts: _Facts
+    quality: nn.Module  # the float model calibration and quality runs use
+    source: nn.Module | None  # the run-dtype model that restores ``quality`` exactly, where they differ
+    prompt_tokens: int
+    decode_tokens: int
+
+
+def measure_for_planning(
     path: Path,
-    memory_budget: int,
     *,
-    max_kl: float | None = None,
-    max_ppl_increase: float | None = None,
-    objective: str = "decode",
-    threads: int | None = None,
     calibration_ids: list[int],
+    threads: int | None = None,
     window: int = 256,
     prompt_tokens: int = 128,
     decode_tokens: int = 128,
     dtype: torch.dtype = torch.bfloat16,
     progress: Callable[[str], None] | None = None,
-) -> PlanSearch:
-    """Search the configurations of the checkpoint at ``path`` (see the module docstring).
+) -> PlanMeasurements:
+    """Load the float checkpoint at ``path`` and measure what predictions need (see the module docstring).
 
     Args:
         path: a float checkpoint directory.
-        memory_budget: bytes of peak resident memory a run may take.
-        max_kl: most mean KL divergence (nats per token) against the unmodified model on the calibration text.
-        max_ppl_increase: most relative perplexity increase (0.01 = 1%) on the calibration text.
-        objective: ``decode`` or ``prefill`` tokens/s.
-        threads: the most threads to use (default: torch's current count).
         calibration_ids: calibration tokens.
+        threads: the most threads to use (default: torch's current count).
         window: tokens per calibration window.
         prompt_tokens, decode_tokens: the workload predicted for (and sized into the KV cache).
-        dtype: the float dtype.
+        dtype: the float dtype of the runs.
         progress: called with a line per step.
-
-    Raises:
-        MemoryBudgetError: a budget below the smallest configuration (the message names it) or a quality limit
-            no configuration within the budget reaches (the message names the best reachable).
     """
     say = progress or (lambda _: None)
-    if objective not in ("decode", "prefill"):
-        raise ValueError(f"objective must be decode or prefill, got {objective!r}")
     max_threads = threads or torch.get_num_threads()
     torch.set_num_threads(max_threads)
     say(f"loading {path}")
@@ -609,10 +632,40 @@ def search_plan(
     facts = _measure(
         loaded.model, quality, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens, say
     )
-    thread_counts = sorted(facts.models)
-    positions = prompt_tokens + decode_tokens
+    source = None if quality is loaded.model else loaded.model
+    return PlanMeasurements(path, facts, quality, source, prompt_tokens, decode_tokens)
+
+
+def choose_plan(
+    measured: PlanMeasurements,
+    memory_budget: int,
+    *,
+    max_kl: float | None = None,
+    max_ppl_increase: float | None = None,
+    objective: str = "decode",
+    progress: Callable[[str], None] | None = None,
+) -> PlanSearch:
+    """Predict every configuration, find the Pareto front, confirm and choose the fastest within the limits.
+
+    Args:
+        measured: ``measure_for_planning``'s result.
+        memory_budget: bytes of peak resident memory a run may take.
+        max_kl: most mean KL divergence (nats per token) against the unmodified model on the calibration text.
+        max_ppl_increase: most relative perplexity increase (0.01 = 1%) on the calibration text.
+        objective: ``decode`` or ``prefill`` tokens/s.
+        progress: called with a line per step.
+
+    Raises:
+        MemoryBudgetError: a budget below the smallest configuration (the message names it) or a quality limit
+            no configuration within the budget reaches (the message names the best reachable).
+    """
+    say = progress or (lambda _: None)
+    if objective not in ("decode", "prefill"):
+        raise ValueError(f"objective must be decode or prefill, got {objective!r}")
+    facts, prompt_tokens, decode_tokens = measured.facts, measured.prompt_tokens, measured.decode_tokens
     say("predicting every configuration")
-    points = _points(facts, memory_budget, thread_counts, positions, prompt_tokens, decode_tokens)
+    points = _points(facts, memory_budget, sorted(facts.models), prompt_tokens + decode_tokens, prompt_tokens,
+                     decode_tokens)  # fmt: skip
     smallest = min(points, key=lambda p: p.peak_bytes)
     if smallest.peak_bytes > memory_budget:
         raise MemoryBudgetError(
@@ -630,13 +683,21 @@ def search_plan(
     if max_ppl_increase is not None and best_ppl.ppl_increase > max_ppl_increase:
         raise MemoryBudgetError(
             f"no configuration within {format_size(memory_budget)} keeps perplexity within +{max_ppl_increase:.2%}: "
-            f"the best predicted is +{best_ppl.ppl_increase:.2%} ({best_ppl.config.label()})"
+            f"the best predicted is {best_ppl.ppl_increase:+.2%} ({best_ppl.config.label()})"
         )
     front = pareto_front(points, objective)
-    source = None if quality is loaded.model else loaded.model
-    chosen = _confirm(quality, source, facts, front, memory_budget, max_kl, max_ppl_increase, objective, say)
-    plan = _run_plan(path, facts, chosen, prompt_tokens, decode_tokens)
-    return PlanSearch(points, front, chosen, plan, facts=facts, path=path)
+    chosen = _confirm(measured.quality, measured.source, facts, front, memory_budget, max_kl, max_ppl_increase,
+                      objective, say)  # fmt: skip
+    plan = _run_plan(measured.path, facts, chosen, prompt_tokens, decode_tokens)
+    return PlanSearch(points, front, chosen, plan, facts=facts, path=measured.path)
+
+
+def search_plan(path: Path, memory_budget: int, *, calibration_ids: list[int], **options) -> PlanSearch:
+    """``measure_for_planning`` then ``choose_plan``: the options of both, by name."""
+    measure_options = {k: options.pop(k) for k in ("threads", "window", "prompt_tokens", "decode_tokens", "dtype",
+                                                   "progress") if k in options}  # fmt: skip
+    measured = measure_for_planning(path, calibration_ids=calibration_ids, **measure_options)
+    return choose_plan(measured, memory_budget, progress=measure_options.get("progress"), **options)
 
 
 def plan_of(search: PlanSearch, point: Point) -> RunPlan:
@@ -743,6 +804,7 @@ def _measure(
     storage = measure_storage_gbps(path, dtype)
     base_rss = measure_base_rss(prompt_tokens, decode_tokens)
     skip_ms = measure_skip_ms(next(iter(layers.values())))
+    convert_ms = {name: measure_convert_ms(lowbit, name) for name in ("int4-g32",) if _converted(QuantFormat(4))}
     expert_bytes, slot_bytes = {}, {}
     for choice in ("float", "int8", "int4-g32"):
         fmt = _format_name(choice, dtype)
@@ -765,6 +827,7 @@ def _measure(
     )  # fmt: skip
     facts.corrections = _corrections(facts, timed, max_threads, prompt_tokens)
     facts.lowbit = lowbit
+    facts.convert_ms = convert_ms
     return facts
 
 
