@@ -167,6 +167,11 @@ def test_plan_writes_a_plan_that_generate_runs(capsys, tmp_path) -> None:
     assert record["front"] and len(record["points"]) > len(record["front"])
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert cli.main(["generate", "--prompt", "def f(", "--max-new-tokens", "4", "--plan", str(out)]) == 0
+    capsys.readouterr()
+    replace(plan, host="another host").write(out)  # planned elsewhere: a warning and this host's prediction
+    assert cli.main(["generate", "--prompt", "def f(", "--max-new-tokens", "4", "--plan", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "planned on another host" in err and "predicted on this host: decode" in err
 
 
 @pytest.mark.parametrize("dense", ["float", "int8", "int4-g32"])

@@ -1321,7 +1321,20 @@ def _load_model(
             raise UserError("--plan sets the memory budget and the threads: leave out --memory-budget and --threads")
         run_plan = RunPlan.read(plan)
         if run_plan.host != host_fingerprint().key():
+            from .plan.search import repredict
+
             _say(f"warning: {plan} was planned on another host ({run_plan.host}); its predictions may not hold here")
+            try:
+                again = repredict(run_plan)
+            except (ValueError, KeyError, TypeError) as e:
+                _say(f"cannot predict the plan again on this host: {e}")
+            else:
+                _say(
+                    f"predicted on this host: decode {again['decode_tokens_per_s']:.1f} tokens/s, prefill "
+                    f"{again['prefill_tokens_per_s']:.0f} tokens/s (where it was planned: "
+                    f"{run_plan.predicted.get('decode_tokens_per_s', float('nan')):.1f} and "
+                    f"{run_plan.predicted.get('prefill_tokens_per_s', float('nan')):.0f}); moerun plan here to re-plan"
+                )
     with console.status("loading the model..."):
         try:
             loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch, plan=run_plan)

@@ -63,6 +63,8 @@ class RunPlan:
         skip_thresholds: threshold skipping's beta per MoE layer name, or None for no skipping.
         predicted: what the planner predicted (decode and prefill tokens/s, peak bytes, KL, ...).
         workload: the prompt and decode lengths the prediction is for.
+        basis: what the prediction rests on besides the host (shapes, cache replay, skipping, storage speed), so
+            that ``moerun.plan.search.repredict`` can predict the plan's speed on another host.
     """
 
     model_identity: str
@@ -79,6 +81,7 @@ class RunPlan:
     skip_thresholds: dict[str, float] | None = None
     predicted: dict = field(default_factory=dict)
     workload: dict = field(default_factory=dict)
+    basis: dict = field(default_factory=dict)  # host-independent inputs of the prediction, to predict again elsewhere
 
     @property
     def quantized(self) -> bool:

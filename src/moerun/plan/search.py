@@ -761,7 +761,7 @@ def _measure(
     skip_thresholds: dict[float, dict[str, float]] = {}
     for share in SKIP_SHARES[1:]:
         say(f"expert skipping for {share:.0%} of the pairs: calibration, quality and routing")
-        skipping = calibrate_skipping(model, ids, share, window, inputs=inputs)
+        skipping = calibrate_skipping(model, ids, share, window)
         skip_thresholds[share] = {n: s.level for n, s in skipping.items()}
         set_skipping(model, skipping)
         with TraceRecorder(model) as recorder:
@@ -899,7 +899,64 @@ def _run_plan(path: Path, facts: _Facts, point: Point, prompt: int, decode: int)
         skip_thresholds=facts.skip_thresholds.get(config.skip_share) if config.skip_share else None,
         predicted=point_record(point),
         workload={"prompt_tokens": prompt, "decode_tokens": decode},
+        basis=_basis(facts, point),
     )
+
+
+def _experts_shares(facts: _Facts, point: Point) -> dict[str, float]:
+    """The share of experts in each format: one format, or a mixed allocation's."""
+    if point.expert_formats is None:
+        return {_format_name(point.config.experts, facts.dtype): 1.0}
+    names = [n for formats in point.expert_formats.values() for n in formats]
+    return {_format_name(n, facts.dtype): names.count(n) / len(names) for n in dict.fromkeys(names)}
+
+
+def _basis(facts: _Facts, point: Point) -> dict:
+    """What a plan's prediction rests on besides this host's kernels and overheads (see ``repredict``)."""
+    config = point.config
+    slots = _cache_slots(facts.shape, config.resident_share) if config.offloaded else None
+    replays = {}
+    if slots is not None:
+        for prefetch in (False, True):
+            replay = facts.replays[(config.skip_share, slots, config.policy, prefetch)]
+            replays["prefetch" if prefetch else "plain"] = dataclasses.asdict(replay)
+    return {
+        "shape": dataclasses.asdict(facts.shape),
+        "dtype": str(facts.dtype).removeprefix("torch."),
+        "experts_shares": _experts_shares(facts, point),
+        "skip_share_measured": facts.skip_shares[config.skip_share],
+        "skip_ms": facts.skip_ms,
+        "slot_bytes": facts.slot_bytes,
+        "cache_slots": slots,
+        "replays": replays,
+        "storage_gbps": facts.storage_gbps,
+        "convert_ms": facts.convert_ms,
+    }
+
+
+def repredict(plan: RunPlan) -> dict[str, float]:
+    """A plan's decode and prefill tokens/s predicted on this host: its performance model with the plan's basis
+    (cache replay, skipping, storage speed measured where it was planned). Without the planning host's timed
+    corrections, and with its storage speed: a first estimate until ``moerun plan`` runs here."""
+    basis = plan.basis
+    if not basis:
+        raise ValueError("this plan records no prediction basis; plan again with moerun plan")
+    config = Configuration(**plan.predicted["configuration"])
+    dtype = getattr(torch, basis["dtype"])
+    slots = basis["cache_slots"]
+    replays = {(config.skip_share, slots, config.policy, key == "prefetch"): CacheReplay(**value)
+               for key, value in basis["replays"].items()}  # fmt: skip
+    model = host_model(config.threads, load_or_measure_roofline(config.threads), dtype)
+    facts = _Facts(
+        ModelShape(**basis["shape"]), dtype, [], 0, basis["storage_gbps"], basis["skip_ms"], {}, {},
+        basis["slot_bytes"], replays, {config.skip_share: basis["skip_share_measured"]}, {}, {}, [], [],
+        {config.threads: model}, None, convert_ms=basis["convert_ms"],
+    )  # fmt: skip
+    prompt, decode = plan.workload["prompt_tokens"], plan.workload["decode_tokens"]
+    shares = basis["experts_shares"]
+    decode_ms = sum(s * _decode_ms(facts, config, f, prompt + decode // 2, slots) for f, s in shares.items())
+    prefill_ms = sum(s * _prefill_ms(facts, config, f, prompt) for f, s in shares.items())
+    return {"decode_tokens_per_s": 1e3 / decode_ms, "prefill_tokens_per_s": prompt * 1e3 / prefill_ms}
 
 
 def point_record(point: Point) -> dict:
