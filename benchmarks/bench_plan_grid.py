@@ -54,7 +54,7 @@ def main() -> None:
     path = offload_checkpoint(args.model, 16) if args.model in SYNTHETIC_MODELS else (
         default_model_dir() if args.model == "reference" else Path(args.model))  # fmt: skip
     tokenizer_source = load(default_model_dir(), "bf16")
-    ids = calibration_tokens(tokenizer_source, None, args.tokens)
+    ids = calibration_tokens(tokenizer_source.tokenizer, None, args.tokens)
     measured = measure_for_planning(path, calibration_ids=ids, prompt_tokens=128,
                                     decode_tokens=args.decode_tokens, progress=say)  # fmt: skip
     facts = measured.facts

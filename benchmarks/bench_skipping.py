@@ -51,7 +51,7 @@ def main() -> None:
     loaded = load(path, "bf16")
     tokenizer_source = loaded if loaded.tokenizer is not None else load(default_model_dir(), "bf16")
     vocab = loaded.model.lm_head.weight.shape[0]
-    calibration = [i % vocab for i in calibration_tokens(tokenizer_source, None, 2 * args.tokens)]
+    calibration = [i % vocab for i in calibration_tokens(tokenizer_source.tokenizer, None, 2 * args.tokens)]
     if args.model == "reference":
         texts = [f.read_text() for f in default_eval_files()]
         heldout = join_tokens(texts, loaded.tokenizer)[: args.tokens]

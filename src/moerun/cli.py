@@ -1067,7 +1067,7 @@ def plan_(
     each; prints the Pareto front and the choice. generate, eval, bench and quantize take the plan with --plan.
     """
     from .models.convert import calibration_tokens as read_calibration
-    from .models.loader import default_model_dir, load
+    from .models.loader import default_model_dir, load_tokenizer, read_config
     from .perf.model_bench import REFERENCE, SYNTHETIC_MODELS
     from .perf.offload_bench import offload_checkpoint
     from .sizes import parse_size
@@ -1114,13 +1114,11 @@ def plan_(
             _check_model_dir(Path(model))
             path = Path(model).expanduser()
         step("reading calibration text")
-        loaded = load(path, "bf16")
-        tokenizer_source = loaded if loaded.tokenizer is not None else load(default_model_dir(), "bf16")
-        ids = read_calibration(tokenizer_source, calibration, calibration_tokens)
-        vocab = loaded.model.lm_head.weight.shape[0]
-        ids = [i % vocab for i in ids]  # a checkpoint without a tokenizer reads the reference model's tokens
-        window = min(256, loaded.max_seq_len)
-        del loaded, tokenizer_source
+        config = read_config(path)  # the planner loads the weights itself; only the tokenizer is needed here
+        tokenizer = load_tokenizer(path) or load_tokenizer(default_model_dir())
+        ids = read_calibration(tokenizer, calibration, calibration_tokens)
+        ids = [i % config.vocab_size for i in ids]  # a checkpoint without a tokenizer reads the reference's tokens
+        window = min(256, int(config.max_position_embeddings))
         from .errors import MemoryBudgetError as PlanLimitError
         from .plan.search import search_plan
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..files import directory_written_whole
 from ..sizes import budget_bytes, format_size
-from .loader import CheckpointError, LoadedModel, join_tokens, load
+from .loader import CheckpointError, join_tokens, load
 from .mixed import choose_expert_formats
 from .quantized import QUANT_FILE, QuantConfig, expert_nbytes, quant_layout_metadata, quantize, quantized_tensors
 from .run_plan import PLAN_FILE, RunPlan
@@ -53,10 +53,10 @@ def default_calibration_files() -> list[Path]:
     return files
 
 
-def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens: int) -> list[int]:
-    """Tokens for mixed-precision calibration: the given text files, or ``default_calibration_files()``."""
+def calibration_tokens(tokenizer, files: list[Path] | None, max_tokens: int) -> list[int]:
+    """Tokens for calibration: the given text files, or ``default_calibration_files()``, through ``tokenizer``."""
 
-    if loaded.tokenizer is None:
+    if tokenizer is None:
         raise ValueError("mixed precision needs calibration text, and this checkpoint has no tokenizer")
     texts = []
     for f in files or default_calibration_files():
@@ -64,7 +64,7 @@ def calibration_tokens(loaded: LoadedModel, files: list[Path] | None, max_tokens
             texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
             raise ValueError(f"cannot read calibration file {f}: {e.strerror}") from None
-    return join_tokens(texts, loaded.tokenizer)[:max_tokens]
+    return join_tokens(texts, tokenizer)[:max_tokens]
 
 
 def save_quantized(
@@ -159,7 +159,7 @@ def quantize_checkpoint(
     float_expert_bytes = expert_nbytes(model)
     if memory_budget is not None:
         budget = budget_bytes(memory_budget, float_expert_bytes)
-        tokens = calibration_tokens(loaded, calibration_files, calibration_tokens_max)
+        tokens = calibration_tokens(loaded.tokenizer, calibration_files, calibration_tokens_max)
         if progress:
             progress(f"calibrating on {len(tokens)} tokens for a {format_size(budget)} expert budget")
         formats = choose_expert_formats(

@@ -28,7 +28,6 @@ Shape legend: E experts, k experts per token, L MoE layers.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -44,12 +43,12 @@ from torch import nn
 from ..errors import MemoryBudgetError
 from ..kernels import native, tuning
 from ..layer import MoELayer
-from ..models.hf import patch
 from ..models.loader import load
 from ..models.mixed import expert_sensitivity
-from ..models.quantized import QuantConfig, QuantLinear, dense_linears, model_nbytes, moe_layers, quantize
+from ..models.quantized import QuantConfig, QuantLinear, dense_linears, model_nbytes, moe_layers
 from ..models.run_plan import RunPlan, model_identity
 from ..models.skipping import calibrate_skipping, set_skipping
+from ..perf.model_bench import quantized_copy
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
@@ -243,14 +242,7 @@ def measure_skip_ms(layer: nn.Module, reps: int = 40) -> float:
 
 def _variant(model: nn.Module, experts: str, dense: str) -> nn.Module:
     """A copy of the float model with experts and dense matrices in these formats, sharing its float tensors."""
-    copied = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-    if not moe_layers(copied):
-        patch(copied)
-    eb, db = _bits(experts), _bits(dense)
-    if eb != 16 or db != 16:
-        group = 32
-        quantize(copied, QuantConfig(bits=eb, group_size=group, dense_bits=db))
-    return copied
+    return quantized_copy(model, _bits(experts), 32, _bits(dense))
 
 
 @contextmanager
