@@ -147,9 +147,8 @@ def test_offloaded_layer_takes_zero_tokens(backend):
 
 
 def test_quantized_checkpoint_offloaded_equals_resident(int4_dir):
-    """Bit for bit where the native kernel runs both; on the torch path resident int4 experts run torch's int4
-    GEMM on a converted copy while offloaded ones, read into cache slots, are dequantized (converting every
-    expert read would cost more than reading it), so there they agree to float rounding."""
+    """Bit for bit where the native kernel runs both; on the torch path both run torch's int4 GEMM on converted
+    copies (the offloaded ones per cache slot), so there they agree to float rounding."""
     want = logits(moerun.load(int4_dir, "fp32"))
     loaded = moerun.load(int4_dir, "fp32", memory_budget="25%")
     assert loaded.cache.num_slots == 8  # a quarter of 4 layers x 8 experts
@@ -157,6 +156,24 @@ def test_quantized_checkpoint_offloaded_equals_resident(int4_dir):
         assert torch.equal(logits(loaded), want)
     else:
         torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_int4_slots_count_the_torch_layout_they_keep_within_the_budget(int4_dir):
+    """Off the native kernel a slot's int4 experts keep torch's int4 GEMM layout beside them: a byte budget pays
+    for it, and what the slots hold after a run stays within it."""
+    loaded = moerun.load(int4_dir, "fp32", memory_budget=10**9)
+    layout = loaded.cache.store.layouts[0][0]
+    extra = offloaded.conversions_nbytes_of(layout, torch.float32)
+    assert (extra == 0) == native.is_available()
+    slot = loaded.cache.store.slot_nbytes() + extra
+    loaded = moerun.load(int4_dir, "fp32", memory_budget=5 * slot + slot // 2)
+    assert loaded.cache.num_slots == 5
+    logits(loaded)
+    views = next(iter(moe_layers(loaded.model).values())).experts._views  # shared by the layers
+    held = sum(t.numel() * t.element_size() for _, _, matrices in views.values() for m in matrices
+               if m.conversions for t in m.conversions.values())  # fmt: skip
+    assert len(views) <= 5
+    assert 0 < held <= 5 * extra or native.is_available()
 
 
 def test_lean_runner_decodes_the_same_tokens_offloaded():

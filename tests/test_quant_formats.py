@@ -186,3 +186,38 @@ def test_int4_conversion_is_made_once_per_matrix_and_kept_by_stack_views() -> No
     slot_view = QuantizedWeight(stack.format, stack.qweight[1], stack.scales[1], None, 64)
     torch.testing.assert_close(matmul_transposed(a, slot_view), first, rtol=1e-5, atol=1e-5)
     assert slot_view.conversions is None
+
+
+@pytest.mark.parametrize("n", [1, 30, 32])  # rows padded to 16 in torch's layout
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conversions_nbytes_is_what_the_int4_gemm_keeps(n, dtype) -> None:
+    from moerun.quant.formats import conversions_nbytes, matmul_transposed
+
+    stack = quantize_weight(torch.randn(2, n, 128), QuantFormat(4, 64))
+    for e in range(2):
+        matmul_transposed(torch.randn(3, 128).to(dtype), stack[e])
+    held = sum(t.numel() * t.element_size() for per_expert in stack.conversions.values() for t in per_expert.values())
+    assert held == conversions_nbytes(stack, dtype)
+    assert conversions_nbytes(quantize_weight(torch.randn(n, 128), QuantFormat(8)), dtype) == 0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64-asym", "int4-g128"])
+def test_stacks_are_quantized_and_dequantized_in_pieces_exactly(fmt, monkeypatch) -> None:
+    """Large stacks go through quantize_weight and dequantize a few matrices at a time: the same bits as whole,
+    with a last piece shorter than the others, and the input left untouched."""
+    import moerun.quant.formats as formats
+
+    w = torch.randn(7, 8, 128, dtype=torch.bfloat16)
+    whole = quantize_weight(w, QuantFormat.parse(fmt))
+    values = whole.dequantize(torch.bfloat16)
+    kept = w.clone()
+    monkeypatch.setattr(formats, "_PIECE_VALUES", 3 * 8 * 128)  # pieces of 3, 3 and 1 matrices
+    pieces = quantize_weight(w, QuantFormat.parse(fmt))
+    assert torch.equal(w, kept)
+    assert torch.equal(pieces.qweight, whole.qweight) and torch.equal(pieces.scales, whole.scales)
+    assert (pieces.mins is None) == (whole.mins is None) and (whole.mins is None or torch.equal(pieces.mins, whole.mins))
+    assert torch.equal(pieces.dequantize(torch.bfloat16), values)
+    bad = w.clone()
+    bad[6, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quantize_weight(bad, QuantFormat.parse(fmt))

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import MemoryBudgetError
 from ..experts import Experts, ResidentExperts
+from ..kernels import native
 from ..kernels.experts import (
     ExpertWeights,
     combine,
@@ -35,7 +36,7 @@ from ..kernels.experts import (
     native_supports,
 )
 from ..layer import MoELayer
-from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight
+from ..quant.formats import ExpertMatrices, QuantizedWeight, Weight, conversions_nbytes
 from ..routing import RoutingPlan
 from ..sizes import budget_bytes, format_size
 from .cache import ExpertCache, LFUPolicy, LRUPolicy, make_policy, running_mean
@@ -97,6 +98,7 @@ class OffloadedExperts(Experts):
         index: this layer's position among the model's MoE layers.
         resident: the experts replaced (activation, backend and biases, which stay in memory).
         next_layer: the next MoE layer and its experts, to prefetch for; None for the last or without prefetch.
+        slot_views: the views over the cache's slots, shared by every layer of the cache (None: this layer's own).
 
     Attributes:
         gate_up, down: stand-ins of the experts' weights without storage (same shape, dtype and format).
@@ -111,6 +113,7 @@ class OffloadedExperts(Experts):
         index: int,
         resident: ResidentExperts,
         next_layer: tuple[MoELayer, OffloadedExperts] | None = None,
+        slot_views: dict[int, tuple[int, int, tuple]] | None = None,
     ) -> None:
         super().__init__(
             resident.num_experts, resident.hidden_size, resident.intermediate_size, resident.glu, resident.backend
@@ -125,9 +128,10 @@ class OffloadedExperts(Experts):
         self.layouts: list[ExpertLayout] = cache.store.layouts[index]
         self.expected: set[int] | None = None  # experts the previous layer predicted for this one
         self.expected_uncached: set[int] = set()  # of those, experts not cached when predicted
-        # Slot address -> (expert, its (gate_up, down) views over the slot): decode reuses a cached expert's
-        # views instead of rebuilding a dozen tensor views per expert and token.
-        self._views: dict[int, tuple[int, tuple]] = {}
+        # Slot address -> (MoE layer, expert, its (gate_up, down) views over the slot), shared by the layers of
+        # one cache: decode reuses a cached expert's views instead of rebuilding a dozen tensor views per expert
+        # and token, and a slot holds one expert's views (and their int4 conversions) whichever layer used it.
+        self._views = {} if slot_views is None else slot_views
         # Running means, None until first measured: the share of the uncached one-token predictions this
         # layer then selected, the time from the previous layer's prediction to this layer's call, and the
         # share of the time between this layer's calls that storage spent reading.
@@ -181,7 +185,7 @@ class OffloadedExperts(Experts):
     def _matrices(self, expert: int, slot: torch.Tensor) -> tuple:
         """(gate_up, down) of ``expert`` held in ``slot``."""
         held = self._views.get(slot.data_ptr())
-        if held is None or held[0] != expert:
+        if held is None or held[:2] != (self.index, expert):
             # The views keep their own conversions (torch's int4 GEMM layout, made on first use) for as long as
             # the slot holds this expert: dequantizing an int4 matrix at every call is ~100x slower off the
             # native kernel. They cost up to the slot's bytes again.
@@ -189,9 +193,9 @@ class OffloadedExperts(Experts):
                 replace(m, conversions={}) if isinstance(m, QuantizedWeight) else m
                 for m in self.layouts[expert].matrices(slot)
             )
-            held = (expert, matrices)
+            held = (self.index, expert, matrices)
             self._views[slot.data_ptr()] = held
-        return held[1]
+        return held[2]
 
     def _parts_output(self, x: torch.Tensor, plan: RoutingPlan, w: ExpertWeights) -> tuple[str, torch.Tensor]:
         """How a plan's parts add up, and the output they share, for x [T, H] and a part's weights ``w``.
@@ -280,6 +284,14 @@ def eviction_policy(name: str, top_ks: list[int], prefetch: bool) -> LRUPolicy |
     return eviction
 
 
+def conversions_nbytes_of(layout: ExpertLayout, dtype: torch.dtype) -> int:
+    """Bytes a cache slot's views of this expert add for torch's int4 GEMM layout (``OffloadedExperts._matrices``)
+    where the native kernel does not run, for activations in ``dtype``: a budget counts them with the slot."""
+    if native.is_available():
+        return 0
+    return sum(conversions_nbytes(t, dtype) for t in layout.templates if isinstance(t, QuantizedWeight))
+
+
 def offload_experts(
     layers: list[MoELayer],
     destinations: list[tuple[Path, int, torch.dtype, torch.Tensor]],
@@ -293,7 +305,8 @@ def offload_experts(
     Args:
         layers: the model's MoE layers in order, with their (uninitialised, untouched) expert storage.
         destinations: every checkpoint tensor as (file, offset, stored dtype, model storage it fills).
-        memory_budget: cache bytes: an int, or a size such as "6GB", "512MiB", or "40%" of the experts' bytes.
+        memory_budget: cache bytes: an int, or a size such as "6GB", "512MiB", or "40%" of the experts' bytes;
+            experts and slots count the int4 GEMM layout torch's path keeps beside them (``conversions_nbytes_of``).
         policy: eviction policy, ``lru`` or ``lfu``.
         prefetch: predict each next layer's experts and read them in the background.
         bypass_page_cache: read storage, not the OS page cache (see :class:`ExpertStore`).
@@ -308,9 +321,12 @@ def offload_experts(
         ValueError: a checkpoint that does not hold every expert.
     """
     store = ExpertStore(layers, destinations, bypass_page_cache)
-    expert_bytes = sum(store.expert_nbytes(li, e) for li, layer in enumerate(layers) for e in range(layer.num_experts))
+    dtype = layers[0].dtype
+    extra = [[conversions_nbytes_of(layout, dtype) for layout in layouts] for layouts in store.layouts]
+    expert_bytes = sum(store.expert_nbytes(li, e) + extra[li][e] for li, layer in enumerate(layers)
+                       for e in range(layer.num_experts))  # fmt: skip
     budget = budget_bytes(memory_budget, expert_bytes)
-    slot = store.slot_nbytes()
+    slot = store.slot_nbytes() + max(max(row) for row in extra)
     needed = max(layer.routing.top_k for layer in layers)
     if budget < needed * slot:
         raise MemoryBudgetError(
@@ -321,9 +337,10 @@ def offload_experts(
     eviction = eviction_policy(policy, [layer.routing.top_k for layer in layers], prefetch)
     cache = ExpertCache(store, min(budget // slot, total_experts), eviction, prefetch)
     offloaded: list[OffloadedExperts] = []
+    slot_views: dict[int, tuple[int, int, tuple]] = {}
     for index in reversed(range(len(layers))):
         following = (layers[index + 1], offloaded[0]) if prefetch and index + 1 < len(layers) else None
-        offloaded.insert(0, OffloadedExperts(cache, index, layers[index].resident, following))
+        offloaded.insert(0, OffloadedExperts(cache, index, layers[index].resident, following, slot_views))
     for layer, experts in zip(layers, offloaded, strict=True):
         layer.experts = experts
     return cache

@@ -52,7 +52,7 @@ from ..perf.model_bench import quantized_copy
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat, QuantizedWeight, matmul_transposed, quantize_weight
+from ..quant.formats import QuantFormat, QuantizedWeight, int4pack_nbytes, matmul_transposed, quantize_weight
 from ..routing import ExpertSkipping
 from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
 from ..sizes import format_size
@@ -139,9 +139,9 @@ class _Facts:
     base_rss: int
     storage_gbps: float
     skip_ms: float
-    expert_bytes: dict[str, int]  # all experts, per uniform format
+    expert_bytes: dict[str, int]  # all experts, per uniform format (with what torch's int4 path adds)
     dense_bytes: dict[str, int]  # everything but the routed experts, per dense format
-    slot_bytes: dict[str, int]
+    slot_bytes: dict[str, int]  # a cache slot as read from storage, per format
     replays: dict[tuple, CacheReplay]
     skip_shares: dict[float, float]  # asked -> measured on the calibration text
     skip_thresholds: dict[float, dict[str, float]]
@@ -154,6 +154,7 @@ class _Facts:
     corrections: dict = field(default_factory=dict)  # measured over predicted compute times (_corrections)
     lowbit: dict = field(default_factory=dict)  # low-bit weights already made (lowbit_weights)
     convert_ms: dict = field(default_factory=dict)  # per expert read: making its torch-path conversions, by format
+    slot_extra: dict = field(default_factory=dict)  # bytes a slot's torch-path conversions add, by format
 
 
 def _format_name(choice: str, dtype: torch.dtype) -> str:
@@ -364,31 +365,36 @@ def _dense_bytes(model: nn.Module, dense: str) -> int:
         low = config.dense_format(w.shape[1])
         if id(w) not in embeddings:  # a tied head keeps the embedding and adds its low-bit copy
             total -= w.numel() * w.element_size()
-        total += low.nbytes(*w.shape) * (2 if _converted(low) else 1)
+        total += low.nbytes(*w.shape) + _converted_nbytes(low, *w.shape, w.dtype)
     return total
 
 
-def _converted(fmt: QuantFormat) -> bool:
-    """Whether torch's path keeps a converted copy of weights in this format beside them (int4, for torch's
-    int4 GEMM, where the native kernel does not run)."""
-    return fmt.bits == 4 and not native.is_available()
-
-
-def _expert_bytes(model: nn.Module, choice: str) -> tuple[int, int]:
-    """(all routed experts' bytes, one expert's cache slot bytes) in a uniform format."""
-    total, slot = 0, 0
+def _expert_bytes(model: nn.Module, choice: str) -> tuple[int, int, int]:
+    """(all routed experts' bytes, one expert's cache slot bytes as read, what torch's int4 layout adds to a slot
+    where the native kernel does not run) in a uniform format; the first counts that layout too."""
+    total, slot, extra = 0, 0, 0
     for layer in moe_layers(model).values():
         gate_up, down = layer.resident.gate_up, layer.resident.down
         if choice == "float":
-            one = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+            one, added = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size(), 0
             parts = 2
         else:
             fmt = QuantFormat.parse(choice)
             one = fmt.nbytes(*gate_up.shape[1:]) + fmt.nbytes(*down.shape[1:])
+            added = _converted_nbytes(fmt, *gate_up.shape[1:], layer.dtype) + _converted_nbytes(
+                fmt, *down.shape[1:], layer.dtype
+            )
             parts = 4  # values and scales of each matrix (and mins, where asymmetric: below the alignment)
-        total += one * layer.num_experts
+        total += (one + added) * layer.num_experts
         slot = max(slot, one + 64 * parts)  # parts one after another, each 64-byte aligned
-    return total, slot
+        extra = max(extra, added)
+    return total, slot, extra
+
+
+def _converted_nbytes(fmt: QuantFormat, n: int, k: int, dtype: torch.dtype) -> int:
+    """What torch's path keeps beside a matrix [n, k] in ``fmt`` (its int4 GEMM layout) where the native kernel
+    does not run."""
+    return int4pack_nbytes(fmt, n, k, dtype) if not native.is_available() else 0
 
 
 # ---- predicting
@@ -475,7 +481,7 @@ def _nll_increase(result: KLResult) -> float:
 def _slots(facts: _Facts, experts_fmt: str, share: float) -> tuple[int, int]:
     """(cache slots, cache bytes) of a cache holding ``share`` of the experts (0: the least it takes)."""
     slots = _cache_slots(facts.shape, share)
-    return slots, slots * facts.slot_bytes[experts_fmt]
+    return slots, slots * (facts.slot_bytes[experts_fmt] + facts.slot_extra.get(experts_fmt, 0))
 
 
 def _cache_slots(shape: ModelShape, share: float) -> int:
@@ -526,9 +532,7 @@ def _point(facts, config, fixed, mixed, int4_sensitivity, mean_position, prompt)
         slots, cache_bytes = (None, None) if not config.offloaded else _slots(facts, fmt, config.resident_share)
         decode = _decode_ms(facts, config, fmt, mean_position, slots)
         prefill = _prefill_ms(facts, config, fmt, prompt)
-        resident = facts.expert_bytes[fmt] * (2 if fmt.startswith("int4") and _converted(QuantFormat(4)) else 1)
-        converted = 2 if fmt.startswith("int4") and _converted(QuantFormat(4)) else 1  # slots' conversions too
-        peak = fixed + (resident if cache_bytes is None else cache_bytes * converted)
+        peak = fixed + (facts.expert_bytes[fmt] if cache_bytes is None else cache_bytes)
     kl, nll = _quality(facts, config, mixed_ratio)
     return Point(config, 1e3 / decode, prompt * 1e3 / prefill, int(peak), kl, nll, False, expert_formats, cache_bytes)
 
@@ -788,7 +792,9 @@ def _measure(
         s, _ = expert_sensitivity(quality_layers[name], inputs[name], candidates, made)
         float_bytes = layer.dtype.itemsize  # bytes in the run's dtype
         two_i, hidden = layer.resident.gate_up.shape[1:]
-        one = [f.nbytes(two_i, hidden, float_bytes) + f.nbytes(hidden, two_i // 2, float_bytes) for f in candidates]
+        shapes = ((two_i, hidden), (hidden, two_i // 2))
+        one = [sum(f.nbytes(*nk, float_bytes) + _converted_nbytes(f, *nk, layer.dtype) for nk in shapes)
+               for f in candidates]  # fmt: skip
         sensitivity += s
         cost += [one] * layer.num_experts
     del inputs
@@ -796,11 +802,11 @@ def _measure(
     storage = measure_storage_gbps(path, dtype)
     base_rss = measure_base_rss(prompt_tokens, decode_tokens)
     skip_ms = measure_skip_ms(next(iter(layers.values())))
-    convert_ms = {name: measure_convert_ms(lowbit, name) for name in ("int4-g32",) if _converted(QuantFormat(4))}
-    expert_bytes, slot_bytes = {}, {}
+    convert_ms = {name: measure_convert_ms(lowbit, name) for name in ("int4-g32",) if not native.is_available()}
+    expert_bytes, slot_bytes, slot_extra = {}, {}, {}
     for choice in ("float", "int8", "int4-g32"):
         fmt = _format_name(choice, dtype)
-        expert_bytes[fmt], slot_bytes[fmt] = _expert_bytes(deployed, choice)
+        expert_bytes[fmt], slot_bytes[fmt], slot_extra[fmt] = _expert_bytes(deployed, choice)
     dense_bytes = {choice: _dense_bytes(deployed, choice) for choice in DENSE_CHOICES}
     models = {t: host_model(t, load_or_measure_roofline(t), dtype) for t in thread_counts}  # after the tuning
     say("replaying the routing traces through the expert cache")
@@ -820,6 +826,7 @@ def _measure(
     facts.corrections = _corrections(facts, timed, max_threads, prompt_tokens)
     facts.lowbit = lowbit
     facts.convert_ms = convert_ms
+    facts.slot_extra = slot_extra
     return facts
 
 

@@ -25,6 +25,7 @@ weight, as llama.cpp's Q4_0) and float32 for int8 (one per row: negligible).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ ROW_TILE = 4
 INT8_CHUNK = 64
 INT4_BLOCK_GROUPS = 16
 INT4_CHUNK = 8
+# Values of a stack of matrices quantized or dequantized at once (a few matrices): float32 temporaries of a
+# whole stack (GBs) cost more in page faults and memory traffic than the arithmetic.
+_PIECE_VALUES = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,16 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights as floats: [..., N, K] in ``dtype`` (computed in float32, rounded once)."""
+        matrix_values = self.shape[-2] * self.shape[-1]
+        if self.qweight.dim() == 3 and matrix_values <= _PIECE_VALUES < self.shape[0] * matrix_values:
+            out = torch.empty(self.shape, dtype=dtype, device=self.qweight.device)
+            step = _PIECE_VALUES // matrix_values
+            for first in range(0, self.shape[0], step):  # in pieces, as quantize_weight
+                piece = slice(first, first + step)
+                mins = None if self.mins is None else self.mins[piece]
+                part = QuantizedWeight(self.format, self.qweight[piece], self.scales[piece], mins, self.in_features)
+                out[piece] = part.dequantize(dtype)
+            return out
         if self.bits == 8:
             return (unpack_int8(self.qweight).float() * self.scales.float().unsqueeze(-1)).to(dtype)
         q = unpack_int4(self.qweight, self.format.group_size).float()  # [..., N, K] in [0, 15]
@@ -300,7 +314,10 @@ def _check_matrix(w: torch.Tensor, fmt: QuantFormat) -> None:
             f"{fmt.name} needs K to be a multiple of {NIBBLE_RUN} and of the group size {fmt.group_size}, "
             f"got K = {w.shape[-1]}"
         )
-    if not torch.isfinite(w).all():
+
+
+def _check_finite(extremes: torch.Tensor) -> None:
+    if not torch.isfinite(extremes).all():
         raise ValueError("cannot quantize weights that contain NaN or infinity")
 
 
@@ -315,25 +332,38 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
     if fmt.bits == 16:
         raise ValueError("16 bits is the unquantized model dtype; nothing to quantize")
     _check_matrix(w, fmt)
-    w = w.detach().float()
+    if w.dim() == 3 and w[0].numel() <= _PIECE_VALUES < w.numel():
+        # in pieces (_PIECE_VALUES)
+        step = _PIECE_VALUES // w[0].numel()
+        parts = [quantize_weight(piece, fmt) for piece in w.split(step)]
+        mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
+        qweight, scales = torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
+        return QuantizedWeight(fmt, qweight, scales, mins, w.shape[-1], {})
+    # A float32 copy rounded in place. Non-finite weights are caught on the per-row or per-group extremes,
+    # which NaN and infinity reach, instead of by a pass over every value.
+    w = w.detach().to(torch.float32, copy=True)
     if fmt.bits == 8:
-        scales = w.abs().amax(dim=-1) / 127.0  # [..., N]
+        extreme = w.abs().amax(dim=-1)  # [..., N]
+        _check_finite(extreme)
+        scales = extreme / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(w / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        q = w.div_(safe.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
         return QuantizedWeight(fmt, pack_int8(q), scales.contiguous(), None, w.shape[-1], {})
     groups = w.unflatten(-1, (-1, fmt.group_size))  # [..., N, K/G, G]
     if fmt.symmetric:
         extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed
+        _check_finite(extreme)
         scales = (extreme / -8.0).to(torch.float16)
         safe = torch.where(scales != 0, scales.float(), torch.ones_like(extreme))
-        q = torch.round(groups / safe.unsqueeze(-1)).clamp_(-8, 7) + 8
+        q = groups.div_(safe.unsqueeze(-1)).round_().clamp_(-8, 7).add_(8)
         mins = None
     else:
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        _check_finite(high - low)
         scales = ((high - low) / 15.0).to(torch.float16)
         mins = low.to(torch.float16)
         safe = torch.where(scales > 0, scales.float(), torch.ones_like(low))
-        q = torch.round((groups - mins.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, 15)
+        q = groups.sub_(mins.float().unsqueeze(-1)).div_(safe.unsqueeze(-1)).round_().clamp_(0, 15)
         mins = mins.contiguous()
     packed = pack_int4(q.flatten(-2), fmt.group_size)
     return QuantizedWeight(fmt, packed, scales.contiguous(), mins, w.shape[-1], {})
@@ -441,6 +471,23 @@ def _int4pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, tor
         rows = torch.cat((rows, rows.new_zeros(pad, *rows.shape[1:])))  # [N', K/G, 2]
         scales_and_zeros = w.conversions[key] = rows.transpose(0, 1).to(dtype).contiguous()
     return packed, scales_and_zeros
+
+
+def conversions_nbytes(w: QuantizedWeight, dtype: torch.dtype) -> int:
+    """Bytes of the copies ``matmul_transposed`` keeps in ``w.conversions`` once it has run an int4 matrix (or
+    each matrix of a stack) [..., N, K] with activations in ``dtype`` through torch's int4 GEMM (``_int4pack``);
+    0 for formats it dequantizes instead."""
+    *lead, n, k = w.shape
+    return math.prod(lead) * int4pack_nbytes(w.format, n, k, dtype)
+
+
+def int4pack_nbytes(fmt: QuantFormat, n: int, k: int, dtype: torch.dtype) -> int:
+    """``conversions_nbytes`` of one matrix [n, k] in ``fmt``: packed values and per-group (scale, zero) of the
+    rows padded to 16."""
+    if fmt.bits != 4 or fmt.group_size not in (32, 64, 128, 256):
+        return 0
+    rows = -(-n // 16) * 16
+    return rows * k // 2 + k // fmt.group_size * rows * 2 * dtype.itemsize
 
 
 def _weight_only_matmul_runs(a: torch.Tensor, op: str) -> bool:
