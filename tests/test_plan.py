@@ -198,3 +198,23 @@ def test_emulated_formats_give_the_low_bit_model_and_restore_the_float_one(exper
             torch.testing.assert_close(model(ids).logits, quantized(ids).logits, rtol=1e-4, atol=1e-4)
         assert torch.equal(model(ids).logits, before)
         assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_emulation_collects_the_low_bit_weights_a_variant_is_built_from() -> None:
+    """emulated_formats quantizes whole matrices once and hands them over: the variant built from them is the
+    model quantized directly, and it keeps its own int4 conversions."""
+    from moerun.models.quantized import QuantConfig, quantize
+    from moerun.plan.search import _variant, emulated_formats
+
+    model = moerun.load(REFERENCE, "fp32").model
+    made: dict = {}
+    with emulated_formats(model, "int4-g32", "int8", quantized=made):
+        pass
+    assert {fmt for _, fmt in made} == {"int4-g32", "int8"} and len(made) > 2 * len(moe_layers(model))
+    direct = moerun.load(REFERENCE, "fp32").model
+    quantize(direct, QuantConfig(bits=4, group_size=32, dense_bits=8))
+    variant = _variant(model, "int4-g32", "int8", made)
+    ids = torch.tensor([IDS[:20]])
+    with torch.no_grad():
+        assert torch.equal(variant(ids).logits, direct(ids).logits)
+    assert all(not w.conversions for w in made.values())

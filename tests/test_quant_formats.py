@@ -221,3 +221,34 @@ def test_stacks_are_quantized_and_dequantized_in_pieces_exactly(fmt, monkeypatch
     bad[6, 2, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinity"):
         quantize_weight(bad, QuantFormat.parse(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64-asym", "int4-g128"])
+@pytest.mark.parametrize("shape", [(1, 128), (5, 256), (3, 4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_is_quantize_then_dequantize_bit_for_bit(fmt, shape, dtype) -> None:
+    from moerun.quant.formats import round_trip
+
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    w[..., 0, :32] = 0.0  # an all-zero group and row start
+    want = quantize_weight(w, QuantFormat.parse(fmt)).dequantize(dtype)
+    assert torch.equal(round_trip(w, QuantFormat.parse(fmt), dtype), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "int4-g64-asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_weight_writes_the_dequantized_values_in_the_same_pass(fmt, dtype, monkeypatch) -> None:
+    """Into another tensor or into w itself (fake quantization in place), whole or in pieces."""
+    import moerun.quant.formats as formats
+
+    w = (torch.randn(5, 8, 128) * 0.1).to(dtype)
+    want = quantize_weight(w, QuantFormat.parse(fmt))
+    values = want.dequantize(dtype)
+    for piece_values in (1 << 23, 2 * 8 * 128):
+        monkeypatch.setattr(formats, "_PIECE_VALUES", piece_values)
+        out = torch.empty_like(w)
+        made = quantize_weight(w, QuantFormat.parse(fmt), dequantized=out)
+        assert torch.equal(made.qweight, want.qweight) and torch.equal(out, values)
+        inplace = w.clone()
+        quantize_weight(inplace, QuantFormat.parse(fmt), dequantized=inplace)
+        assert torch.equal(inplace, values)

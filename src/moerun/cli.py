@@ -1050,7 +1050,7 @@ def plan_(
     calibration: Annotated[
         list[Path] | None, typer.Option(help="Calibration text file, repeat for several (default: stdlib modules).")
     ] = None,
-    calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens to use.")] = 1024,
+    calibration_tokens: Annotated[int, typer.Option(help="Calibration tokens to use.")] = 512,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length the plan is made for.")] = 128,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded after it.")] = 128,
     verify: Annotated[int, typer.Option(help="Measure this many of the best points of the front in fresh runs.")] = 0,

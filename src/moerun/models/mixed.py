@@ -14,6 +14,7 @@ insensitive ones g128.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,6 +54,60 @@ def _expert_output(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, l
     return apply_glu(x @ gate_up.T, layer.glu) @ down.T
 
 
+@dataclass
+class ExpertReference:
+    """Each expert's calibration tokens and float output, to score formats against (``output_errors``).
+
+    Attributes:
+        inputs: per expert, the hidden states [n_e, H] float32 the router sent to it.
+        weights: per expert, their router weights [n_e] float32.
+        outputs: per expert, its float output [n_e, H] float32.
+        unrouted: the float32 (gate_up, down) of each expert no calibration token reached, by expert.
+    """
+
+    inputs: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    unrouted: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def expert_reference(layer: MoELayer, x: torch.Tensor) -> ExpertReference:
+    """Route the calibration inputs x [T, H] of a float MoE layer and keep each expert's tokens and output."""
+    weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)  # [T, k]
+    xf = x.float()
+    gate_up, down = layer.resident.gate_up.detach(), layer.resident.down.detach()
+    inputs, token_weights, outputs, unrouted = [], [], [], {}
+    for e in range(layer.num_experts):
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        inputs.append(xf[rows])
+        token_weights.append(weights[rows, slot].float())
+        outputs.append(_expert_output(inputs[-1], gate_up[e].float(), down[e].float(), layer))
+        if rows.numel() == 0:
+            unrouted[e] = (gate_up[e].float().clone(), down[e].float().clone())
+    return ExpertReference(inputs, token_weights, outputs, unrouted)
+
+
+@torch.no_grad()
+def output_errors(
+    layer: MoELayer, reference: ExpertReference, matrices: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+) -> list[float]:
+    """Each expert's sensitivity to the values ``matrices(e)`` -> (gate_up [2I, H], down [H, I]) give it: the
+    squared error of its output on its calibration tokens, each weighted by its router weight squared."""
+    out = []
+    for e in range(layer.num_experts):
+        qg, qd = (m.float() for m in matrices(e))
+        if e in reference.unrouted:
+            # An expert the calibration never routes to still ranks by its weights' rounding error, far below
+            # any routed expert's error, so spare bytes go to the routed ones first.
+            gate_up, down = reference.unrouted[e]
+            out.append(1e-9 * ((qg - gate_up).square().sum() + (qd - down).square().sum()).item())
+            continue
+        err = _expert_output(reference.inputs[e], qg, qd, layer) - reference.outputs[e]
+        out.append((reference.weights[e].square()[:, None] * err.square()).sum().item())
+    return out
+
+
 @torch.no_grad()
 def expert_sensitivity(
     layer: MoELayer,
@@ -60,7 +115,7 @@ def expert_sensitivity(
     candidates: list[QuantFormat],
     quantized: dict[str, tuple[QuantizedWeight, QuantizedWeight]] | None = None,
 ) -> tuple[list[list[float]], list[list[int]]]:
-    """Sensitivity and bytes of each expert of ``layer`` in each candidate format.
+    """Sensitivity (``output_errors``) and bytes of each expert of ``layer`` in each candidate format.
 
     Args:
         layer: a float MoE layer.
@@ -72,35 +127,25 @@ def expert_sensitivity(
     Returns:
         (sensitivity [E][C], cost [E][C] in bytes).
     """
-    weights, ids = route(layer.router_logits(x), layer.routing, layer.score_bias)  # [T, k]
-    xf = x.float()
+    reference = expert_reference(layer, x)
     gate_up, down = layer.resident.gate_up.detach(), layer.resident.down.detach()
     float_bytes = gate_up.element_size()
     two_i, hidden = gate_up.shape[1:]
-    sensitivity, cost = [], []
-    for e in range(layer.num_experts):
-        rows, slot = (ids == e).nonzero(as_tuple=True)
-        xe, we = xf[rows], weights[rows, slot].float()  # [n, H], [n]
-        reference = _expert_output(xe, gate_up[e].float(), down[e].float(), layer)
-        row_sens, row_cost = [], []
-        for fmt in candidates:
-            row_cost.append(fmt.nbytes(two_i, hidden, float_bytes) + fmt.nbytes(hidden, two_i // 2, float_bytes))
-            if fmt.bits == 16:
-                row_sens.append(0.0)
-                continue
-            made = (quantized or {}).get(fmt.name)
+    columns = []
+    for fmt in candidates:
+        if fmt.bits == 16:
+            columns.append([0.0] * layer.num_experts)
+            continue
+        made = (quantized or {}).get(fmt.name)
+
+        def matrices(e: int, fmt=fmt, made=made) -> tuple[torch.Tensor, torch.Tensor]:
             if made is not None:
-                qg, qd = (m[e].dequantize(torch.float32) for m in made)
-            else:
-                qg, qd = (quantize_weight(w[e], fmt).dequantize() for w in (gate_up, down))
-            err = _expert_output(xe, qg, qd, layer) - reference
-            # An expert the calibration never routes to still ranks by its weights' rounding error, far below
-            # any routed expert's error, so spare bytes go to the routed ones first.
-            weight_err = ((qg - gate_up[e].float()).square().sum() + (qd - down[e].float()).square().sum()).item()
-            row_sens.append((we.square()[:, None] * err.square()).sum().item() + 1e-9 * weight_err)
-        sensitivity.append(row_sens)
-        cost.append(row_cost)
-    return sensitivity, cost
+                return tuple(m[e].dequantize(torch.float32) for m in made)
+            return tuple(quantize_weight(w[e], fmt).dequantize() for w in (gate_up, down))
+
+        columns.append(output_errors(layer, reference, matrices))
+    cost = [fmt.nbytes(two_i, hidden, float_bytes) + fmt.nbytes(hidden, two_i // 2, float_bytes) for fmt in candidates]
+    return [list(row) for row in zip(*columns, strict=True)], [list(cost) for _ in range(layer.num_experts)]
 
 
 def choose_expert_formats(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -114,13 +114,20 @@ def _replace_param(module: nn.Module, name: str, value: Weight) -> None:
     setattr(module, name, value)
 
 
-def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], None] | None = None) -> dict[str, object]:
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    progress: Callable[[str], None] | None = None,
+    made: dict[tuple[str, str], QuantizedWeight] | None = None,
+) -> dict[str, object]:
     """Quantize a moerun-patched model in place (``moerun.load`` returns one) and return its quant layout.
 
     Args:
         model: a transformers CausalLM whose MoE blocks moerun patched.
         config: what to quantize to.
         progress: called with a module name after each MoE layer or dense matrix.
+        made: low-bit weights already made, by (parameter name, format name), used instead of quantizing
+            again (uniform expert formats and dense matrices).
 
     Returns:
         the quant layout ``moerun_quant.json`` stores: format names per expert per MoE layer and per dense weight.
@@ -134,6 +141,8 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
     if not layers:
         raise ValueError("the model has no moerun MoE layer; load it with moerun.load or run moerun.patch first")
     layout: dict[str, object] = {"experts": {}, "dense": {}, "config": config_record(config)}
+    # the model's own conversions (torch's int4 layout, made on first use), not the given weights'
+    made = {key: replace(w, conversions={}) for key, w in (made or {}).items()}
     with torch.no_grad():
         for name, layer in layers.items():
             names = (config.expert_formats or {}).get(name)
@@ -143,14 +152,19 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
                 fmt = config.format(config.bits)
                 if not (fmt.supports(layer.hidden_size) and fmt.supports(layer.intermediate_size)):
                     fmt = QuantFormat(8)  # int4 needs K % 64 == 0; tiny test models have smaller experts
-                layer.resident.quantize(fmt)
+                stacks = [made.get((f"{name}.experts.{attr}", fmt.name)) for attr in ("gate_up", "down")]
+                if all(stacks):
+                    layer.resident.set_weights([fmt] * layer.num_experts, *stacks)
+                else:
+                    layer.resident.quantize(fmt)
             layout["experts"][name] = [f.name for f in (layer.experts.formats or [QuantFormat(16)] * layer.num_experts)]
             for attr in ("shared_gate_up", "shared_down"):
                 weight = getattr(layer, attr)
                 if isinstance(weight, torch.Tensor):
                     fmt = config.dense_format(weight.shape[1])
                     if fmt.bits != 16:
-                        _replace_param(layer, attr, quantize_weight(weight, fmt))
+                        low = made.get((f"{name}.{attr}", fmt.name)) or quantize_weight(weight, fmt)
+                        _replace_param(layer, attr, low)
                         layout["dense"][f"{name}.{attr}"] = fmt.name
             if progress:
                 progress(name)
@@ -158,7 +172,8 @@ def quantize(model: nn.Module, config: QuantConfig, progress: Callable[[str], No
             fmt = config.dense_format(lin.in_features)
             if fmt.bits == 16:
                 continue
-            _replace_module(model, name, QuantLinear(quantize_weight(lin.weight, fmt), lin.bias))
+            low = made.get((f"{name}.weight", fmt.name)) or quantize_weight(lin.weight, fmt)
+            _replace_module(model, name, QuantLinear(low, lin.bias))
             layout["dense"][f"{name}.weight"] = fmt.name
             if progress:
                 progress(name)

@@ -240,9 +240,11 @@ def make_runners(
     return runners, notes
 
 
-def quantized_copy(model: nn.Module, bits: int, group_size: int = 32, dense_bits: int | None = None) -> nn.Module:
+def quantized_copy(
+    model: nn.Module, bits: int, group_size: int = 32, dense_bits: int | None = None, made: dict | None = None
+) -> nn.Module:
     """A moerun-patched copy of ``model`` with experts at ``bits`` and dense matrices at ``dense_bits`` (default:
-    ``bits``; int4: ``group_size``).
+    ``bits``; int4: ``group_size``); ``made``: low-bit weights already made, as ``models.quantized.quantize`` takes.
 
     The copy's modules are new but start out sharing ``model``'s parameters: patching and quantizing replace
     tensors rather than write into them, so the copy costs its low-bit weights, not a float copy as well.
@@ -250,7 +252,7 @@ def quantized_copy(model: nn.Module, bits: int, group_size: int = 32, dense_bits
     quantized = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
     if not moe_layers(quantized):
         patch(quantized)
-    quantize(quantized, QuantConfig(bits=bits, group_size=group_size, dense_bits=dense_bits))
+    quantize(quantized, QuantConfig(bits=bits, group_size=group_size, dense_bits=dense_bits), made=made)
     return quantized
 
 

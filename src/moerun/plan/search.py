@@ -44,7 +44,7 @@ from ..errors import MemoryBudgetError
 from ..kernels import native, tuning
 from ..layer import MoELayer
 from ..models.loader import load
-from ..models.mixed import expert_sensitivity
+from ..models.mixed import expert_reference, output_errors
 from ..models.quantized import QuantConfig, QuantLinear, dense_linears, model_nbytes, moe_layers
 from ..models.run_plan import RunPlan, model_identity
 from ..models.skipping import calibrate_skipping, set_skipping
@@ -52,7 +52,14 @@ from ..perf.model_bench import quantized_copy
 from ..perf.predict import MatrixFormats, ModelShape, PerfModel, host_model
 from ..perf.roofline import load_or_measure_roofline
 from ..quant.allocate import allocate_bits
-from ..quant.formats import QuantFormat, QuantizedWeight, int4pack_nbytes, matmul_transposed, quantize_weight
+from ..quant.formats import (
+    QuantFormat,
+    QuantizedWeight,
+    int4pack_nbytes,
+    matmul_transposed,
+    quantize_weight,
+    round_trip,
+)
 from ..routing import ExpertSkipping
 from ..runtime.eval import KLResult, ReferenceLogprobs, kl_divergence, reference_logprobs
 from ..sizes import format_size
@@ -168,20 +175,23 @@ def _bits(choice: str) -> int:
 # ---- measuring
 
 
-def measure_base_rss(prompt_tokens: int, decode_tokens: int) -> int:
+def base_rss_probe(prompt_tokens: int, decode_tokens: int) -> Callable[[], int]:
     """What a run holds beyond its weights and KV cache (the interpreter, torch, transformers, the tokenizer,
     allocator pools): the peak resident bytes of the reference model's run in a fresh process (``verify``), less
-    its weights and runner memory."""
+    its weights and runner memory. The process starts at once; the returned function waits for it (memory is
+    what it measures, so it can run beside other work)."""
     from ..models.loader import default_model_dir
-    from .verify import verify_plan
+    from .verify import start_plan_run
 
     path = default_model_dir()
+    plan = RunPlan(model_identity(path), str(path), "", 1, 16, None, 16,
+                   workload={"prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens})  # fmt: skip
+    result = start_plan_run(path, plan)
     probe = load(path, torch.bfloat16)
     shape = ModelShape.of_model(probe.model)
     own = model_nbytes(probe.model) + _runtime_bytes(shape, "float", torch.bfloat16, prompt_tokens + decode_tokens)
-    plan = RunPlan(model_identity(path), str(path), "", 1, 16, None, 16,
-                   workload={"prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens})  # fmt: skip
-    return int(verify_plan(path, plan)["peak_bytes"]) - own
+    del probe
+    return lambda: int(result()["peak_bytes"]) - own
 
 
 def measure_storage_gbps(path: Path, dtype: torch.dtype, reads: int = 24) -> float:
@@ -241,9 +251,10 @@ def measure_skip_ms(layer: nn.Module, reps: int = 40) -> float:
     return max(0.0, (statistics.median(times[True]) - statistics.median(times[False])) * 1e3)
 
 
-def _variant(model: nn.Module, experts: str, dense: str) -> nn.Module:
-    """A copy of the float model with experts and dense matrices in these formats, sharing its float tensors."""
-    return quantized_copy(model, _bits(experts), 32, _bits(dense))
+def _variant(model: nn.Module, experts: str, dense: str, made: dict | None = None) -> nn.Module:
+    """A copy of the float model with experts and dense matrices in these formats, sharing its float tensors
+    (``made``: low-bit weights already made, by (parameter name, format name))."""
+    return quantized_copy(model, _bits(experts), 32, _bits(dense), made)
 
 
 @contextmanager
@@ -267,7 +278,7 @@ def emulated_formats(
         dense: the attention's, shared experts' and output head's format choice.
         source: the same model (same parameter names) whose values restore ``model``'s exactly, or None.
         quantized: low-bit weights already made (``lowbit_weights``) by (parameter name, format name), used
-            instead of quantizing again.
+            instead of quantizing again; the whole matrices it lacks are added as they are made.
     """
     saved: list[tuple[torch.Tensor, list[int] | None, torch.Tensor | None]] = []
     head = model.get_output_embeddings()
@@ -282,17 +293,17 @@ def emulated_formats(
         name = param_names.get(id(weight), "")
         kept = originals.get(name)
         saved.append((weight, rows, chosen.detach().clone() if kept is None else kept))
-        made = (quantized or {}).get((name, fmt.name))
-        if made is None:
-            values = quantize_weight(chosen.detach(), fmt).dequantize(weight.dtype)
+        made = (quantized if quantized is not None else {}).get((name, fmt.name))
+        if made is None and rows is None:  # quantized and emulated in one pass, in place
+            made = quantize_weight(weight.detach(), fmt, dequantized=weight)
+            if quantized is not None and name:
+                quantized[(name, fmt.name)] = made
+        elif made is None:
+            weight[rows] = round_trip(chosen.detach(), fmt, weight.dtype)
         elif rows is None:
-            values = made.dequantize(weight.dtype)
+            weight.copy_(made.dequantize(weight.dtype))
         else:
-            values = torch.stack([made[e].dequantize(weight.dtype) for e in rows])
-        if rows is None:
-            weight.copy_(values)
-        else:
-            weight[rows] = values
+            weight[rows] = torch.stack([made[e].dequantize(weight.dtype) for e in rows])
 
     def restore(weight: torch.Tensor, rows: list[int] | None, original: torch.Tensor) -> None:
         if original.shape != weight.shape:  # a copy of the changed rows
@@ -620,14 +631,16 @@ def measure_for_planning(
     max_threads = threads or torch.get_num_threads()
     torch.set_num_threads(max_threads)
     say(f"loading {path}")
+    rss_probe = base_rss_probe(prompt_tokens, decode_tokens)  # a fresh process, measuring beside the loading
     loaded = load(path, dtype)
     # Calibration and quality runs compute in the dtype this host runs fastest (fp32 where bf16 GEMMs are slow):
     # they measure what formats and skipping change, not the float rounding of the run.
     quality_dtype = load_or_measure_roofline(max_threads).fastest_dtype()
     quality = loaded.model if quality_dtype == dtype else load(path, quality_dtype).model
     facts = _measure(
-        loaded.model, quality, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens, say
-    )
+        loaded.model, quality, path, dtype, calibration_ids, window, max_threads, prompt_tokens, decode_tokens,
+        rss_probe, say,
+    )  # fmt: skip
     source = None if quality is loaded.model else loaded.model
     return PlanMeasurements(path, facts, quality, source, prompt_tokens, decode_tokens)
 
@@ -740,7 +753,7 @@ def _measure_quality(model: nn.Module, source: nn.Module | None, facts: _Facts, 
 
 def _measure(
     deployed: nn.Module, quality: nn.Module, path: Path, dtype: torch.dtype, ids: list[int], window: int,
-    max_threads: int, prompt_tokens: int, decode_tokens: int, say,
+    max_threads: int, prompt_tokens: int, decode_tokens: int, rss_probe: Callable[[], int], say,
 ) -> _Facts:  # fmt: skip
     """Measure what the predictions need: ``deployed`` is the model in the run's dtype (timed, tuned, sized),
     ``quality`` the same weights in the dtype the host computes fastest (calibration, KL, traces)."""
@@ -766,41 +779,47 @@ def _measure(
         set_skipping(model, None)
     skip_shares = {share: trace.skipped_share() for share, trace in traces.items()}
     thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
-    timed: dict[tuple, tuple[float, float]] = {}  # (experts, dense, threads) -> measured (prefill, decode) tok/s
+    base_rss = rss_probe()  # before anything is timed
+    # (experts, dense, threads) -> measured (prefill, decode) tok/s, at the most threads: fewer threads take the
+    # same corrections (``_correction``)
+    timed: dict[tuple, tuple[float, float]] = {}
     lowbit: dict[tuple[str, str], QuantizedWeight] = {}  # the variants' low-bit weights, kept for later emulation
+    quality_layers = moe_layers(model)
+    # Each expert's calibration tokens and float output, before any format is emulated: while one is, its
+    # experts' output errors are that format's sensitivities for the per-expert allocation.
+    experts_reference = {name: expert_reference(quality_layers[name], inputs[name]) for name in names}
+    del inputs
+    errors: dict[str, list[float]] = {"16": [0.0] * sum(layer.num_experts for layer in layers.values())}
     for kind, choice in (("experts", "int8"), ("experts", "int4-g32"), ("dense", "int8"), ("dense", "int4-g32")):
         say(f"measuring the quality and speed of {kind} in {choice}")
         formats = (choice, "float") if kind == "experts" else ("float", choice)
-        variant = _variant(deployed, *formats)
-        lowbit.update(lowbit_weights(variant))
+        # One pass per matrix quantizes it (into lowbit) and emulates the format on the quality model.
         with emulated_formats(model, *formats, None if quality is deployed else deployed, lowbit):
             kl[(kind, choice)] = kl_divergence(model, reference)
+            if kind == "experts":
+                errors[choice] = [err for name, layer in quality_layers.items() for err in output_errors(
+                    layer, experts_reference[name], lambda e, w=layer.resident: (w.gate_up[e], w.down[e]))]  # fmt: skip
+        variant = _variant(deployed, *formats, lowbit)
         for t in thread_counts:
             _tune(variant, t, say)
         timed[(*formats, max_threads)] = _timed(variant, max_threads, prompt_tokens)
         del variant
+    del experts_reference
     for t in thread_counts:
         _tune(deployed, t, say)
-        timed[("float", "float", t)] = _timed(deployed, t, prompt_tokens)
-    say("scoring each expert's formats for the per-expert allocation")
+    timed[("float", "float", max_threads)] = _timed(deployed, max_threads, prompt_tokens)
     candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
-    sensitivity, cost = [], []
-    quality_layers = moe_layers(model)
-    for name, layer in layers.items():
-        made = {f.name: (lowbit[(f"{name}.experts.gate_up", f.name)], lowbit[(f"{name}.experts.down", f.name)])
-                for f in candidates if (f"{name}.experts.gate_up", f.name) in lowbit}  # fmt: skip
-        s, _ = expert_sensitivity(quality_layers[name], inputs[name], candidates, made)
+    sensitivity = [list(row) for row in zip(*(errors[c] for c in MIXED_CANDIDATES), strict=True)]
+    cost = []
+    for layer in layers.values():
         float_bytes = layer.dtype.itemsize  # bytes in the run's dtype
         two_i, hidden = layer.resident.gate_up.shape[1:]
         shapes = ((two_i, hidden), (hidden, two_i // 2))
         one = [sum(f.nbytes(*nk, float_bytes) + _converted_nbytes(f, *nk, layer.dtype) for nk in shapes)
                for f in candidates]  # fmt: skip
-        sensitivity += s
         cost += [one] * layer.num_experts
-    del inputs
-    say("measuring this host: storage, memory of a fresh process, the skipping path")
+    say("measuring this host: storage, the skipping path")
     storage = measure_storage_gbps(path, dtype)
-    base_rss = measure_base_rss(prompt_tokens, decode_tokens)
     skip_ms = measure_skip_ms(next(iter(layers.values())))
     convert_ms = {name: measure_convert_ms(lowbit, name) for name in ("int4-g32",) if not native.is_available()}
     expert_bytes, slot_bytes, slot_extra = {}, {}, {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,10 +97,15 @@ def measure_plan_run(path: Path, plan: RunPlan, prompt_tokens: int, decode_token
 
 def verify_plan(path: Path, plan: RunPlan, timeout_s: float = 1800) -> dict:
     """``measure_plan_run`` in a fresh Python process; its JSON result."""
+    return start_plan_run(path, plan, timeout_s)()
+
+
+def start_plan_run(path: Path, plan: RunPlan, timeout_s: float = 1800) -> Callable[[], dict]:
+    """Start ``verify_plan``'s process and return what waits for its result (other work can go on meanwhile)."""
     plan_file = (
         cache_directory()
         / "plans"
-        / f"verify-{hashlib.sha1(json.dumps(plan.to_dict()).encode()).hexdigest()[:12]}.json"
+        / f"verify-{os.getpid()}-{hashlib.sha1(json.dumps(plan.to_dict()).encode()).hexdigest()[:12]}.json"
     )
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     plan.write(plan_file)
@@ -108,12 +114,23 @@ def verify_plan(path: Path, plan: RunPlan, timeout_s: float = 1800) -> dict:
         sys.executable, "-m", "moerun.plan.verify", str(path), str(plan_file),
         str(workload.get("prompt_tokens", 128)), str(workload.get("decode_tokens", 128)),
     ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    plan_file.unlink(missing_ok=True)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"measuring the plan failed: {last}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result() -> dict:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"measuring the plan took more than {timeout_s:.0f} s") from None
+        finally:
+            plan_file.unlink(missing_ok=True)
+        if process.returncode != 0:
+            last = (stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"measuring the plan failed: {last}")
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    return result
 
 
 if __name__ == "__main__":

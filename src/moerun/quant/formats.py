@@ -321,24 +321,68 @@ def _check_finite(extremes: torch.Tensor) -> None:
         raise ValueError("cannot quantize weights that contain NaN or infinity")
 
 
-def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat, dequantized: torch.Tensor | None = None) -> QuantizedWeight:
     """Round a matrix [..., N, K] (any float dtype) to ``fmt`` (bits 8 or 4), nearest level per value.
 
     int8 scales map each row's largest magnitude to 127. Symmetric int4 maps the group's value of
     largest magnitude to -8 (its sign folded into the scale), so all 16 levels are usable; asymmetric
     int4 spans [min, max] of the group. Scales (and mins) are rounded to their storage dtype before
     the values are, so the stored levels are the nearest for the scales actually kept.
+
+    ``dequantized``, a float tensor of w's shape (w itself allowed), receives ``.dequantize(its dtype)`` of the
+    result in the same pass: a format emulated on a float model (fake quantization) and its low-bit weights
+    made at once.
     """
-    if fmt.bits == 16:
-        raise ValueError("16 bits is the unquantized model dtype; nothing to quantize")
     _check_matrix(w, fmt)
     if w.dim() == 3 and w[0].numel() <= _PIECE_VALUES < w.numel():
         # in pieces (_PIECE_VALUES)
         step = _PIECE_VALUES // w[0].numel()
-        parts = [quantize_weight(piece, fmt) for piece in w.split(step)]
+        pieces = range(0, w.shape[0], step)
+        outs = [None if dequantized is None else dequantized[first : first + step] for first in pieces]
+        parts = [quantize_weight(w[first : first + step], fmt, out) for first, out in zip(pieces, outs, strict=True)]
         mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
         qweight, scales = torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts])
         return QuantizedWeight(fmt, qweight, scales, mins, w.shape[-1], {})
+    q, scales, mins = _levels(w, fmt)
+    if fmt.bits == 8:
+        made = QuantizedWeight(fmt, pack_int8(q.to(torch.int8)), scales, None, w.shape[-1], {})
+    else:
+        made = QuantizedWeight(fmt, pack_int4(q.flatten(-2), fmt.group_size), scales, mins, w.shape[-1], {})
+    if dequantized is not None:
+        dequantized.copy_(_dequantize_levels(q, fmt, scales, mins))
+    return made
+
+
+def round_trip(w: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
+    """``quantize_weight(w, fmt).dequantize(dtype)``, bit for bit, without packing: [..., N, K] in ``dtype``."""
+    _check_matrix(w, fmt)
+    if w.dim() == 3 and w[0].numel() <= _PIECE_VALUES < w.numel():
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        step = _PIECE_VALUES // w[0].numel()
+        for first in range(0, w.shape[0], step):  # in pieces (_PIECE_VALUES)
+            out[first : first + step] = round_trip(w[first : first + step], fmt, dtype)
+        return out
+    q, scales, mins = _levels(w, fmt)
+    return _dequantize_levels(q, fmt, scales, mins).to(dtype)
+
+
+def _dequantize_levels(
+    q: torch.Tensor, fmt: QuantFormat, scales: torch.Tensor, mins: torch.Tensor | None
+) -> torch.Tensor:
+    """``_levels``' levels (overwritten) as float32 values [..., N, K], as ``QuantizedWeight.dequantize`` computes
+    them."""
+    if fmt.bits == 8:
+        return q.mul_(scales.float().unsqueeze(-1))
+    if mins is None:
+        return q.sub_(8.0).mul_(scales.float().unsqueeze(-1)).flatten(-2)
+    return q.mul_(scales.float().unsqueeze(-1)).add_(mins.float().unsqueeze(-1)).flatten(-2)
+
+
+def _levels(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``quantize_weight``'s rounding: (levels as float32 [..., N, K] for int8, [..., N, K/G, G] in [0, 15] for
+    int4; scales; mins or None)."""
+    if fmt.bits == 16:
+        raise ValueError("16 bits is the unquantized model dtype; nothing to quantize")
     # A float32 copy rounded in place. Non-finite weights are caught on the per-row or per-group extremes,
     # which NaN and infinity reach, instead of by a pass over every value.
     w = w.detach().to(torch.float32, copy=True)
@@ -347,26 +391,21 @@ def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
         _check_finite(extreme)
         scales = extreme / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = w.div_(safe.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
-        return QuantizedWeight(fmt, pack_int8(q), scales.contiguous(), None, w.shape[-1], {})
+        return w.div_(safe.unsqueeze(-1)).round_().clamp_(-127, 127), scales.contiguous(), None
     groups = w.unflatten(-1, (-1, fmt.group_size))  # [..., N, K/G, G]
     if fmt.symmetric:
         extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed
         _check_finite(extreme)
         scales = (extreme / -8.0).to(torch.float16)
         safe = torch.where(scales != 0, scales.float(), torch.ones_like(extreme))
-        q = groups.div_(safe.unsqueeze(-1)).round_().clamp_(-8, 7).add_(8)
-        mins = None
-    else:
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        _check_finite(high - low)
-        scales = ((high - low) / 15.0).to(torch.float16)
-        mins = low.to(torch.float16)
-        safe = torch.where(scales > 0, scales.float(), torch.ones_like(low))
-        q = groups.sub_(mins.float().unsqueeze(-1)).div_(safe.unsqueeze(-1)).round_().clamp_(0, 15)
-        mins = mins.contiguous()
-    packed = pack_int4(q.flatten(-2), fmt.group_size)
-    return QuantizedWeight(fmt, packed, scales.contiguous(), mins, w.shape[-1], {})
+        return groups.div_(safe.unsqueeze(-1)).round_().clamp_(-8, 7).add_(8), scales.contiguous(), None
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    _check_finite(high - low)
+    scales = ((high - low) / 15.0).to(torch.float16)
+    mins = low.to(torch.float16)
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(low))
+    q = groups.sub_(mins.float().unsqueeze(-1)).div_(safe.unsqueeze(-1)).round_().clamp_(0, 15)
+    return q, scales.contiguous(), mins.contiguous()
 
 
 class ExpertMatrices:
