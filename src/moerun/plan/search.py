@@ -430,7 +430,7 @@ def _decode_ms(facts: _Facts, config: Configuration, experts_fmt: str, position:
     step = facts.memo[key] * _correction(facts, "decode", config, experts_fmt)
     layers = facts.shape.num_layers
     if config.skip_share:
-        step += layers * facts.skip_ms
+        step = (step + layers * facts.skip_ms) * _skip_correction(facts, "decode", config.skip_share)
     if not config.offloaded:
         return step
     read_ms = facts.slot_bytes[experts_fmt] / (facts.storage_gbps * 1e9) * 1e3
@@ -462,7 +462,9 @@ def _prefill_ms(facts: _Facts, config: Configuration, experts_fmt: str, prompt: 
             shape, formats, prompt, cached_experts=cached, storage_gbps=facts.storage_gbps
         ).ms
     ms = facts.memo[key] * _correction(facts, "prefill", config, experts_fmt)
-    return ms + (facts.shape.num_layers * facts.skip_ms if config.skip_share else 0.0)
+    if not config.skip_share:
+        return ms
+    return (ms + facts.shape.num_layers * facts.skip_ms) * _skip_correction(facts, "prefill", config.skip_share)
 
 
 def _quality(facts: _Facts, config: Configuration, mixed_ratio: float | None) -> tuple[float, float]:
@@ -780,8 +782,8 @@ def _measure(
     skip_shares = {share: trace.skipped_share() for share, trace in traces.items()}
     thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
     base_rss = rss_probe()  # before anything is timed
-    # (experts, dense, threads) -> measured (prefill, decode) tok/s, at the most threads: fewer threads take the
-    # same corrections (``_correction``)
+    # (experts, dense, threads, skip share) -> measured (prefill, decode) tok/s: the float model at each thread
+    # count and skipping the most, the low-bit variants at the most threads (``_correction``, ``_skip_correction``)
     timed: dict[tuple, tuple[float, float]] = {}
     lowbit: dict[tuple[str, str], QuantizedWeight] = {}  # the variants' low-bit weights, kept for later emulation
     quality_layers = moe_layers(model)
@@ -802,12 +804,16 @@ def _measure(
         variant = _variant(deployed, *formats, lowbit)
         for t in thread_counts:
             _tune(variant, t, say)
-        timed[(*formats, max_threads)] = _timed(variant, max_threads, prompt_tokens)
+        timed[(*formats, max_threads, 0.0)] = _timed(variant, max_threads, prompt_tokens)
         del variant
     del experts_reference
     for t in thread_counts:
         _tune(deployed, t, say)
-    timed[("float", "float", max_threads)] = _timed(deployed, max_threads, prompt_tokens)
+        timed[("float", "float", t, 0.0)] = _timed(deployed, t, prompt_tokens)
+    most = SKIP_SHARES[-1]  # skipping costs and saves what the model cannot see: timed once, scaled to the others
+    set_skipping(deployed, {n: ExpertSkipping("threshold", b) for n, b in skip_thresholds[most].items()})
+    timed[("float", "float", max_threads, most)] = _timed(deployed, max_threads, prompt_tokens)
+    set_skipping(deployed, None)
     candidates = [QuantFormat.parse(c) for c in MIXED_CANDIDATES]
     sensitivity = [list(row) for row in zip(*(errors[c] for c in MIXED_CANDIDATES), strict=True)]
     cost = []
@@ -850,35 +856,55 @@ def _measure(
 
 
 def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, float]:
-    """Measured (prefill, decode) tokens/s of the resident model at ``threads``."""
+    """Measured (prefill, decode) tokens/s of the resident model at ``threads``: the medians of short runs,
+    repeated (at most 5) until they have taken a second, so that a small model's few milliseconds are not one
+    noisy sample."""
     from .verify import time_run
 
     torch.set_num_threads(threads)
-    return time_run(model, min(prompt_tokens, _TIMED_PROMPT_TOKENS), _TIMED_DECODE_STEPS)
+    prompt = min(prompt_tokens, _TIMED_PROMPT_TOKENS)
+    runs = []
+    started = time.perf_counter()
+    while not runs or (len(runs) < 5 and time.perf_counter() - started < 1.0):
+        runs.append(time_run(model, prompt, _TIMED_DECODE_STEPS, seed=len(runs)))
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def _corrections(facts: _Facts, timed: dict, max_threads: int, prompt_tokens: int) -> dict[tuple, float]:
     """Measured over predicted time of the resident configurations that were run (the float model at each thread
-    count, each low-bit expert or dense format alone at the most threads), as factors on the predicted compute
-    time."""
-    corrections: dict[tuple, float] = {}
+    count, each low-bit expert or dense format alone at the most threads, the float model skipping), as factors
+    on the predicted compute time."""
+    facts.corrections = corrections = {}
     prompt_tokens = min(prompt_tokens, _TIMED_PROMPT_TOKENS)
     position = prompt_tokens + _TIMED_DECODE_STEPS // 2
-    for (experts, dense, t), (prefill_tps, decode_tps) in timed.items():
-        config = Configuration(experts, dense, 1.0, "lfu", False, 0.0, t)
+    # the formats first, then skipping on top of them (its prediction takes their corrections)
+    for (experts, dense, t, skip), (prefill_tps, decode_tps) in sorted(timed.items(), key=lambda kv: kv[0][3]):
+        config = Configuration(experts, dense, 1.0, "lfu", False, skip, t)
         fmt = _format_name(experts, facts.dtype)
-        corrections[("decode", experts, dense, t)] = (1e3 / decode_tps) / _decode_ms(facts, config, fmt, position, None)
-        corrections[("prefill", experts, dense, t)] = (prompt_tokens * 1e3 / prefill_tps) / _prefill_ms(
-            facts, config, fmt, prompt_tokens
-        )
+        decode = (1e3 / decode_tps) / _decode_ms(facts, config, fmt, position, None)
+        prefill = (prompt_tokens * 1e3 / prefill_tps) / _prefill_ms(facts, config, fmt, prompt_tokens)
+        if skip:
+            corrections[("decode skip", skip)], corrections[("prefill skip", skip)] = decode, prefill
+        else:
+            corrections[("decode", experts, dense, t)], corrections[("prefill", experts, dense, t)] = decode, prefill
     return corrections
+
+
+def _skip_correction(facts: _Facts, kind: str, share: float) -> float:
+    """The factor on a configuration's predicted time for its skipping: measured over predicted for the float
+    model skipping the most (``_corrections``), scaled to this share; 1 where it was not run."""
+    timed = [key[1] for key in facts.corrections if key[0] == f"{kind} skip"]
+    if not share or not timed:
+        return 1.0
+    most = max(timed)
+    return 1.0 + (facts.corrections[(f"{kind} skip", most)] - 1.0) * min(1.0, share / most)
 
 
 def _correction(facts: _Facts, kind: str, config: Configuration, experts: str) -> float:
     """The factor on a configuration's predicted compute time (``_corrections``): the float model's at its thread
     count, times what its expert format and its dense format each change that by; 1 where nothing was run."""
     table, t = facts.corrections, config.threads
-    top = max((key[3] for key in table), default=t)
+    top = max((key[3] for key in table if len(key) == 4), default=t)
 
     def relative(experts: str, dense: str) -> float:
         """A format's factor over the float model's, at these threads where it was run, else at the most."""
