@@ -71,6 +71,9 @@ RESIDENT_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)  # 0.0: the least cache the model 
 POLICIES = ("lfu", "lru")
 SKIP_SHARES = (0.0, 0.1, 0.25)
 MIXED_CANDIDATES = ("int4-g32", "int8", "16")
+# A plan's predicted peak memory stays this share below the budget: fresh runs of one configuration differ in
+# peak resident memory by about this much.
+MEMORY_MARGIN = 0.01
 _MEASURED_FRONT_POINTS = 4  # quality measurements of front points before settling on predictions
 _REPLAY_TOKENS = 256  # decoded tokens replayed through the cache: ~8k accesses of a 4-layer top-8 model
 _TIMED_PROMPT_TOKENS = 64
@@ -660,7 +663,7 @@ def choose_plan(
 
     Args:
         measured: ``measure_for_planning``'s result.
-        memory_budget: bytes of peak resident memory a run may take.
+        memory_budget: bytes of peak resident memory a run may take (plans keep ``MEMORY_MARGIN`` of it free).
         max_kl: most mean KL divergence (nats per token) against the unmodified model on the calibration text.
         max_ppl_increase: most relative perplexity increase (0.01 = 1%) on the calibration text.
         objective: ``decode`` or ``prefill`` tokens/s.
@@ -675,15 +678,18 @@ def choose_plan(
         raise ValueError(f"objective must be decode or prefill, got {objective!r}")
     facts, prompt_tokens, decode_tokens = measured.facts, measured.prompt_tokens, measured.decode_tokens
     say("predicting every configuration")
-    points = _points(facts, memory_budget, sorted(facts.models), prompt_tokens + decode_tokens, prompt_tokens,
+    usable = int(memory_budget * (1.0 - MEMORY_MARGIN))
+    points = _points(facts, usable, sorted(facts.models), prompt_tokens + decode_tokens, prompt_tokens,
                      decode_tokens)  # fmt: skip
     smallest = min(points, key=lambda p: p.peak_bytes)
-    if smallest.peak_bytes > memory_budget:
+    if smallest.peak_bytes > usable:
+        least = int(smallest.peak_bytes / (1.0 - MEMORY_MARGIN)) + 1
         raise MemoryBudgetError(
-            f"memory budget {format_size(memory_budget)} is below the smallest configuration, "
-            f"{format_size(smallest.peak_bytes)} ({smallest.config.label()})"
+            f"memory budget {format_size(memory_budget)} is below the smallest configuration: it takes "
+            f"{format_size(least)} ({smallest.config.label()}, {format_size(smallest.peak_bytes)} at its peak, and "
+            f"{MEMORY_MARGIN:.0%} kept free)"
         )
-    fitting = [p for p in points if p.peak_bytes <= memory_budget]
+    fitting = [p for p in points if p.peak_bytes <= usable]
     best_kl = min(fitting, key=lambda p: p.kl)
     best_ppl = min(fitting, key=lambda p: p.nll_increase)
     if max_kl is not None and best_kl.kl > max_kl:
@@ -697,7 +703,7 @@ def choose_plan(
             f"the best predicted is {best_ppl.ppl_increase:+.2%} ({best_ppl.config.label()})"
         )
     front = pareto_front(points, objective)
-    chosen = _confirm(measured.quality, measured.source, facts, front, memory_budget, max_kl, max_ppl_increase,
+    chosen = _confirm(measured.quality, measured.source, facts, front, usable, max_kl, max_ppl_increase,
                       objective, say)  # fmt: skip
     plan = _run_plan(measured.path, facts, chosen, prompt_tokens, decode_tokens)
     return PlanSearch(points, front, chosen, plan, facts=facts, path=measured.path)
