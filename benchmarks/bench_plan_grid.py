@@ -30,7 +30,8 @@ from moerun.models.run_plan import RunPlan, model_identity
 from moerun.models.skipping import set_skipping
 from moerun.perf.model_bench import SYNTHETIC_MODELS
 from moerun.perf.offload_bench import offload_checkpoint
-from moerun.plan.search import choose_plan, emulated_formats, measure_for_planning
+from moerun.plan.measure import emulated_formats, measure_for_planning
+from moerun.plan.search import choose_plan
 from moerun.plan.verify import planned_checkpoint, verify_plan
 from moerun.routing import ExpertSkipping
 from moerun.runtime.eval import kl_divergence

@@ -14,7 +14,8 @@ from moerun import cli
 from moerun.models.loader import default_model_dir
 from moerun.models.quantized import moe_layers
 from moerun.models.run_plan import PlanError, RunPlan, model_identity
-from moerun.plan.search import Configuration, Point, pareto_front
+from moerun.plan.predict import Configuration, Point
+from moerun.plan.search import pareto_front
 from moerun.plan.trace import record_trace, replay_cache
 from moerun.runtime.generate import default_runner
 from tiny_checkpoints import one_thread, save_checkpoint  # noqa: F401  (one_thread: autouse fixture)
@@ -178,7 +179,7 @@ def test_plan_writes_a_plan_that_generate_runs(capsys, tmp_path) -> None:
 @pytest.mark.parametrize("experts", ["float", "int8", "int4-g32", "mixed"])
 def test_emulated_formats_give_the_low_bit_model_and_restore_the_float_one(experts: str, dense: str) -> None:
     from moerun.models.quantized import QuantConfig, quantize
-    from moerun.plan.search import emulated_formats, lowbit_weights
+    from moerun.plan.measure import emulated_formats, lowbit_weights
 
     model = moerun.load(REFERENCE, "fp32").model
     source = moerun.load(REFERENCE, "bf16").model
@@ -204,7 +205,7 @@ def test_emulation_collects_the_low_bit_weights_a_variant_is_built_from() -> Non
     """emulated_formats quantizes whole matrices once and hands them over: the variant built from them is the
     model quantized directly, and it keeps its own int4 conversions."""
     from moerun.models.quantized import QuantConfig, quantize
-    from moerun.plan.search import _variant, emulated_formats
+    from moerun.plan.measure import _variant, emulated_formats
 
     model = moerun.load(REFERENCE, "fp32").model
     made: dict = {}
@@ -218,3 +219,16 @@ def test_emulation_collects_the_low_bit_weights_a_variant_is_built_from() -> Non
     with torch.no_grad():
         assert torch.equal(variant(ids).logits, direct(ids).logits)
     assert all(not w.conversions for w in made.values())
+
+
+def test_replay_counts_only_the_tokens_after_its_warmup() -> None:
+    """The prompt's tokens fill the cache and are not counted: a text that repeats its experts then hits."""
+    from moerun.plan.trace import RoutingTrace, replay_cache
+
+    selected = [torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]) for _ in range(2)]
+    predicted = [torch.full((4, 2), 8) for _ in range(2)]
+    trace = RoutingTrace(selected, predicted, 8, [2, 2])
+    cold = replay_cache(trace, 8, "lru", False)
+    warm = replay_cache(trace, 8, "lru", False, warmup=2)
+    assert cold.demand_reads == 1.0 and cold.hit_rate == 0.5  # 2 tokens x 2 layers x 2 misses over 4 x 2 steps
+    assert warm.demand_reads == 0.0 and warm.hit_rate == 1.0

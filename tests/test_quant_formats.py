@@ -215,7 +215,9 @@ def test_stacks_are_quantized_and_dequantized_in_pieces_exactly(fmt, monkeypatch
     pieces = quantize_weight(w, QuantFormat.parse(fmt))
     assert torch.equal(w, kept)
     assert torch.equal(pieces.qweight, whole.qweight) and torch.equal(pieces.scales, whole.scales)
-    assert (pieces.mins is None) == (whole.mins is None) and (whole.mins is None or torch.equal(pieces.mins, whole.mins))
+    assert (pieces.mins is None) == (whole.mins is None) and (
+        whole.mins is None or torch.equal(pieces.mins, whole.mins)
+    )
     assert torch.equal(pieces.dequantize(torch.bfloat16), values)
     bad = w.clone()
     bad[6, 2, 5] = float("nan")

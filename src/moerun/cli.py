@@ -1152,7 +1152,7 @@ def plan_(
     result.plan.write(out.expanduser())
     _say(f"wrote the plan to {out}: {result.chosen.config.label()}")
     if json_path is not None:
-        from .plan.search import point_record
+        from .plan.predict import point_record
 
         record = {
             "plan": result.plan.to_dict(),
@@ -1319,7 +1319,7 @@ def _load_model(
             raise UserError("--plan sets the memory budget and the threads: leave out --memory-budget and --threads")
         run_plan = RunPlan.read(plan)
         if run_plan.host != host_fingerprint().key():
-            from .plan.search import repredict
+            from .plan.predict import repredict
 
             _say(f"warning: {plan} was planned on another host ({run_plan.host}); its predictions may not hold here")
             try:

@@ -64,7 +64,7 @@ class RunPlan:
         predicted: what the planner predicted (decode and prefill tokens/s, peak bytes, KL, ...).
         workload: the prompt and decode lengths the prediction is for.
         basis: what the prediction rests on besides the host (shapes, cache replay, skipping, storage speed), so
-            that ``moerun.plan.search.repredict`` can predict the plan's speed on another host.
+            that ``moerun.plan.predict.repredict`` can predict the plan's speed on another host.
     """
 
     model_identity: str

@@ -180,9 +180,10 @@ class CacheReplay:
     prefetch_used: float
 
 
-def replay_cache(trace: RoutingTrace, num_slots: int, policy: str, prefetch: bool) -> CacheReplay:
+def replay_cache(trace: RoutingTrace, num_slots: int, policy: str, prefetch: bool, warmup: int = 0) -> CacheReplay:
     """Decode the trace token by token through an ``ExpertCache`` of ``num_slots`` slots, with the eviction
-    policy and prefetching an offloaded load would use (``offload_experts``).
+    policy and prefetching an offloaded load would use (``offload_experts``). The first ``warmup`` tokens stand
+    for the prompt: they fill the cache as a prefill does and are not counted.
 
     Prefetching is replayed as always issued for the predicted uncached experts (at runtime it is skipped
     where measurement says it does not pay) and always complete in time; the time it costs is the performance
@@ -197,6 +198,8 @@ def replay_cache(trace: RoutingTrace, num_slots: int, policy: str, prefetch: boo
     predicted = [p.tolist() for p in trace.predicted]
     sentinel = trace.num_experts
     for t in range(trace.num_tokens):
+        if t == warmup and t:
+            cache.stats = [LayerCacheStats() for _ in range(num_layers)]
         for layer in range(num_layers):
             experts = sorted({e for e in selected[layer][t] if e < sentinel})
             cache.acquire(layer, experts)
@@ -207,7 +210,7 @@ def replay_cache(trace: RoutingTrace, num_slots: int, policy: str, prefetch: boo
                     executor.run()
             cache.release(layer, experts)
     total = LayerCacheStats.total(cache.stats)
-    steps = max(trace.num_tokens * num_layers, 1)
+    steps = max((trace.num_tokens - min(warmup, trace.num_tokens)) * num_layers, 1)
     misses = total.accesses - total.hits
     return CacheReplay(
         hit_rate=total.hits / total.accesses if total.accesses else 1.0,
