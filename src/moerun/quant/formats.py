@@ -192,16 +192,10 @@ class QuantizedWeight:
                 out[piece] = part.dequantize(dtype)
             return out
         if self.bits == 8:
-            return (unpack_int8(self.qweight).float() * self.scales.float().unsqueeze(-1)).to(dtype)
-        q = unpack_int4(self.qweight, self.format.group_size).float()  # [..., N, K] in [0, 15]
-        g = self.format.group_size
-        grouped = q.unflatten(-1, (-1, g))  # [..., N, K/G, G]
-        scales = self.scales.float().unsqueeze(-1)
-        if self.mins is None:
-            w = (grouped - 8.0) * scales
-        else:
-            w = grouped * scales + self.mins.float().unsqueeze(-1)
-        return w.flatten(-2).to(dtype)
+            q = unpack_int8(self.qweight).float()
+        else:  # [..., N, K/G, G] in [0, 15]
+            q = unpack_int4(self.qweight, self.format.group_size).float().unflatten(-1, (-1, self.format.group_size))
+        return _dequantize_levels(q, self.format, self.scales, self.mins).to(dtype)
 
 
 def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
