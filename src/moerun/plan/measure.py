@@ -160,8 +160,8 @@ def emulated_formats(
         experts: a uniform format choice ("float", "int8", "int4-g32") or format names per expert per MoE layer.
         dense: the attention's, shared experts' and output head's format choice.
         source: the same model (same parameter names) whose values restore ``model``'s exactly, or None.
-        quantized: low-bit weights already made (``lowbit_weights``) by (parameter name, format name), used
-            instead of quantizing again; the whole matrices it lacks are added as they are made.
+        quantized: low-bit weights already made (as ``lowbit_weights`` finds them) by (parameter name, format
+            name), used instead of quantizing again; the whole matrices it lacks are added as they are made.
     """
     saved: list[tuple[torch.Tensor, list[int] | None, torch.Tensor | None]] = []
     head = model.get_output_embeddings()
@@ -459,7 +459,7 @@ def _measure(
         convert_ms=convert_ms,
         slot_extra=slot_extra,
     )
-    facts.corrections = _corrections(facts, timed, max_threads, prompt_tokens)
+    _corrections(facts, timed, prompt_tokens)
     return facts
 
 
@@ -478,10 +478,10 @@ def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, f
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def _corrections(facts: Facts, timed: dict, max_threads: int, prompt_tokens: int) -> dict[tuple, float]:
-    """Measured over predicted time of the resident configurations that were run (the float model at each thread
-    count, each low-bit expert or dense format alone at the most threads, the float model skipping), as factors
-    on the predicted compute time."""
+def _corrections(facts: Facts, timed: dict, prompt_tokens: int) -> None:
+    """Fill ``facts.corrections``: measured over predicted time of the resident configurations that were run (the
+    float model at each thread count, each low-bit expert or dense format alone at the most threads, the float
+    model skipping), as factors on the predicted compute time."""
     facts.corrections = corrections = {}
     prompt_tokens = min(prompt_tokens, _TIMED_PROMPT_TOKENS)
     position = prompt_tokens + _TIMED_DECODE_STEPS // 2
@@ -495,7 +495,6 @@ def _corrections(facts: Facts, timed: dict, max_threads: int, prompt_tokens: int
             corrections[("decode skip", skip)], corrections[("prefill skip", skip)] = decode, prefill
         else:
             corrections[("decode", experts, dense, t)], corrections[("prefill", experts, dense, t)] = decode, prefill
-    return corrections
 
 
 def _tune(model: nn.Module, threads: int, say) -> None:

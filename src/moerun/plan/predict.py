@@ -120,7 +120,7 @@ class Facts:
     reference: ReferenceLogprobs
     memo: dict = field(default_factory=dict)  # predicted step times by their inputs
     corrections: dict = field(default_factory=dict)  # measured over predicted compute times (_corrections)
-    lowbit: dict = field(default_factory=dict)  # low-bit weights already made (lowbit_weights)
+    lowbit: dict = field(default_factory=dict)  # low-bit weights made while emulating (emulated_formats)
     convert_ms: dict = field(default_factory=dict)  # per expert read: making its torch-path conversions, by format
     slot_extra: dict = field(default_factory=dict)  # bytes a slot's torch-path conversions add, by format
 
