@@ -188,6 +188,26 @@ def test_int4_conversion_is_made_once_per_matrix_and_kept_by_stack_views() -> No
     assert slot_view.conversions is None
 
 
+@pytest.mark.parametrize("n", [3, 64, 97, 256, 301])
+@pytest.mark.parametrize("fmt", ["int4-g32", "int4-g64-asym"])
+def test_int4_conversion_in_parts_equals_one_whole_conversion(n, fmt, monkeypatch) -> None:
+    """Rows converted a few at a time lie in torch's layout exactly as one conversion of the padded matrix lays
+    them (part size a multiple of the op's row blocks; parts ending inside a row tile, past N, on padding)."""
+    from moerun.quant import formats
+    from moerun.quant.formats import _int4pack, unpack_int4
+
+    monkeypatch.setattr(formats, "INT4PACK_ROWS", 64)
+    w = quantize_weight(torch.randn(n, 128), QuantFormat.parse(fmt))
+    padded = -(-n // 16) * 16
+    q = torch.full((padded, 128), 8, dtype=torch.int32)
+    q[:n] = unpack_int4(w.qweight, w.format.group_size)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    packed, scales_and_zeros = _int4pack(w, torch.float32)
+    assert torch.equal(packed, whole)
+    assert scales_and_zeros.shape == (128 // w.format.group_size, padded, 2)
+    assert not scales_and_zeros[:, n:].any()
+
+
 @pytest.mark.parametrize("n", [1, 30, 32])  # rows padded to 16 in torch's layout
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conversions_nbytes_is_what_the_int4_gemm_keeps(n, dtype) -> None:

@@ -482,27 +482,39 @@ def _int4_matmul_runs(a: torch.Tensor, w: QuantizedWeight) -> bool:
     )
 
 
+# Rows converted at a time to torch's int4 layout: a multiple of the op's row blocks (32 or 64 by the CPU) and of
+# ROW_TILE, so that converted parts lie side by side exactly as one conversion would lay them. A whole
+# 50k-row output head would need 0.8 GB of int32 values at once.
+INT4PACK_ROWS = 256
+
+
 def _int4pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """An int4 matrix [N, K] in the layout of torch's weight-only int4 GEMM (``aten._weight_int4pack_mm_for_cpu``),
     kept in ``w.conversions``: values packed by torch (rows padded to a multiple of 16, as the op needs), made
     once, and per-group (scale, zero) [K/G, N', 2] in ``dtype``, made once per activation dtype, where the op
     computes ``(q - 8) * scale + zero``: zero 0 for symmetric groups, ``min + 8 scale`` else; padded rows
-    have scale and zero 0."""
-    n = w.shape[0]
-    pad = -(-n // 16) * 16 - n
+    have scale and zero 0. Values are converted ``INT4PACK_ROWS`` rows at a time into the kept tensor, so the
+    conversion needs little memory beyond what it keeps."""
+    n, k = w.shape
+    rows = -(-n // 16) * 16
     packed = w.conversions.get("int4pack")
     if packed is None:
-        q = unpack_int4(w.qweight, w.format.group_size).to(torch.int32)  # [N, K] in [0, 15]
-        q = torch.cat((q, q.new_full((pad, q.shape[1]), 8)))  # [N', K]
-        packed = w.conversions["int4pack"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        packed = torch.empty(rows, k // 2, dtype=torch.uint8)
+        for r0 in range(0, rows, INT4PACK_ROWS):
+            r1 = min(r0 + INT4PACK_ROWS, rows)
+            q = torch.full((r1 - r0, k), 8, dtype=torch.int32)  # padded rows: value 8, scale and zero 0
+            if r0 < n:
+                q[: min(r1, n) - r0] = unpack_int4(w.qweight[r0 : min(r1, n)], w.format.group_size)
+            packed[r0:r1] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        w.conversions["int4pack"] = packed
     key = ("int4pack scales", dtype)
     scales_and_zeros = w.conversions.get(key)
     if scales_and_zeros is None:
         scales = w.scales.float()  # [N, K/G]
         zeros = torch.zeros_like(scales) if w.mins is None else w.mins.float() + 8 * scales
-        rows = torch.stack((scales, zeros), dim=-1)  # [N, K/G, 2]
-        rows = torch.cat((rows, rows.new_zeros(pad, *rows.shape[1:])))  # [N', K/G, 2]
-        scales_and_zeros = w.conversions[key] = rows.transpose(0, 1).to(dtype).contiguous()
+        pairs = torch.stack((scales, zeros), dim=-1)  # [N, K/G, 2]
+        pairs = torch.cat((pairs, pairs.new_zeros(rows - n, *pairs.shape[1:])))  # [N', K/G, 2]
+        scales_and_zeros = w.conversions[key] = pairs.transpose(0, 1).to(dtype).contiguous()
     return packed, scales_and_zeros
 
 
