@@ -510,11 +510,14 @@ def _int4pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     key = ("int4pack scales", dtype)
     scales_and_zeros = w.conversions.get(key)
     if scales_and_zeros is None:
-        scales = w.scales.float()  # [N, K/G]
-        zeros = torch.zeros_like(scales) if w.mins is None else w.mins.float() + 8 * scales
-        pairs = torch.stack((scales, zeros), dim=-1)  # [N, K/G, 2]
-        pairs = torch.cat((pairs, pairs.new_zeros(rows - n, *pairs.shape[1:])))  # [N', K/G, 2]
-        scales_and_zeros = w.conversions[key] = pairs.transpose(0, 1).to(dtype).contiguous()
+        scales_and_zeros = torch.zeros(k // w.format.group_size, rows, 2, dtype=dtype)
+        for r0 in range(0, n, INT4PACK_ROWS):  # in parts too: an output head's float scales take 13 MB each
+            r1 = min(r0 + INT4PACK_ROWS, n)
+            scales = w.scales[r0:r1].float()  # [r, K/G]
+            scales_and_zeros[:, r0:r1, 0] = scales.T
+            if w.mins is not None:
+                scales_and_zeros[:, r0:r1, 1] = (w.mins[r0:r1].float() + 8 * scales).T
+        w.conversions[key] = scales_and_zeros
     return packed, scales_and_zeros
 
 
