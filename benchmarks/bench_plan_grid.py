@@ -144,7 +144,9 @@ def main() -> None:
               f"{best['label'] if best else 'none fits'} | {theirs} | {ratio:.2f} |")  # fmt: skip
     if args.json:
         grid_records = [{k: v for k, v in r.items() if k not in ("plan", "checkpoint")} for r in results]
-        args.json.write_text(json.dumps({"grid": grid_records, "chosen": chosen}, indent=1, default=str))
+        corrections = {" ".join(map(str, key)): factor for key, factor in facts.corrections.items()}
+        args.json.write_text(json.dumps({"grid": grid_records, "chosen": chosen, "corrections": corrections},
+                                        indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":
