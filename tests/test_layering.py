@@ -17,7 +17,7 @@ LEVELS = {
     "kernels": 1, "quant": 1, "routing": 1,
     "layer": 2, "experts": 2, "offload": 2,
     "models": 3,
-    "runtime": 4, "perf": 4, "plan": 4,
+    "runtime": 4, "perf": 4, "plan": 4, "serve": 4,
     "cli": 5, "__init__": 5, "__main__": 5,
 }  # fmt: skip
 

@@ -204,6 +204,13 @@ def bench(
         Path | None,
         typer.Option(help="With --model: run this plan (moerun plan) in fresh processes: measured vs predicted."),
     ] = None,
+    concurrency: Annotated[
+        str | None,
+        typer.Option(
+            help="With --model: comma-separated numbers of sequences decoded together through the serving engine "
+            "(throughput, latency, bytes read per step against the bandwidth bound)."
+        ),
+    ] = None,
 ) -> None:
     """Time one MoE layer of real model shapes (or a whole model with --model): moerun vs transformers.
 
@@ -229,9 +236,20 @@ def bench(
         raise UserError("--plot goes with --sweep-memory")
     if not offload and (cache_policy != "lfu" or not prefetch):
         raise UserError("--cache-policy and --no-prefetch apply with --memory-budget or --sweep-memory")
+    if concurrency is not None and model is None:
+        raise UserError("--concurrency needs --model")
     if model is not None:
         if preset:
             raise UserError("--preset times one layer and --model a whole model; give one of them")
+        if concurrency is not None:
+            if offload and sweep_memory:
+                raise UserError("--concurrency runs one configuration: leave out --sweep-memory")
+            _bench_concurrency(
+                model, concurrency, dtype, threads, json_path, 32 if prompt_tokens is None else prompt_tokens,
+                64 if decode_tokens == 32 else decode_tokens, bit_widths, group_size, memory_budget, cache_policy,
+                prefetch, plan,
+            )  # fmt: skip
+            return
         if plan is not None:
             if offload or threads is not None:
                 raise UserError("--plan sets the formats, the expert cache and the threads: leave out those options")
@@ -398,6 +416,66 @@ def _bench_model(
     print_model_table(records)
     if json_path is not None:
         write_json_atomic(json_path, record_dicts(records))
+        _say(f"wrote {len(records)} records to {json_path}")
+
+
+def _bench_concurrency(
+    model: str, concurrency: str, dtype: str, threads: int | None, json_path: Path | None, prompt_tokens: int,
+    decode_tokens: int, bits: tuple[int, ...], group_size: int, memory_budget: str | None, cache_policy: str,
+    prefetch: bool, plan: Path | None,
+) -> None:  # fmt: skip
+    """`moerun bench --model M --concurrency 1,2,4,8`: sequences decoded together through the serving engine."""
+    from .models.loader import load
+    from .models.quantized import QuantConfig, quantize
+    from .models.run_plan import RunPlan
+    from .perf.batch_bench import run_concurrency
+    from .perf.model_bench import SYNTHETIC_MODELS, resolve_model_dir
+    from .perf.offload_bench import offload_checkpoint
+    from .perf.roofline import load_or_measure_roofline
+
+    counts = _parse_tokens(concurrency.replace(" ", "")) if concurrency.strip() else []
+    if not counts:
+        raise UserError(f"--concurrency needs numbers of sequences >= 1, got {concurrency!r}")
+    if len(bits) != 1:
+        raise UserError("--concurrency runs one format: give --bits 16, 8 or 4")
+    if prompt_tokens < 1 or decode_tokens < 2:
+        raise UserError("--prompt-tokens must be >= 1 and --decode-tokens >= 2")
+    _check_destination(json_path)
+    with console.status("preparing the model..."):
+        path = offload_checkpoint(model, 16) if model in SYNTHETIC_MODELS else resolve_model_dir(model)
+    run_plan = None if plan is None else RunPlan.read(plan)
+    if run_plan is not None and (memory_budget is not None or threads is not None):
+        raise UserError("--plan sets the memory budget and the threads: leave out --memory-budget and --threads")
+    with console.status("loading the model..."):
+        try:
+            loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch, plan=run_plan)
+        except MemoryBudgetError as e:
+            raise UserError(f"--memory-budget {memory_budget}: {e}") from None
+    if bits[0] != 16 and plan is None:
+        quantize(loaded.model, QuantConfig(bits=bits[0], group_size=group_size))
+    threads = torch_threads()
+    roofline = load_or_measure_roofline(threads)
+    records = []
+    with Progress(TextColumn("{task.description}", markup=False), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:  # fmt: skip
+        task = progress.add_task("starting")
+        for c in counts:
+            progress.update(task, description=f"{c} concurrent sequence(s): {prompt_tokens} + {decode_tokens} tokens")
+            records.append(run_concurrency(loaded.model, c, prompt_tokens, decode_tokens, roofline.read_gbps))
+    table = Table(title=f"{model}, {bits[0]}-bit, {threads} thread(s), read bandwidth {roofline.read_gbps:.1f} GB/s")
+    for column in ("sequences", "aggregate tok/s", "per sequence", "TTFT p50/p99 ms", "ITL p50/p99 ms",
+                   "experts/layer", "bytes/step", "step ms", "bound ms", "of bound"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(
+            str(r.concurrency), f"{r.aggregate_tokens_per_s:.1f}", f"{r.per_sequence_tokens_per_s:.1f}",
+            f"{r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f}", f"{r.itl_p50_ms:.0f} / {r.itl_p99_ms:.0f}",
+            f"{r.distinct_experts_per_layer:.1f}", _format_bytes(r.expert_bytes + r.shared_bytes + r.kv_bytes),
+            f"{r.step_ms:.1f}", f"{r.bound_ms:.1f}", f"{r.share_of_bound:.0%}",
+        )  # fmt: skip
+    console.print(table)
+    if json_path is not None:
+        write_json_atomic(json_path, [r.to_dict() for r in records])
         _say(f"wrote {len(records)} records to {json_path}")
 
 
@@ -746,6 +824,76 @@ def generate(
     )
     if loaded.cache is not None:
         print_cache_report(loaded.cache.report())
+
+
+@app.command()
+def serve(
+    model: ModelDir = None,
+    plan: PlanFile = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (each holds a KV cache).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond those running; more get 429.")] = 64,
+    context: Annotated[
+        int | None, typer.Option(help="Positions per sequence, prompt and output (default: the model's, at most 4096).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the API key from this file.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds a request may take; then it ends (408).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of requests that give none.")] = 256,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens entered per engine step at most.")] = 256,
+    shutdown_deadline: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
+    ] = 30.0,
+    model_name: Annotated[str | None, typer.Option(help="The name clients ask for (default: the directory's).")] = None,
+    dtype: DType = "bf16",
+    threads: Threads = None,
+    memory_budget: MemoryBudget = None,
+    cache_policy: CachePolicy = "lfu",
+    prefetch: Prefetch = True,
+    debug: Debug = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API with continuous batching (until SIGINT/SIGTERM)."""
+    from .models.loader import default_model_dir
+    from .serve.app import ServerConfig
+    from .serve.server import serve as run_server
+
+    for name, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                               ("--prefill-chunk", prefill_chunk, 1), ("--max-tokens", max_tokens, 1)):  # fmt: skip
+        if value < least:
+            raise UserError(f"{name} must be >= {least}, got {value}")
+    if context is not None and context < 2:
+        raise UserError(f"--context must be >= 2 (a prompt token and one to generate), got {context}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout must be a number of seconds > 0, got {timeout}")
+    if not (math.isfinite(shutdown_deadline) and shutdown_deadline >= 0):
+        raise UserError(f"--shutdown-deadline must be a number of seconds >= 0, got {shutdown_deadline}")
+    if api_key is not None and api_key_file is not None:
+        raise UserError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--api-key-file {api_key_file}: cannot read it ({e})") from None
+    if api_key is not None and not api_key:
+        raise UserError("the API key is empty")
+    _check_model_dir(model)
+    path = default_model_dir() if model is None else model.expanduser()
+    config = ServerConfig(model_name or path.name, api_key, timeout, max_tokens, shutdown_deadline)
+
+    def load_model():
+        from .serve.server import serving
+
+        loaded = _load_model(model, dtype, threads, needs_tokenizer_for="serving text", memory_budget=memory_budget,
+                             cache_policy=cache_policy, prefetch=prefetch, plan=plan)  # fmt: skip
+        return serving(loaded, max_batch, context, max_queue, prefill_chunk)
+
+    _say(f"serving {config.model_name} on http://{host}:{port}/v1 ({max_batch} sequences at once); loading the model")
+    code = run_server(load_model, config, host, port)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval")
