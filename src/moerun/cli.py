@@ -886,7 +886,8 @@ def serve(
     def load_model():
         from .serve.server import serving
 
-        loaded = _load_model(model, dtype, threads, needs_tokenizer_for="serving text", memory_budget=memory_budget,
+        # A model without a tokenizer is served too: prompts as token ids, outputs as tokens without text.
+        loaded = _load_model(model, dtype, threads, needs_tokenizer_for="", memory_budget=memory_budget,
                              cache_policy=cache_policy, prefetch=prefetch, plan=plan)  # fmt: skip
         return serving(loaded, max_batch, context, max_queue, prefill_chunk)
 
@@ -1437,7 +1438,7 @@ def _load_model(
     model: Path | None,
     dtype: str,
     threads: int | None,
-    needs_tokenizer_for: str,
+    needs_tokenizer_for: str,  # what needs one, for the error; empty: a model without a tokenizer is fine
     memory_budget: str | None = None,
     cache_policy: str = "lfu",
     prefetch: bool = True,
@@ -1456,7 +1457,7 @@ def _load_model(
     _check_memory_budget(memory_budget)
     _check_model_dir(model)
     path = default_model_dir() if model is None else model.expanduser()
-    if path.is_dir() and not has_tokenizer(path):  # checked before the weights are read; load() reports the rest
+    if needs_tokenizer_for and path.is_dir() and not has_tokenizer(path):  # before the weights are read
         raise UserError(f"{path} has no tokenizer files; {needs_tokenizer_for} needs one")
     run_plan = None
     if plan is not None:

@@ -451,7 +451,7 @@ class _Reply:
                 if event.finish_reason is not None:
                     final = event
                     break
-                if event.text or event.logprobs:
+                if event.text or event.logprobs or event.tokens:  # a chunk a token, its text possibly held back
                     yield self._chunk({"content": event.text}, event.text, event, None)
             failure = self._failure(final)
             if failure is not None:
