@@ -8,6 +8,7 @@ import torch
 
 import moerun
 from families import tiny_model
+from moerun.assets import REFERENCE_MODEL_DIR
 from moerun.runtime.batch import BatchRunner, SequentialBatch, WorkItem, make_batch_runner
 from moerun.runtime.lean import LeanRunner
 
@@ -30,9 +31,11 @@ def solo_greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], lis
     return out, seen
 
 
-def batch_greedy(runner, prompts: dict[int, torch.Tensor], steps: int, joins: dict[int, int], chunk: int):
+def batch_greedy(runner, prompts: dict[int, torch.Tensor], steps: int, joins: dict[int, int], chunk: int,
+                 forced: dict[int, list[int]] | None = None):  # fmt: skip
     """Drive a batch runner like a server: slot s joins at step joins[s], enters its prompt ``chunk`` tokens a
-    step, then decodes greedily for ``steps`` tokens and leaves. Returns each slot's (ids, logits)."""
+    step, then decodes greedily for ``steps`` tokens and leaves (``forced``: feeds these ids instead of its own
+    choices). Returns each slot's (ids, logits)."""
     state = {s: {"fed": 0, "ids": [], "logits": []} for s in prompts}
     step = 0
     while any(len(st["ids"]) < steps for st in state.values()):
@@ -57,7 +60,8 @@ def batch_greedy(runner, prompts: dict[int, torch.Tensor], steps: int, joins: di
                 continue
             if len(st["ids"]) < steps:
                 st["logits"].append(logits[row])
-                st["ids"].append(int(logits[row].argmax()))
+                own = int(logits[row].argmax())
+                st["ids"].append(own if forced is None else forced[slot][len(st["ids"])])
         step += 1
     return {s: (st["ids"], st["logits"]) for s, st in state.items()}
 
@@ -94,19 +98,25 @@ def test_slots_are_reused_after_reset_and_leave_others_alone() -> None:
     assert runner.lengths == [4, 9 + 6]
 
 
-def test_bf16_reference_model_batch_keeps_each_sequences_greedy_ids() -> None:
-    """bf16 on the trained reference model: 4 sequences together give each one's solo greedy ids, and logits
-    within 2% of the largest (GEMMs over different row counts round differently in bf16)."""
-    loaded = moerun.load(moerun.assets.REFERENCE_MODEL_DIR, "bf16")
+def test_bf16_reference_model_batch_logits_stay_close_to_solo_runs() -> None:
+    """bf16 on the trained reference model: 4 sequences together, each fed its solo run's greedy tokens, get
+    logits within 2% of the largest of its solo run's at every step (the solo decode path computes q/k/v and
+    attention in float32, the batch in bf16 GEMMs over several rows; in bf16 a near-tie may then pick another
+    token, so greedy chains are compared in fp32 above). The greedy choice agrees at most steps."""
+    loaded = moerun.load(REFERENCE_MODEL_DIR, "bf16")
     model = loaded.model
     prompts = {s: ids(5 + 6 * s, s, vocab=4096) for s in range(4)}
+    solo = {s: solo_greedy(model, prompt, 8) for s, prompt in prompts.items()}
     runner = BatchRunner(model, slots=4, max_seq_len=64)
-    got = batch_greedy(runner, prompts, steps=8, joins={0: 0, 1: 0, 2: 1, 3: 2}, chunk=8)
-    for slot, prompt in prompts.items():
-        expected_ids, expected_logits = solo_greedy(model, prompt, 8)
-        assert got[slot][0] == expected_ids, f"slot {slot}"
-        for a, b in zip(got[slot][1], expected_logits, strict=True):
-            assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max())
+    got = batch_greedy(runner, prompts, steps=8, joins={0: 0, 1: 0, 2: 1, 3: 2}, chunk=8,
+                       forced={s: solo[s][0] for s in prompts})  # fmt: skip
+    agree, total = 0, 0
+    for slot in prompts:
+        for a, b in zip(got[slot][1], solo[slot][1], strict=True):
+            assert float((a - b).abs().max()) <= 2e-2 * float(b.abs().max()), f"slot {slot}"
+            agree += int(a.argmax() == b.argmax())
+            total += 1
+    assert agree >= 0.9 * total
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 import moerun
+from moerun.assets import REFERENCE_MODEL_DIR
 from moerun.runtime.generate import generate
 from moerun.serve.app import Loaded, ServerConfig, create_app
 from moerun.serve.server import serving
@@ -33,7 +34,7 @@ MODEL = "reference"
 
 @pytest.fixture(scope="module")
 def reference():
-    return moerun.load(moerun.assets.REFERENCE_MODEL_DIR, "fp32")
+    return moerun.load(REFERENCE_MODEL_DIR, "fp32")
 
 
 @contextmanager
@@ -70,7 +71,7 @@ def client(base: str, key: str = KEY):
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
 
 
-def solo(reference, prompt: str, tokens: int) -> str:
+def solo(reference, prompt: str | list[int], tokens: int) -> str:
     return generate(reference, prompt=prompt, max_new_tokens=tokens).text
 
 
@@ -85,8 +86,9 @@ def test_completions_and_chat_match_solo_runs(server, reference) -> None:
     assert done.usage.completion_tokens == 10 and done.usage.total_tokens == done.usage.prompt_tokens + 10
     messages = [{"role": "user", "content": "Tell me a story."}]
     chat = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
-    prompt = reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert chat.choices[0].message.content == solo(reference, prompt, 8)
+    prompt = reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert prompt["input_ids"][0] == reference.tokenizer.bos_token_id  # the template starts as encode() does
+    assert chat.choices[0].message.content == solo(reference, prompt["input_ids"], 8)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
     assert chat.choices[0].finish_reason in ("stop", "length")
 
@@ -198,17 +200,22 @@ def test_unparsable_body_and_unknown_path(server) -> None:
     assert httpx.get(f"{base}/v1/nothing", headers=auth).json()["error"]["type"] == "not_found_error"
 
 
-def test_a_client_that_disconnects_frees_its_sequence(server) -> None:
-    base, app = server
-    engine = app.state.moerun.loaded.engine
-    body = {"model": MODEL, "prompt": "The", "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        next(r.iter_lines())
-        assert engine.running
-    deadline = time.monotonic() + 10
-    while engine.busy and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not engine.busy
+def test_a_client_that_disconnects_frees_its_sequence(reference) -> None:
+    load = lambda: without_eos(serving(reference, max_batch=2, context=512))  # noqa: E731
+    with running_server(load, ServerConfig(MODEL)) as (base, app):
+        engine = app.state.moerun.loaded.engine
+        body = {"model": MODEL, "prompt": "The", "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            assert engine.running  # running until the client goes: the block closes the connection
+        deadline = time.monotonic() + 10
+        while engine.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not engine.busy
+        generated = [line for line in httpx.get(f"{base}/metrics").text.splitlines()
+                     if line.startswith("moerun_generation_tokens_total")]  # fmt: skip
+        assert float(generated[0].split()[-1]) < 400  # stopped early, not run to max_tokens
 
 
 def test_health_answers_503_while_loading(reference) -> None:
@@ -229,21 +236,29 @@ def test_health_answers_503_while_loading(reference) -> None:
             time.sleep(0.02)
 
 
+def without_eos(loaded: Loaded) -> Loaded:
+    """Requests then end at max_tokens only (a long request stays running however the model continues)."""
+    loaded.engine.eos_ids = set()
+    return loaded
+
+
 def test_a_full_queue_answers_429_and_timeouts_408(reference) -> None:
     config = ServerConfig(MODEL, timeout_s=60)
-    with running_server(lambda: serving(reference, max_batch=1, context=256, max_queue=0), config) as (base, app):
+    load = lambda: without_eos(serving(reference, max_batch=1, context=256, max_queue=0))  # noqa: E731
+    with running_server(load, config) as (base, app):
         engine = app.state.moerun.loaded.engine
         body = {"model": MODEL, "prompt": "The", "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
             busy = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
             assert busy.json()["error"]["type"] == "rate_limit_error"
         deadline = time.monotonic() + 10
         while engine.busy and time.monotonic() < deadline:
             time.sleep(0.02)
-    with running_server(lambda: serving(reference, max_batch=1, context=256), ServerConfig(MODEL, timeout_s=0.05)) \
-            as (base, _):  # fmt: skip
+    load = lambda: without_eos(serving(reference, max_batch=1, context=256))  # noqa: E731
+    with running_server(load, ServerConfig(MODEL, timeout_s=0.05)) as (base, _):
         response = httpx.post(f"{base}/v1/completions", json={"prompt": "The", "max_tokens": 200})
         assert response.status_code == 408 and response.json()["error"]["code"] == "timeout"
 

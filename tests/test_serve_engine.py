@@ -9,6 +9,7 @@ import time
 import pytest
 
 import moerun
+from moerun.assets import REFERENCE_MODEL_DIR
 from moerun.runtime.batch import BatchRunner
 from moerun.runtime.generate import eos_token_ids, generate
 from moerun.serve.engine import (
@@ -42,7 +43,7 @@ def test_release_text(pending, stops, expected) -> None:
 
 @pytest.fixture(scope="module")
 def reference():
-    return moerun.load(moerun.assets.REFERENCE_MODEL_DIR, "fp32")
+    return moerun.load(REFERENCE_MODEL_DIR, "fp32")
 
 
 def make_engine(reference, slots: int = 3, max_queue: int = 16, chunk: int = 4, context: int = 128) -> Engine:
