@@ -202,7 +202,9 @@ def test_a_failing_step_ends_its_requests_with_an_error(reference, monkeypatch) 
     monkeypatch.setattr(engine.runner, "step", broken)
     engine.start()
     try:
-        events = list(events_of(engine, [1, 2, 3], SamplingParams(max_tokens=3), timeout_s=30))
+        results = collect(engine, ["The", "A small", "Once"], [SamplingParams(max_tokens=3)] * 3)
     finally:
         engine.shutdown(1.0)
-    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+    for events in results:  # every sequence of the failed step ends, and the engine goes on
+        assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+    assert not engine.running and sorted(engine._free) == [0, 1, 2]

@@ -246,9 +246,8 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failed step ends its sequences, not the server
-                for seq in self.running:
+                for seq in list(self.running):
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-                self.running = []
 
     def _admit(self) -> None:
         now = time.monotonic()
