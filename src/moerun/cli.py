@@ -473,7 +473,7 @@ def _bench_concurrency(
             f"{r.distinct_experts_per_layer:.1f}", _format_bytes(r.expert_bytes + r.shared_bytes + r.kv_bytes),
             f"{r.step_ms:.1f}", f"{r.bound_ms:.1f}", f"{r.share_of_bound:.0%}",
         )  # fmt: skip
-    console.print(table)
+    console.print(table, width=max(console.width, 140))  # ten columns: wider than a pipe's default 80
     if json_path is not None:
         write_json_atomic(json_path, [r.to_dict() for r in records])
         _say(f"wrote {len(records)} records to {json_path}")

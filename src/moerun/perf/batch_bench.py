@@ -110,7 +110,7 @@ def run_concurrency(
     model: nn.Module, concurrency: int, prompt_tokens: int, decode_tokens: int, read_gbps: float, seed: int = 0
 ) -> ConcurrencyRecord:
     """Measure one concurrency (see the module docstring) on a fresh engine of ``concurrency`` slots."""
-    runner = make_batch_runner(model, concurrency, prompt_tokens + decode_tokens + 1)
+    runner = make_batch_runner(model, concurrency, max(prompt_tokens, 128) + decode_tokens + 1)
     engine = Engine(runner, None, set(), max_queue=concurrency, prefill_chunk=prompt_tokens)
     vocab = model.lm_head.weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -120,7 +120,8 @@ def run_concurrency(
     engine.on_step = lambda sequences, tokens, seconds: step_times.append((sequences, seconds))
     engine.start()
     try:
-        _run(engine, [prompts[0][:8]], 4)  # warm-up: first calls make conversions and pools
+        # Warm-up: first calls make torch's int4 layouts and allocator pools; a long prompt reaches most experts.
+        _run(engine, [torch.randint(0, min(vocab, 4096), (128,), generator=generator).tolist()], 4)
         step_times.clear()
         counter = _ExpertCounter(model)
         try:
