@@ -162,3 +162,40 @@ def test_a_tied_float_head_beside_low_bit_experts_is_saved_and_loads_back(tmp_pa
     ids = torch.arange(1, 30).view(1, -1)
     with torch.no_grad():
         assert torch.equal(moerun.load(tmp_path / "q", "fp32").model(ids).logits, expected(ids).logits)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_int4_layouts_made_at_load_are_those_first_use_makes(mixed, monkeypatch) -> None:
+    """``make_int4_layouts`` converts every int4 expert (stacked or a format per expert) and dense matrix where
+    torch runs them; a forward afterwards converts nothing and gives the same logits as converting on use."""
+    from families import family_config, model_of_config
+    from moerun.kernels import native
+    from moerun.models.quantized import make_int4_layouts
+
+    config = family_config("olmoe")
+    config.intermediate_size = 64  # int4 needs K a multiple of 64 (the down projection's K)
+
+    def quantized():
+        model = model_of_config(config)
+        moerun.patch(model)
+        per_expert = None
+        if mixed:
+            names = ["int4-g32", "int8", "int4-g64-asym"]
+            per_expert = {n: [names[e % 3] for e in range(layer.num_experts)] for n, layer in moe_layers(model).items()}
+        quantize(model, QuantConfig(bits=4, group_size=32, expert_formats=per_expert))
+        return model
+
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    lazy = quantized()
+    with torch.inference_mode():
+        expected = lazy(ids).logits
+    eager = quantized()
+    made = make_int4_layouts(eager)
+    if native.is_available():
+        assert made == 0
+        return
+    experts = sum(layer.num_experts for layer in moe_layers(eager).values())
+    assert made >= 2 * experts * (2 / 3 if mixed else 1)  # gate_up and down of every int4 expert, and more
+    monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)  # any conversion now fails
+    with torch.inference_mode():
+        torch.testing.assert_close(eager(ids).logits, expected, rtol=0, atol=0)

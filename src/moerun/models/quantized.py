@@ -24,7 +24,15 @@ from torch import nn
 from ..experts import experts_from_stacks
 from ..kernels.linear import linear
 from ..layer import MoELayer
-from ..quant.formats import QuantFormat, QuantizedWeight, Weight, quantize_weight, weight_nbytes
+from ..quant.formats import (
+    ExpertMatrices,
+    QuantFormat,
+    QuantizedWeight,
+    Weight,
+    make_int4_layout,
+    quantize_weight,
+    weight_nbytes,
+)
 
 QUANT_FILE = "moerun_quant.json"
 QUANT_FORMAT_VERSION = 3  # 2: int4 in row tiles and blocks of 16 groups; 3: float expert tensors under <layer>.experts
@@ -296,6 +304,22 @@ def low_bit_weights(model: nn.Module) -> list[Weight]:
         out += [w for w in (layer.shared_gate_up, layer.shared_down) if isinstance(w, QuantizedWeight)]
     out += [m.weight for m in model.modules() if isinstance(m, QuantLinear)]
     return out
+
+
+def make_int4_layouts(model: nn.Module) -> int:
+    """Make the int4 matrices' torch-layout copies now instead of on first use, where torch runs them (the
+    native kernel reads moerun's own layout): a served model's first requests would otherwise wait for them.
+    Returns the matrices converted."""
+    from ..kernels import native
+
+    if native.is_available():
+        return 0
+    dtype = model.get_input_embeddings().weight.dtype  # the activations'
+    made = 0
+    for w in low_bit_weights(model):
+        matrices = w.matrices if isinstance(w, ExpertMatrices) else [w]
+        made += sum(make_int4_layout(m, dtype) for m in matrices if isinstance(m, QuantizedWeight))
+    return made
 
 
 def model_nbytes(model: nn.Module) -> int:

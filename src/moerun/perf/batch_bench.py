@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..models.quantized import moe_layers
+from ..models.quantized import make_int4_layouts, moe_layers
 from ..quant.formats import weight_nbytes
 from ..runtime.batch import BatchRunner, make_batch_runner
 from ..serve.engine import Engine, Event, Request, SamplingParams
@@ -110,7 +110,7 @@ def run_concurrency(
     model: nn.Module, concurrency: int, prompt_tokens: int, decode_tokens: int, read_gbps: float, seed: int = 0
 ) -> ConcurrencyRecord:
     """Measure one concurrency (see the module docstring) on a fresh engine of ``concurrency`` slots."""
-    runner = make_batch_runner(model, concurrency, max(prompt_tokens, 128) + decode_tokens + 1)
+    runner = make_batch_runner(model, concurrency, prompt_tokens + decode_tokens + 1)
     engine = Engine(runner, None, set(), max_queue=concurrency, prefill_chunk=prompt_tokens)
     vocab = model.lm_head.weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -120,8 +120,8 @@ def run_concurrency(
     engine.on_step = lambda sequences, tokens, seconds: step_times.append((sequences, seconds))
     engine.start()
     try:
-        # Warm-up: first calls make torch's int4 layouts and allocator pools; a long prompt reaches most experts.
-        _run(engine, [torch.randint(0, min(vocab, 4096), (128,), generator=generator).tolist()], 4)
+        make_int4_layouts(model)  # as a server does at load
+        _run(engine, [prompts[0]], 4)  # warm-up: first calls make allocator pools and the runner's own layouts
         step_times.clear()
         counter = _ExpertCounter(model)
         try:

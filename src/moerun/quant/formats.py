@@ -521,6 +521,21 @@ def _int4pack(w: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return packed, scales_and_zeros
 
 
+def make_int4_layout(w: QuantizedWeight, dtype: torch.dtype) -> int:
+    """Make now the torch-layout copies ``matmul_transposed`` would make on first use for an int4 matrix, or for
+    each matrix of a stack [E, N, K], with activations in ``dtype`` (a server does this at load, so that no
+    request waits for it). Returns the matrices converted; 0 for weights that keep no conversions or that
+    torch's int4 GEMM does not take."""
+    if w.bits != 4 or w.conversions is None or w.format.group_size not in (32, 64, 128, 256):
+        return 0
+    if w.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return 0
+    matrices = [w[e] for e in range(w.shape[0])] if w.qweight.dim() == 3 else [w]
+    for m in matrices:
+        _int4pack(m, dtype)
+    return len(matrices)
+
+
 def conversions_nbytes(w: QuantizedWeight, dtype: torch.dtype) -> int:
     """Bytes of the copies ``matmul_transposed`` keeps in ``w.conversions`` once it has run an int4 matrix (or
     each matrix of a stack) [..., N, K] with activations in ``dtype`` through torch's int4 GEMM (``_int4pack``);

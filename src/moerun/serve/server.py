@@ -7,6 +7,7 @@ import signal
 import threading
 
 from ..models.loader import LoadedModel
+from ..models.quantized import make_int4_layouts
 from ..runtime.batch import make_batch_runner
 from ..runtime.generate import eos_token_ids
 from .app import Loaded, ServerConfig, create_app
@@ -16,7 +17,9 @@ from .engine import Engine
 def serving(loaded: LoadedModel, max_batch: int = 8, context: int | None = None, max_queue: int = 64,
             prefill_chunk: int = 256) -> Loaded:  # fmt: skip
     """A loaded model (``moerun.load``) behind an engine of ``max_batch`` slots of ``context`` positions each
-    (default: the model's context, at most 4096); the engine is not started."""
+    (default: the model's context, at most 4096); the engine is not started. Int4 layouts torch needs are made
+    now, not during the first requests."""
+    make_int4_layouts(loaded.model)
     runner = make_batch_runner(loaded.model, max_batch, context)
     engine = Engine(runner, loaded.tokenizer, eos_token_ids(loaded.model), max_queue, prefill_chunk)
     return Loaded(engine, loaded.tokenizer, loaded.cache)
