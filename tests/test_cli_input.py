@@ -241,3 +241,32 @@ def test_memory_budget_runs_families_outside_the_lean_runner(tmp_path: Path, cap
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "hit rate" in captured.out + captured.err  # the expert cache's report
+
+
+# ---- moerun serve and bench --concurrency: refused before a server starts or a model loads --------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--max-batch", "0"], "--max-batch"),
+        (["--max-queue", "-1"], "--max-queue"),
+        (["--port", "70000"], "--port"),
+        (["--context", "1"], "--context"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--shutdown-deadline", "-2"], "--shutdown-deadline"),
+        (["--api-key", ""], "API key"),
+        (["--api-key", "a", "--api-key-file", "f"], "--api-key-file"),
+        (["--api-key-file", "/nonexistent/key"], "--api-key-file"),
+        (["--model", "/nonexistent/model"], "does not exist"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(capsys, args: list[str], names: str) -> None:
+    assert cli.main(["serve", *args]) == 2
+    assert names in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1,,-3", " "])
+def test_bench_concurrency_refuses_bad_counts(capsys, value: str) -> None:
+    assert cli.main(["bench", "--model", "reference", "--concurrency", value]) == 2
+    assert "--concurrency" in _one_error_line(capsys)

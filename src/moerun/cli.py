@@ -433,9 +433,12 @@ def _bench_concurrency(
     from .perf.offload_bench import offload_checkpoint
     from .perf.roofline import load_or_measure_roofline
 
-    counts = _parse_tokens(concurrency.replace(" ", "")) if concurrency.strip() else []
-    if not counts:
-        raise UserError(f"--concurrency needs numbers of sequences >= 1, got {concurrency!r}")
+    try:
+        counts = [int(v) for v in concurrency.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--concurrency needs comma-separated numbers of sequences >= 1, got {concurrency!r}")
     if len(bits) != 1:
         raise UserError("--concurrency runs one format: give --bits 16, 8 or 4")
     if prompt_tokens < 1 or decode_tokens < 2:
@@ -881,6 +884,12 @@ def serve(
         raise UserError("the API key is empty")
     _check_model_dir(model)
     path = default_model_dir() if model is None else model.expanduser()
+    if not path.is_dir():  # before the server starts: loading happens after it listens
+        raise UserError(f"model directory {path} does not exist")
+    if plan is not None:
+        from .models.run_plan import RunPlan
+
+        RunPlan.read(plan)  # a bad plan file is refused now, not after the server starts
     config = ServerConfig(model_name or path.name, api_key, timeout, max_tokens, shutdown_deadline)
 
     def load_model():
