@@ -208,3 +208,25 @@ def test_a_failing_step_ends_its_requests_with_an_error(reference, monkeypatch) 
     for events in results:  # every sequence of the failed step ends, and the engine goes on
         assert events[-1].finish_reason == "error" and "boom" in events[-1].error
     assert not engine.running and sorted(engine._free) == [0, 1, 2]
+
+
+def test_a_request_cancelled_while_queued_leaves_at_once(reference) -> None:
+    """One slot busy with a long request: a queued request that is cancelled ends at the next step, not when
+    the slot frees."""
+    engine = make_engine(reference, slots=1)
+    engine.eos_ids = set()
+    engine.start()
+    try:
+        long_events: queue.Queue[Event] = queue.Queue()
+        ids = list(reference.tokenizer.encode("The"))
+        engine.submit(Request(ids, SamplingParams(max_tokens=100), long_events.put))
+        long_events.get(timeout=30)
+        waiting: queue.Queue[Event] = queue.Queue()
+        queued = Request(ids, SamplingParams(max_tokens=5), waiting.put)
+        engine.submit(queued)
+        queued.cancel()
+        final = waiting.get(timeout=30)
+        assert final.finish_reason == "cancelled" and final.completion_tokens == 0
+        assert engine.running and long_events.qsize() < 99  # the long one still runs
+    finally:
+        engine.shutdown(0.0)

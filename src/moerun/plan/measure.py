@@ -56,6 +56,7 @@ from .trace import RoutingTrace, TraceRecorder, replay_cache
 
 _TIMED_PROMPT_TOKENS = 64
 _TIMED_DECODE_STEPS = 16  # decode steps of each resident configuration the planner runs to correct its model
+_CHEAP_TIMING_S = 3.0  # a low-bit variant timed faster than this is timed at every thread count, not only the most
 
 
 def base_rss_probe(prompt_tokens: int, decode_tokens: int) -> Callable[[], int]:
@@ -373,7 +374,8 @@ def _measure(
     thread_counts = [t for t in range(1, max_threads + 1) if t == max_threads or tuning.load_overheads(t) is not None]
     base_rss = rss_probe()  # before anything is timed
     # (experts, dense, threads, skip share) -> measured (prefill, decode) tok/s: the float model at each thread
-    # count and skipping the most, the low-bit variants at the most threads (``_correction``, ``_skip_correction``)
+    # count and skipping the most, the low-bit variants at the most threads (and at every count where that is
+    # cheap: ``_CHEAP_TIMING_S``) (``_correction``, ``_skip_correction``)
     timed: dict[tuple, tuple[float, float]] = {}
     lowbit: dict[tuple[str, str], QuantizedWeight] = {}  # the variants' low-bit weights, kept for later emulation
     quality_layers = moe_layers(model)
@@ -394,7 +396,14 @@ def _measure(
         variant = _variant(deployed, *formats, lowbit)
         for t in thread_counts:
             _tune(variant, t, say)
+        started = time.perf_counter()
         timed[(*formats, max_threads, 0.0)] = _timed(variant, max_threads, prompt_tokens)
+        if time.perf_counter() - started < _CHEAP_TIMING_S:
+            # A small model: a format's cost at fewer threads is not its cost at the most scaled by the float
+            # model's (int4 at one thread ran 2x slower than that on the reference model), and is cheap to time.
+            for t in thread_counts:
+                if t != max_threads:
+                    timed[(*formats, t, 0.0)] = _timed(variant, t, prompt_tokens)
         del variant
     del experts_reference
     for t in thread_counts:
@@ -480,8 +489,8 @@ def _timed(model: nn.Module, threads: int, prompt_tokens: int) -> tuple[float, f
 
 def _corrections(facts: Facts, timed: dict, prompt_tokens: int) -> None:
     """Fill ``facts.corrections``: measured over predicted time of the resident configurations that were run (the
-    float model at each thread count, each low-bit expert or dense format alone at the most threads, the float
-    model skipping), as factors on the predicted compute time."""
+    float model at each thread count, each low-bit expert or dense format alone at the most threads, or at each
+    count for a small model, the float model skipping), as factors on the predicted compute time."""
     facts.corrections = corrections = {}
     prompt_tokens = min(prompt_tokens, _TIMED_PROMPT_TOKENS)
     position = prompt_tokens + _TIMED_DECODE_STEPS // 2

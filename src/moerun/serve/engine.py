@@ -252,11 +252,12 @@ class Engine:
     def _admit(self) -> None:
         now = time.monotonic()
         with self._lock:
+            # Requests cancelled or out of time while they waited leave the queue now, not when a slot frees.
+            for request in [r for r in self.waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]:
+                self.waiting.remove(request)
+                self._finish_unadmitted(request, "cancelled" if request.cancelled else "timeout")
             while self.waiting and self._free:
                 request = self.waiting.popleft()
-                if request.cancelled or (request.deadline is not None and now > request.deadline):
-                    self._finish_unadmitted(request, "cancelled" if request.cancelled else "timeout")
-                    continue
                 slot = self._free.pop()
                 self.runner.reset(slot)
                 params = request.params
