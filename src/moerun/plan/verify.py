@@ -25,6 +25,7 @@ from torch import nn
 from ..files import cache_directory
 from ..models.convert import quantize_checkpoint
 from ..models.loader import load, peak_rss_bytes, reset_peak_rss
+from ..models.quantized import make_int4_layouts
 from ..models.run_plan import PLAN_FILE, RunPlan
 from ..runtime.generate import default_runner
 
@@ -48,10 +49,14 @@ def planned_checkpoint(plan: RunPlan, source: Path, progress: Callable[[str], No
 def time_run(model: nn.Module, prompt_tokens: int, decode_tokens: int, seed: int = 0) -> tuple[float, float]:
     """(prefill, decode) tokens/s of the lean runner over ``model``: one prompt of random tokens, then decode steps.
 
-    A short prompt and a few steps run first: first calls make low-bit conversions and allocator pools, once per
-    process. Decode samples at temperature 1 from a seeded generator: greedy decoding of a random model loops
-    over a few tokens, whose experts any cache holds.
+    Torch's int4 layouts are made first (``make_int4_layouts``), then a short prompt and a few steps run: first
+    calls make allocator pools, once per process. Decode samples at temperature 1 from a seeded generator: greedy
+    decoding of a random model loops over a few tokens, whose experts any cache holds.
     """
+    # Steady state: torch's int4 layouts made for every expert, not only for those the warm-up reaches (the first
+    # uses of the others fell into the timed steps: a fresh one-thread run of the reference model decoded at half
+    # its speed).
+    make_int4_layouts(model)
     runner = default_runner(model, prompt_tokens + decode_tokens)
     generator = torch.Generator().manual_seed(seed)
     vocab = model.lm_head.weight.shape[0]
