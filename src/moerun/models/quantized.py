@@ -307,18 +307,23 @@ def low_bit_weights(model: nn.Module) -> list[Weight]:
 
 
 def make_int4_layouts(model: nn.Module) -> int:
-    """Make the int4 matrices' torch-layout copies now instead of on first use, where torch runs them (the
-    native kernel reads moerun's own layout): a served model's first requests would otherwise wait for them.
-    Returns the matrices converted."""
+    """Make the experts' int4 matrices' torch-layout copies now instead of on first use, where torch runs them
+    (the native kernel reads moerun's own layout): a served model's first requests, and a timed run's first
+    steps, would otherwise wait for the experts the first tokens did not select. Dense matrices are left to
+    their first use, which the first token makes (and a runner may use its own copy, as the lean runner's
+    stacked q/k/v: converting the model's would only take memory). Returns the matrices converted."""
     from ..kernels import native
 
     if native.is_available():
         return 0
     dtype = model.get_input_embeddings().weight.dtype  # the activations'
     made = 0
-    for w in low_bit_weights(model):
-        matrices = w.matrices if isinstance(w, ExpertMatrices) else [w]
-        made += sum(make_int4_layout(m, dtype) for m in matrices if isinstance(m, QuantizedWeight))
+    for layer in moe_layers(model).values():
+        weights = [layer.experts.gate_up, layer.experts.down] if layer.experts.formats is not None else []
+        weights += [w for w in (layer.shared_gate_up, layer.shared_down) if isinstance(w, QuantizedWeight)]
+        for w in weights:
+            matrices = w.matrices if isinstance(w, ExpertMatrices) else [w]
+            made += sum(make_int4_layout(m, dtype) for m in matrices if isinstance(m, QuantizedWeight))
     return made
 
 
