@@ -476,7 +476,8 @@ def _bench_concurrency(
             f"{r.distinct_experts_per_layer:.1f}", _format_bytes(r.expert_bytes + r.shared_bytes + r.kv_bytes),
             f"{r.step_ms:.1f}", f"{r.bound_ms:.1f}", f"{r.share_of_bound:.0%}",
         )  # fmt: skip
-    console.print(table, width=max(console.width, 140))  # ten columns: wider than a pipe's default 80
+    # Ten columns: wider than the 80 a console takes off a terminal.
+    Console(stderr=True, width=max(console.width, 160)).print(table)
     if json_path is not None:
         write_json_atomic(json_path, [r.to_dict() for r in records])
         _say(f"wrote {len(records)} records to {json_path}")
