@@ -425,9 +425,7 @@ def _bench_concurrency(
     prefetch: bool, plan: Path | None,
 ) -> None:  # fmt: skip
     """`moerun bench --model M --concurrency 1,2,4,8`: sequences decoded together through the serving engine."""
-    from .models.loader import load
     from .models.quantized import QuantConfig, quantize
-    from .models.run_plan import RunPlan
     from .perf.batch_bench import run_concurrency
     from .perf.model_bench import SYNTHETIC_MODELS, resolve_model_dir
     from .perf.offload_bench import offload_checkpoint
@@ -446,14 +444,8 @@ def _bench_concurrency(
     _check_destination(json_path)
     with console.status("preparing the model..."):
         path = offload_checkpoint(model, 16) if model in SYNTHETIC_MODELS else resolve_model_dir(model)
-    run_plan = None if plan is None else RunPlan.read(plan)
-    if run_plan is not None and (memory_budget is not None or threads is not None):
-        raise UserError("--plan sets the memory budget and the threads: leave out --memory-budget and --threads")
-    with console.status("loading the model..."):
-        try:
-            loaded = load(path, dtype, threads, memory_budget, cache_policy, prefetch, plan=run_plan)
-        except MemoryBudgetError as e:
-            raise UserError(f"--memory-budget {memory_budget}: {e}") from None
+    loaded = _load_model(path, dtype, threads, needs_tokenizer_for="", memory_budget=memory_budget,
+                         cache_policy=cache_policy, prefetch=prefetch, plan=plan)  # fmt: skip
     if bits[0] != 16 and plan is None:
         quantize(loaded.model, QuantConfig(bits=bits[0], group_size=group_size))
     threads = torch_threads()

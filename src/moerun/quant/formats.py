@@ -474,10 +474,14 @@ def matmul_transposed(a: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> tor
     return a @ w.dequantize(a.dtype).T
 
 
+# Group sizes torch's weight-only int4 GEMM takes.
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
 def _int4_matmul_runs(a: torch.Tensor, w: QuantizedWeight) -> bool:
     return (
         w.qweight.dim() == 2
-        and w.format.group_size in (32, 64, 128, 256)
+        and w.format.group_size in INT4PACK_GROUP_SIZES
         and _weight_only_matmul_runs(a, "_weight_int4pack_mm_for_cpu")
     )
 
@@ -526,7 +530,7 @@ def make_int4_layout(w: QuantizedWeight, dtype: torch.dtype) -> int:
     each matrix of a stack [E, N, K], with activations in ``dtype`` (a server does this at load, so that no
     request waits for it). Returns the matrices converted; 0 for weights that keep no conversions or that
     torch's int4 GEMM does not take."""
-    if w.bits != 4 or w.conversions is None or w.format.group_size not in (32, 64, 128, 256):
+    if w.bits != 4 or w.conversions is None or w.format.group_size not in INT4PACK_GROUP_SIZES:
         return 0
     if w.device.type != "cpu" or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return 0
@@ -547,7 +551,7 @@ def conversions_nbytes(w: QuantizedWeight, dtype: torch.dtype) -> int:
 def int4pack_nbytes(fmt: QuantFormat, n: int, k: int, dtype: torch.dtype) -> int:
     """``conversions_nbytes`` of one matrix [n, k] in ``fmt``: packed values and per-group (scale, zero) of the
     rows padded to 16."""
-    if fmt.bits != 4 or fmt.group_size not in (32, 64, 128, 256):
+    if fmt.bits != 4 or fmt.group_size not in INT4PACK_GROUP_SIZES:
         return 0
     rows = -(-n // 16) * 16
     return rows * k // 2 + k // fmt.group_size * rows * 2 * dtype.itemsize

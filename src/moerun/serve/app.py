@@ -474,4 +474,5 @@ class _Reply:
             if final is None:  # the client went away mid-stream: free its slot at the next step
                 self.job.cancel()
             else:
-                self._log(final, 200 if self._failure(final) is None else self._failure(final).status)
+                failure = self._failure(final)
+                self._log(final, 200 if failure is None else failure.status)
